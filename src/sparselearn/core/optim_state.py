@@ -1,0 +1,105 @@
+"""Reading momentum from an optimizer and keeping its state consistent with the masks.
+
+Sparse Momentum (Section 3.1) uses the exponentially smoothed gradient
+``M_{t+1} = alpha M_t + (1 - alpha) dE/dW``. We read it from the optimizer instead of keeping a
+copy:
+
+- ``torch.optim.SGD`` with ``momentum = mu > 0`` keeps ``buf = mu * buf + (1 - dampening) * g``. With
+  the default ``dampening = 0`` this is the paper's smoothed gradient with ``alpha = mu`` scaled by
+  ``1 / (1 - mu)``; the scale cancels in every use (mean-magnitude shares and within-layer ranking).
+  Nesterov does not change the buffer.
+- ``torch.optim.Adam`` / ``AdamW`` (and NAdam, RAdam, Adamax) keep ``exp_avg``, exactly the paper's
+  form with ``alpha = beta1``.
+
+Any other optimizer needs a ``momentum_fn(optimizer, param) -> Tensor``.
+
+The momentum of *missing* weights keeps accumulating their (dense) gradient: that is the growth
+signal of Section 3.1. It moves the masked weights only inside the optimizer step, and the masks are
+re-applied right after it, so missing weights read exactly zero after every step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+MomentumFn = Callable[[torch.optim.Optimizer, torch.nn.Parameter], Optional[Tensor]]
+
+_EXP_AVG_OPTIMIZERS = tuple(
+    getattr(torch.optim, n) for n in ("Adam", "AdamW", "NAdam", "RAdam", "Adamax") if hasattr(torch.optim, n)
+)
+
+
+def _sgd_momentum(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> Optional[Tensor]:
+    return opt.state.get(p, {}).get("momentum_buffer")
+
+
+def _adam_momentum(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> Optional[Tensor]:
+    return opt.state.get(p, {}).get("exp_avg")
+
+
+def resolve_momentum_fn(optimizer: torch.optim.Optimizer, momentum_fn: MomentumFn | None) -> MomentumFn | None:
+    """Returns how to read the momentum of ``optimizer``, or ``None`` if it has none.
+
+    Raises:
+        TypeError: the optimizer is not SGD/Adam-like and no ``momentum_fn`` was given.
+        ValueError: SGD with ``momentum=0`` (it has no momentum buffer).
+    """
+    if momentum_fn is not None:
+        if not callable(momentum_fn):
+            raise TypeError(f"momentum_fn must be callable(optimizer, param) -> Tensor, got {momentum_fn!r}")
+        return momentum_fn
+    if isinstance(optimizer, torch.optim.SGD):
+        if any(g.get("momentum", 0) <= 0 for g in optimizer.param_groups):
+            raise ValueError(
+                "torch.optim.SGD with momentum=0 keeps no momentum buffer; set momentum > 0 "
+                "(the paper uses 0.9) or pass momentum_fn"
+            )
+        return _sgd_momentum
+    if isinstance(optimizer, _EXP_AVG_OPTIMIZERS):
+        return _adam_momentum
+    raise TypeError(
+        f"sparselearn cannot read the momentum of {type(optimizer).__name__}; supported: SGD (momentum > 0), "
+        "Adam, AdamW, NAdam, RAdam, Adamax. Pass momentum_fn=lambda opt, p: <tensor shaped like p> "
+        "to use another optimizer."
+    )
+
+
+def per_entry_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter) -> list[Tensor]:
+    """The optimizer state tensors that hold one value per entry of ``p`` (momentum, moments...)."""
+    state = optimizer.state.get(p, {})
+    return [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape and v is not p]
+
+
+@torch.no_grad()
+def reset_entries(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, where: Tensor) -> None:
+    """Sets the per-entry optimizer state of ``p`` to zero where ``where`` is True.
+
+    Used for pruned and for regrown weights, so that a regrown weight starts from zero with fresh
+    state and a pruned weight carries no stale momentum (design notes: "reset state for pruned and
+    grown entries").
+    """
+    for t in per_entry_state(optimizer, p):
+        t.masked_fill_(where, 0)
+
+
+@torch.no_grad()
+def flush_subnormal(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter) -> int:
+    """Zeroes subnormal floats in ``p``'s optimizer state; returns how many were flushed.
+
+    Missing weights whose gradient is zero have a momentum that decays geometrically into subnormal
+    numbers, which make CPU arithmetic many times slower. Values below the smallest normal float
+    cannot change any ranking that matters, so they are set to exactly zero.
+    """
+    n = 0
+    for t in per_entry_state(optimizer, p):
+        if not t.is_floating_point():
+            continue
+        tiny = torch.finfo(t.dtype).tiny
+        sub = (t != 0) & (t.abs() < tiny)
+        k = int(sub.sum())
+        if k:
+            t.masked_fill_(sub, 0)
+            n += k
+    return n

@@ -1,0 +1,325 @@
+"""The sparsifier: masks attached to a model and its optimizer through step hooks.
+
+The user keeps their training loop and their ``optimizer.step()``. A post-step hook registered on
+the optimizer re-applies the masks after every step (so pruned weights are exactly zero, whatever
+weight decay, momentum or Adam did) and runs the topology update when its schedule says so. Masks
+are ``bool`` tensors keyed by the parameter's full name and updated in place. All randomness comes
+from one seeded ``torch.Generator`` that is part of :meth:`Sparsifier.state_dict`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import optim_state
+from .distributions import allocate_counts, density_distributions
+from .selection import DEFAULT_SPARSE_TYPES, SparseParam, candidate_parameters, partially_dense_names, _matches, _as_patterns
+
+log = logging.getLogger(__name__)
+
+
+class Updater(Protocol):
+    """A topology update rule (dynamic prune/grow, gradual pruning, ...).
+
+    ``due(step)`` says whether to run after optimizer step number ``step`` (1-based); ``__call__``
+    changes ``sparsifier.masks`` in place (through :meth:`Sparsifier.set_mask`) and returns a dict of
+    statistics for logging.
+    """
+
+    def due(self, step: int) -> bool: ...
+
+    def __call__(self, sparsifier: "Sparsifier", step: int) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class LayerView:
+    """What a strategy may look at for one sparse layer."""
+
+    name: str
+    weight: nn.Parameter
+    mask: Tensor
+    module: nn.Module
+    _momentum: Callable[[], Tensor] = field(repr=False, default=None)
+    survivors: int = 0
+
+    @property
+    def grad(self) -> Optional[Tensor]:
+        return self.weight.grad
+
+    @property
+    def momentum(self) -> Tensor:
+        return self._momentum()
+
+
+def check_density(density: float, arg: str = "density") -> float:
+    if not isinstance(density, (int, float)) or isinstance(density, bool) or not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"{arg} must be in (0, 1] (the fraction of weights kept), got {density!r}")
+    return float(density)
+
+
+class Sparsifier:
+    """Keeps a model's selected weights sparse during ordinary training.
+
+    Args:
+        model: any ``nn.Module``.
+        optimizer: the ``torch.optim`` optimizer that trains ``model``; its ``step()`` is left alone.
+        density: fraction of the sparse weights kept, in (0, 1].
+        updater: the topology update rule, or ``None`` for a fixed (static) mask.
+        distribution: per-layer initial densities: ``"uniform"`` (Sparse Momentum), ``"er"``, ``"erk"``
+            or a callable ``(shapes, density) -> densities``.
+        sparse_types: module types whose ``weight`` is sparse (default Linear, Conv1d/2d/3d).
+        include / exclude: parameter-name patterns (``fnmatch``) added to / removed from the selection.
+        dense_layers: ``"partial"`` for the partially dense setting of Sparse Momentum Section 4 (first
+            conv and downsampling convs dense), or name patterns of layers kept dense.
+        dense_last: with ``dense_layers="partial"``, also keep the last Linear layer dense.
+        fully_sparse: make the ``dense_layers`` sparse as well but add their weight count to the
+            budget, spread over all layers (the "fully sparse" setting of Section 4).
+        init: ``"random"`` (each layer's initial active set drawn uniformly from the generator) or
+            ``"dense"`` (all masks full; for gradual pruning, which starts dense).
+        seed: seed of the sparsifier's own generator.
+        momentum_fn: ``(optimizer, param) -> Tensor`` to read momentum from optimizers other than
+            SGD/Adam; only needed by rules that use momentum.
+        needs_momentum: raise at construction if the optimizer's momentum cannot be read.
+        flush_subnormal_every: zero subnormal optimizer-state values every this many steps (0: never).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        density: float = 0.05,
+        updater: Optional[Updater] = None,
+        distribution: str | Callable = "uniform",
+        sparse_types: Sequence[type] = DEFAULT_SPARSE_TYPES,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        dense_layers: str | Sequence[str] | None = None,
+        dense_last: bool = False,
+        fully_sparse: bool = False,
+        init: str = "random",
+        seed: int = 0,
+        momentum_fn: Optional[optim_state.MomentumFn] = None,
+        needs_momentum: bool = False,
+        flush_subnormal_every: int = 100,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.density = check_density(density)
+        if init not in ("random", "dense"):
+            raise ValueError(f"init must be 'random' or 'dense', got {init!r}")
+        self.model, self.optimizer, self.updater = model, optimizer, updater
+        self.flush_subnormal_every = int(flush_subnormal_every)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(int(seed))
+        self.step_count = 0
+        self.last_update: dict = {}
+
+        candidates = candidate_parameters(model, sparse_types, include, exclude)
+        if dense_layers == "partial":
+            dense_names = partially_dense_names(candidates, dense_last)
+        else:
+            pats = _as_patterns(dense_layers, "dense_layers")
+            dense_names = [sp.name for sp in candidates if _matches(sp.name, pats)]
+        dense_count = sum(sp.param.numel() for sp in candidates if sp.name in dense_names)
+        if not fully_sparse:
+            candidates = [sp for sp in candidates if sp.name not in dense_names]
+        if not candidates:
+            raise ValueError(
+                "the model has no sparse-able parameter: no weight of a module of types "
+                f"{[t.__name__ for t in sparse_types]} matched (after include={include!r}, exclude={exclude!r}, "
+                f"dense_layers={dense_layers!r})"
+            )
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [sp.name for sp in candidates if id(sp.param) not in owned]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not train the sparse parameters {missing}; build the sparsifier with the "
+                "optimizer of this model"
+            )
+        self._params: list[SparseParam] = candidates
+        self.dense_names = list(dense_names)
+
+        self._momentum_fn = None
+        try:
+            self._momentum_fn = optim_state.resolve_momentum_fn(optimizer, momentum_fn)
+        except (TypeError, ValueError):
+            if needs_momentum:
+                raise
+
+        sizes = [sp.param.numel() for sp in candidates]
+        if fully_sparse and dense_count:
+            # Section 4: the dense layers' weights are added to the budget and spread over the network.
+            total = min(round(self.density * (sum(sizes) - dense_count)) + dense_count, sum(sizes))
+        else:
+            total = round(self.density * sum(sizes))
+        eff_density = total / sum(sizes)
+        dist = density_distributions.get(distribution, argument="distribution")
+        densities = dist([sp.param.shape for sp in candidates], eff_density)
+        counts = allocate_counts(sizes, densities, max(total, len(sizes)))
+        self.target_active = sum(counts)
+
+        self.masks: dict[str, Tensor] = {}
+        for sp, k in zip(candidates, counts):
+            n = sp.param.numel()
+            if init == "dense" or k >= n:
+                m = torch.ones(n, dtype=torch.bool)
+            else:
+                m = torch.zeros(n, dtype=torch.bool)
+                m[torch.randperm(n, generator=self.generator)[:k]] = True
+            self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
+        if init == "dense":
+            self.target_active = sum(sizes)
+        self._refresh_apply_cache()
+        self.apply_masks()
+        for sp in candidates:
+            optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
+        self._hook = optimizer.register_step_post_hook(self._after_step)
+
+    # ------------------------------------------------------------------ access
+    @property
+    def names(self) -> list[str]:
+        """Full names of the sparse parameters, in model order."""
+        return [sp.name for sp in self._params]
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return {sp.name: sp.param for sp in self._params}
+
+    def momentum(self, param: nn.Parameter) -> Tensor:
+        """The optimizer's momentum for ``param`` (zeros before the first step)."""
+        if self._momentum_fn is None:
+            raise RuntimeError(
+                f"this rule needs momentum, but {type(self.optimizer).__name__} (with these settings) has none; "
+                "use SGD with momentum > 0 or Adam, or pass momentum_fn"
+            )
+        m = self._momentum_fn(self.optimizer, param)
+        return torch.zeros_like(param) if m is None else m.detach()
+
+    def layers(self) -> list[LayerView]:
+        """A :class:`LayerView` per sparse parameter, in model order."""
+        return [
+            LayerView(sp.name, sp.param, self.masks[sp.name], sp.module, (lambda p=sp.param: self.momentum(p)))
+            for sp in self._params
+        ]
+
+    # ------------------------------------------------------------------ masks
+    def _refresh_apply_cache(self) -> None:
+        # Masks in the weight's dtype make the per-step apply a single fused foreach multiply (the
+        # fastest form measured on this CPU); the bool masks stay the source of truth.
+        self._weights = [sp.param for sp in self._params]
+        self._apply = [self.masks[sp.name].to(sp.param.dtype) for sp in self._params]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Multiplies every sparse weight by its mask (pruned weights become exactly zero)."""
+        torch._foreach_mul_(self._weights, self._apply)
+
+    @torch.no_grad()
+    def set_mask(self, name: str, new_mask: Tensor, reset_state: bool = True) -> None:
+        """Replaces a mask in place; entries that changed get zero weight and fresh optimizer state."""
+        mask = self.masks[name]
+        if new_mask.shape != mask.shape or new_mask.dtype != torch.bool:
+            raise ValueError(f"mask for {name} must be bool of shape {tuple(mask.shape)}")
+        changed = new_mask ^ mask
+        mask.copy_(new_mask)
+        i = self.names.index(name)
+        self._apply[i].copy_(mask)
+        param = self._params[i].param
+        param.masked_fill_(changed, 0)
+        if reset_state:
+            optim_state.reset_entries(self.optimizer, param, changed)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.step_count += 1
+        self.apply_masks()
+        if self.updater is not None and self.updater.due(self.step_count):
+            stats = self.updater(self, self.step_count)
+            self.last_update = {"step": self.step_count, **(stats or {})}
+            self.apply_masks()
+            log.debug("topology update at step %d: %s", self.step_count, stats)
+        if self.flush_subnormal_every and self.step_count % self.flush_subnormal_every == 0:
+            for p in self._weights:
+                optim_state.flush_subnormal(self.optimizer, p)
+
+    def remove(self) -> None:
+        """Detaches the sparsifier from the optimizer (masks stay applied to the weights)."""
+        self._hook.remove()
+
+    # ------------------------------------------------------------------ reporting
+    def density_report(self) -> dict[str, Any]:
+        """Per-layer and global density of the sparse weights, and the model-wide density.
+
+        Returns a dict with ``layers`` (list of ``{name, shape, active, total, density}``), ``active``,
+        ``total``, ``density`` over the sparse weights, and ``model_active`` / ``model_total`` /
+        ``model_density`` counting every parameter (dense ones fully active).
+        """
+        rows = []
+        for sp in self._params:
+            active = int(self.masks[sp.name].sum())
+            rows.append(
+                {"name": sp.name, "shape": tuple(sp.param.shape), "active": active, "total": sp.param.numel(),
+                 "density": active / sp.param.numel()}
+            )
+        active = sum(r["active"] for r in rows)
+        total = sum(r["total"] for r in rows)
+        model_total = sum(p.numel() for p in self.model.parameters())
+        model_active = model_total - (total - active)
+        return {"layers": rows, "active": active, "total": total, "density": active / total,
+                "model_active": model_active, "model_total": model_total, "model_density": model_active / model_total}
+
+    def format_report(self) -> str:
+        """The density report as a printable table."""
+        rep = self.density_report()
+        head = ("layer", "shape", "active", "total", "density")
+        lines = [(r["name"], "x".join(map(str, r["shape"])), str(r["active"]), str(r["total"]), f"{r['density']:.4f}")
+                 for r in rep["layers"]]
+        lines.append(("all sparse layers", "", str(rep["active"]), str(rep["total"]), f"{rep['density']:.4f}"))
+        lines.append(("whole model", "", str(rep["model_active"]), str(rep["model_total"]), f"{rep['model_density']:.4f}"))
+        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+        fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        sep = "  ".join("-" * w for w in widths)
+        return "\n".join([fmt(head), sep, *map(fmt, lines[:-2]), sep, *map(fmt, lines[-2:])])
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (bool, on CPU), step counter, RNG state and the update rule's own state."""
+        return {
+            "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
+            "step_count": self.step_count,
+            "generator": self.generator.get_state(),
+            "target_active": self.target_active,
+            "updater": self.updater.state_dict() if self.updater is not None else {},
+            "last_update": dict(self.last_update),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; masks are copied in place and re-applied to the weights."""
+        masks = state["masks"]
+        if set(masks) != set(self.masks):
+            raise ValueError(
+                f"checkpoint masks do not match this sparsifier: missing {sorted(set(self.masks) - set(masks))}, "
+                f"unexpected {sorted(set(masks) - set(self.masks))}"
+            )
+        for name, m in masks.items():
+            if m.shape != self.masks[name].shape:
+                raise ValueError(f"mask {name}: checkpoint shape {tuple(m.shape)} != {tuple(self.masks[name].shape)}")
+            self.masks[name].copy_(m.to(torch.bool))
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator"])
+        self.target_active = int(state.get("target_active", self.target_active))
+        if self.updater is not None:
+            self.updater.load_state_dict(state.get("updater", {}))
+        self.last_update = dict(state.get("last_update", {}))
+        self._refresh_apply_cache()
+        self.apply_masks()

@@ -1,0 +1,8 @@
+import torch
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield

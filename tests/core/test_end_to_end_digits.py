@@ -1,0 +1,65 @@
+"""Sparse Momentum on a real dataset (scikit-learn's bundled digits), end to end.
+
+Measured on this machine (30 epochs, LeNet-300-100-shaped MLP 64-300-100-10, 5% density, seeds 0-2):
+dense 0.972-0.978, Sparse Momentum 0.961-0.969, momentum redistribution + random growth 0.961-0.964,
+no redistribution + random growth 0.942-0.953, static random mask 0.833-0.928. The bounds below sit
+under every Sparse Momentum run and above the static masks' mean, so a broken prune/grow cycle fails.
+"""
+import pytest
+import torch
+from torch import nn
+
+import sparselearn
+
+sklearn = pytest.importorskip("sklearn")
+
+
+def _data():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1437], perm[1437:]
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-3
+    return (X - mu) / sd, y, tr, te
+
+
+def _run(mode, seed, epochs=30, density=0.05):
+    X, y, tr, te = _data()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    bs = 64
+    spe = (len(tr) + bs - 1) // bs
+    if mode == "static":
+        sp = sparselearn.static_sparse(model, opt, density=density, seed=seed)
+    else:
+        sp = sparselearn.sparse_momentum(model, opt, density=density, steps_per_epoch=spe, epochs=epochs, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    densities = []
+    for _ in range(epochs):
+        order = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(0, len(order), bs):
+            b = order[i:i + bs]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[b]), y[b]).backward()
+            opt.step()
+        densities.append(sp.density_report()["active"])
+    with torch.no_grad():
+        acc = (model(X[te]).argmax(1) == y[te]).float().mean().item()
+    return acc, densities, sp
+
+
+def test_sparse_momentum_digits_5_percent_beats_static_and_holds_density():
+    sm = [_run("sm", s) for s in (0, 1)]
+    static = [_run("static", s)[0] for s in (0, 1)]
+    accs = [a for a, _, _ in sm]
+    for acc, dens, sp in sm:
+        assert all(d == sp.target_active == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10)) for d in dens)
+        assert acc >= 0.94, accs
+    assert sum(accs) / 2 - sum(static) / 2 >= 0.02, (accs, static)
+    # the topology really changed: redistribution moved weights between layers
+    layers = sm[0][2].density_report()["layers"]
+    assert len({round(l["density"], 3) for l in layers}) > 1
