@@ -1,16 +1,9 @@
 """sparselearn: train sparse neural networks in PyTorch.
 
-The public API re-exports the core; experiments (models, datasets, CLI) live in
-``sparselearn.experiments`` and are imported explicitly.
+The public API re-exports the core; the experiment layer (models, datasets, recipes, the CLI) lives in
+``sparselearn.experiments`` and is imported explicitly.
 """
-from .core import (
-    ABLATIONS, DynamicUpdater, LayerView, Registry, Sparsifier, density_distributions, dynamic_sparse, grow_strategies,
-    prune_rate_schedules, prune_strategies, redistribute_strategies, sparse_momentum, static_sparse,
-)
+from .core import *  # noqa: F401,F403
+from .core import __all__  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = [
-    "ABLATIONS", "DynamicUpdater", "LayerView", "Registry", "Sparsifier", "density_distributions", "dynamic_sparse",
-    "grow_strategies", "prune_rate_schedules", "prune_strategies", "redistribute_strategies", "sparse_momentum",
-    "static_sparse",
-]

@@ -1,5 +1,9 @@
 """The sparselearn core: knows torch and nothing else of ours."""
-from .algorithms import ABLATIONS, dynamic_sparse, sparse_momentum, static_sparse
+from .algorithms import (
+    ABLATIONS, algorithms, dynamic_sparse, gmp, gradual_pruning, rigl, set_algorithm, sparse_momentum, starfire,
+    static_sparse,
+)
+from .gradual import GradualUpdater
 from .distributions import density_distributions
 from .dynamic import DynamicUpdater
 from .grow import grow_strategies
@@ -10,7 +14,8 @@ from .schedules import prune_rate_schedules
 from .sparsifier import LayerView, Sparsifier
 
 __all__ = [
-    "ABLATIONS", "DynamicUpdater", "LayerView", "Registry", "Sparsifier", "density_distributions", "dynamic_sparse",
+    "ABLATIONS", "algorithms", "DynamicUpdater", "GradualUpdater", "gmp", "gradual_pruning", "rigl",
+    "set_algorithm", "starfire", "LayerView", "Registry", "Sparsifier", "density_distributions", "dynamic_sparse",
     "grow_strategies", "prune_rate_schedules", "prune_strategies", "redistribute_strategies", "sparse_momentum",
     "static_sparse",
 ]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .dynamic import DynamicUpdater, check_prune_rate
+from .gradual import GradualUpdater
 from .schedules import make_prune_rate_schedule
 from .sparsifier import Sparsifier
 
@@ -38,6 +39,7 @@ def dynamic_sparse(
     prune: str | Callable = "magnitude",
     grow: str | Callable = "momentum",
     redistribute: str | Callable = "momentum",
+    decay_after_update: bool = True,
     **sparsifier_kwargs,
 ) -> Sparsifier:
     """A prune / redistribute / regrow run with the given strategies (see :class:`DynamicUpdater`).
@@ -63,6 +65,7 @@ def dynamic_sparse(
     updater = DynamicUpdater(
         prune=prune, grow=grow, redistribute=redistribute, prune_rate_schedule=schedule,
         update_every=int(every), stop_step=stop_step if stop_step is not None else T,
+        decay_after_update=decay_after_update,
     )
     needs_momentum = "momentum" in (grow, redistribute)
     return Sparsifier(model, optimizer, density=density, updater=updater, needs_momentum=needs_momentum, **sparsifier_kwargs)
@@ -91,9 +94,154 @@ def sparse_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, *, densi
     return dynamic_sparse(model, optimizer, density=density, **kwargs)
 
 
-def static_sparse(model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float = 0.05, **kwargs) -> Sparsifier:
-    """A fixed random mask for the whole run (the floor every dynamic method must beat)."""
+def static_sparse(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    density: float = 0.05,
+    steps_per_epoch: Optional[int] = None,
+    epochs: Optional[int] = None,
+    **kwargs,
+) -> Sparsifier:
+    """A fixed random mask for the whole run (the floor every dynamic method must beat).
+
+    ``steps_per_epoch`` and ``epochs`` are accepted for a uniform factory signature and unused.
+    """
     return Sparsifier(model, optimizer, density=density, updater=None, **kwargs)
+
+
+def set_algorithm(model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float = 0.05, **kwargs) -> Sparsifier:
+    """SET (Mocanu et al., 2018, "Scalable training of artificial neural networks with adaptive
+    sparse connectivity inspired by network science", Algorithm 1).
+
+    After every epoch remove a fraction zeta (default 0.3, the paper's value) of each layer's
+    weights -- the smallest positive and the largest negative ones -- and regrow the same number at
+    random positions in the same layer; no redistribution. The initial densities follow
+    Erdos-Renyi (Eq. 1, ``distribution="er"``); zeta stays constant.
+    """
+    kwargs.setdefault("prune_rate", 0.3)
+    kwargs.setdefault("prune_rate_decay", "constant")
+    kwargs.setdefault("distribution", "er")
+    kwargs.update(prune="set", grow="random", redistribute="none")
+    return dynamic_sparse(model, optimizer, density=density, **kwargs)
+
+
+def rigl(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    density: float = 0.05,
+    steps_per_epoch: Optional[int] = None,
+    epochs: Optional[int] = None,
+    total_steps: Optional[int] = None,
+    update_every: int = 100,
+    stop_fraction: float = 0.75,
+    drop_fraction: float = 0.3,
+    **kwargs,
+) -> Sparsifier:
+    """RigL (Evci et al., 2020, "Rigging the Lottery: Making All Tickets Winners", Section 3).
+
+    Every ``update_every`` (Delta T, default 100) steps until ``stop_fraction`` (default 75%) of
+    training, each layer drops the fraction ``f(t) = alpha/2 (1 + cos(pi t / T_end))`` (alpha =
+    ``drop_fraction``, default 0.3) of its active weights with the smallest magnitude and grows the
+    same number where the dense gradient magnitude of the missing weights is largest (new weights
+    start at zero); no redistribution; initial densities Erdos-Renyi-Kernel.
+    """
+    T = _total_steps(steps_per_epoch, epochs, total_steps)
+    if T is None:
+        raise ValueError("rigl needs the length of training: pass steps_per_epoch and epochs, or total_steps")
+    if not 0.0 < stop_fraction <= 1.0:
+        raise ValueError(f"stop_fraction must be in (0, 1], got {stop_fraction!r}")
+    t_end = max(int(stop_fraction * T), 1)
+    kwargs.setdefault("distribution", "erk")
+    kwargs.setdefault("prune_rate_decay", "cosine")
+    kwargs.update(prune="magnitude", grow="gradient", redistribute="none", decay_after_update=False)
+    return dynamic_sparse(
+        model, optimizer, density=density, prune_rate=drop_fraction, total_steps=t_end, update_every=update_every,
+        stop_step=t_end, **kwargs,
+    )
+
+
+def _era_steps(steps_per_epoch, epochs, start, end, what: str) -> tuple[int, int]:
+    if steps_per_epoch is None:
+        raise ValueError(f"{what} needs steps_per_epoch to place the pruning era")
+    return int(round(start * steps_per_epoch)), int(round(end * steps_per_epoch))
+
+
+def gradual_pruning(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    density: float = 0.1,
+    steps_per_epoch: Optional[int] = None,
+    epochs: Optional[int] = None,
+    era_start_epoch: float = 0.0,
+    era_end_epoch: Optional[float] = None,
+    ramp: str = "linear",
+    update_every: int = 1,
+    conv_pattern: str = "fine",
+    fc_pattern: str = "fine",
+    pattern_options: Optional[dict] = None,
+    block_size: int = 4,
+    keep_one_input: bool = True,
+    fc_from_conv: bool = False,
+    inter_split: float = 0.5,
+    **kwargs,
+) -> Sparsifier:
+    """Dense start, magnitude pruning over a pruning era, fixed mask afterwards (see :class:`GradualUpdater`)."""
+    if era_end_epoch is None:
+        raise ValueError("pass era_end_epoch (the last epoch of the pruning era)")
+    if epochs is not None and era_end_epoch > epochs:
+        raise ValueError(f"era_end_epoch ({era_end_epoch}) is after the end of training ({epochs} epochs)")
+    start, end = _era_steps(steps_per_epoch, epochs, era_start_epoch, era_end_epoch, "gradual pruning")
+    updater = GradualUpdater(
+        start_step=start, end_step=end, ramp=ramp, update_every=update_every, conv_pattern=conv_pattern,
+        fc_pattern=fc_pattern, pattern_options=pattern_options, block_size=block_size,
+        keep_one_input=keep_one_input, fc_from_conv=fc_from_conv, inter_split=inter_split,
+    )
+    return Sparsifier(model, optimizer, density=density, updater=updater, init="dense", **kwargs)
+
+
+def starfire(model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float = 0.4, pattern: str = "window", **kwargs) -> Sparsifier:
+    """Starfire structured gradual pruning (Starfire, Sections 2 and 3; Algorithms 1-4).
+
+    ``pattern`` is the convolution pattern: ``window`` (Algorithm 3), ``kernel`` (CK, Algorithm 1),
+    ``intra`` (Algorithm 4) or ``inter``; FC layers use ``fc_pattern`` (``fine`` or ``block``), keep
+    one input per neuron, and optionally lose the inputs fed by dead conv channels
+    (``fc_from_conv=True``). The sparsity ramps linearly over ``[era_start_epoch, era_end_epoch]``
+    and the mask is fixed afterwards. ``density = 1 - target sparsity`` (e.g. 0.4 for 60%).
+    """
+    kwargs.setdefault("ramp", "linear")
+    return gradual_pruning(model, optimizer, density=density, conv_pattern=pattern, **kwargs)
+
+
+def gmp(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    density: float = 0.1,
+    steps_per_epoch: Optional[int] = None,
+    epochs: Optional[int] = None,
+    era_start_epoch: Optional[float] = None,
+    era_end_epoch: Optional[float] = None,
+    update_every: int = 100,
+    **kwargs,
+) -> Sparsifier:
+    """Gradual magnitude pruning (Zhu & Gupta, 2017, "To prune, or not to prune", Section 3, Eq. 1).
+
+    Dense start; every ``update_every`` (Delta t, default 100) steps each layer is pruned to
+    ``s_t = s_f (1 - (1 - (t - t0)/(n dt))^3)`` by magnitude, over ``[era_start_epoch, era_end_epoch]``
+    (defaults: from 10% to 50% of training, leaving the second half for recovery at a fixed mask).
+    """
+    if epochs is None or steps_per_epoch is None:
+        raise ValueError("gmp needs steps_per_epoch and epochs to place its pruning ramp")
+    start = 0.1 * epochs if era_start_epoch is None else era_start_epoch
+    end = 0.5 * epochs if era_end_epoch is None else era_end_epoch
+    return gradual_pruning(
+        model, optimizer, density=density, steps_per_epoch=steps_per_epoch, epochs=epochs, era_start_epoch=start,
+        era_end_epoch=end, ramp="cubic", update_every=update_every, conv_pattern="fine", fc_pattern="fine",
+        keep_one_input=False, **kwargs,
+    )
 
 
 # Table 4 of the Sparse Momentum paper: (redistribution, growth) combinations.
@@ -103,3 +251,24 @@ ABLATIONS = {
     "none-momentum": {"redistribute": "none", "grow": "momentum"},
     "none-random": {"redistribute": "none", "grow": "random"},
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm registry used by the experiment layer: name -> factory(model, optimizer, *,
+# density, steps_per_epoch, epochs, seed, **options) -> Sparsifier. Factories that need a batch of
+# data before training (SNIP) carry ``needs_batch = True`` and also receive ``batch`` and ``loss_fn``.
+from .registry import Registry  # noqa: E402
+
+algorithms: Registry = Registry("algorithm")
+algorithms.add("sparse-momentum", sparse_momentum)
+algorithms.add("static", static_sparse)
+algorithms.add("set", set_algorithm)
+algorithms.add("rigl", rigl)
+algorithms.add("gmp", gmp)
+algorithms.add("gradual", gradual_pruning)
+algorithms.add("starfire", starfire)
+for _name, _kw in ABLATIONS.items():
+    algorithms.add(
+        f"ablation-{_name}",
+        (lambda kw: lambda model, optimizer, **options: sparse_momentum(model, optimizer, **{**options, **kw}))(_kw),
+    )

@@ -69,6 +69,8 @@ class DynamicUpdater:
         prune_rate_schedule: ``Callable[[int], float]`` giving ``p`` at a step.
         update_every: steps between updates (the paper: one epoch).
         stop_step: no update at or after this step (the end of training by default).
+        decay_after_update: read the schedule at the previous update's step, so the first update
+            uses the initial rate (Algorithm 1 decays p after each update); else at the current step.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class DynamicUpdater:
         prune_rate_schedule: Schedule,
         update_every: int,
         stop_step: Optional[int] = None,
+        decay_after_update: bool = True,
     ):
         self.prune = prune_strategies.get(prune, argument="prune")
         self.grow = grow_strategies.get(grow, argument="grow")
@@ -90,6 +93,7 @@ class DynamicUpdater:
         self.schedule = prune_rate_schedule
         self.update_every = update_every
         self.stop_step = stop_step
+        self.decay_after_update = decay_after_update
 
     def due(self, step: int) -> bool:
         if self.stop_step is not None and step >= self.stop_step:
@@ -100,7 +104,9 @@ class DynamicUpdater:
     def __call__(self, sparsifier, step: int) -> dict:
         # Algorithm 1 decays p *after* each update, so the first update uses the initial rate: the
         # schedule is read at the step where the previous update happened.
-        p = check_prune_rate(float(self.schedule(step - self.update_every)))
+        # (RigL instead reads its drop-fraction schedule at the current step: decay_after_update=False.)
+        t = step - self.update_every if self.decay_after_update else step
+        p = check_prune_rate(float(self.schedule(t)))
         layers = sparsifier.layers()
         removed, pruned, capacity = [], [], []
         for layer in layers:

@@ -48,34 +48,39 @@ def constant(initial: float, total_steps: int | None = None) -> Schedule:
     return lambda t: initial
 
 
-def ramp(kind: str, start: int, end: int, final: float, initial: float = 0.0) -> Schedule:
-    """Sparsity ramp over a pruning era ``[start, end]`` (steps).
+def era_progress(kind: str, start: int, end: int) -> Schedule:
+    """Fraction of the final sparsity reached at step ``t`` of a pruning era ``[start, end]``.
 
     - ``linear``: Starfire Sec. 2 ("we gradually increase the sparsity threshold so that by the final
       epoch of pruning the network sparsity will have reached our final, desired threshold").
-    - ``cubic``: Zhu & Gupta (2017), Eq. (1): ``s_t = s_f + (s_i - s_f) (1 - (t - t0)/(n dt))^3``.
+    - ``cubic``: Zhu & Gupta (2017), Eq. (1): ``s_t = s_f + (s_i - s_f) (1 - (t - t0)/(n dt))^3``
+      with ``s_i = 0``, i.e. progress ``1 - (1 - u)^3``.
 
-    Before ``start`` the value is ``initial``; from ``end`` on it is ``final``.
+    0 up to ``start``, 1 from ``end`` on.
     """
     if kind not in ("linear", "cubic"):
         raise ValueError(f"unknown sparsity ramp {kind!r} for argument 'ramp'; valid names: cubic, linear")
     if end < start:
         raise ValueError(f"pruning era end ({end}) must not precede its start ({start})")
-    if not 0.0 <= final < 1.0:
-        raise ValueError(f"final sparsity must be in [0, 1), got {final}")
     span = max(end - start, 1)
 
     def f(t: int) -> float:
-        if t <= start:
-            return initial if end > start else final
         if t >= end:
-            return final
+            return 1.0
+        if t <= start:
+            return 0.0
         u = (t - start) / span
-        if kind == "linear":
-            return initial + (final - initial) * u
-        return final + (initial - final) * (1.0 - u) ** 3
+        return u if kind == "linear" else 1.0 - (1.0 - u) ** 3
 
     return f
+
+
+def ramp(kind: str, start: int, end: int, final: float) -> Schedule:
+    """Sparsity over a pruning era: ``final * era_progress(kind, start, end)(t)``."""
+    if not 0.0 <= final < 1.0:
+        raise ValueError(f"final sparsity must be in [0, 1), got {final}")
+    progress = era_progress(kind, start, end)
+    return lambda t: final * progress(t)
 
 
 def make_prune_rate_schedule(name_or_fn, initial: float, total_steps: int | None) -> Schedule:

@@ -168,6 +168,8 @@ class Sparsifier:
         dist = density_distributions.get(distribution, argument="distribution")
         densities = dist([sp.param.shape for sp in candidates], eff_density)
         counts = allocate_counts(sizes, densities, max(total, len(sizes)))
+        # Per-layer final counts; a dense start (gradual pruning) reaches them at the era's end.
+        self.target_counts: dict[str, int] = {sp.name: k for sp, k in zip(candidates, counts)}
         self.target_active = sum(counts)
 
         self.masks: dict[str, Tensor] = {}

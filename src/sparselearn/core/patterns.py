@@ -1,0 +1,960 @@
+"""Structured keep-masks for one layer's weight (Starfire) and group structures for dynamic sparsity.
+
+This module implements the mask generators of *Starfire: Regularization Free Adversarially Robust
+Structured Sparse Training* (ICLR 2020 submission, "the paper" below) as pure tensor functions:
+they take one weight tensor and a sparsity and return a bool keep-mask of the same shape
+(``True`` = keep, ``False`` = zero). They know nothing about ``nn.Module``; a training loop applies
+them after every optimizer step during the pruning era (paper Sec. 2, Algorithm 2).
+
+Conventions shared by every function here:
+
+* ``sparsity`` is the fraction of entries to zero, in ``[0, 1)``; ``density = 1 - sparsity``.
+* Ranking is by magnitude ``|w|``. Weights that are already zero have magnitude 0 and are therefore
+  pruned first, so a weight that has been pruned stays pruned as the sparsity grows (Sec. 2: "once
+  a weight becomes zero, it will remain zero").
+* Ties are broken by flat index: among equal scores the entry (or group) with the *lower* index is
+  pruned first. Results never depend on sort stability, device or thread count, and the same call
+  always returns the same mask. Because the order is a strict total order on ``(score, index)``,
+  masks are nested: for the same weight, the mask at a higher sparsity is a subset of the mask at a
+  lower sparsity (for ``fine``, ``window``, ``kernel`` and ``block``).
+* Selection uses ``torch.kthvalue`` (linear time) to find the threshold and resolves ties at the
+  threshold by index, which is exact and about 8x cheaper than a full sort on ResNet-50 layers
+  (see ``benchmarks/bench_mask_selection.py``). Only selections with unequal group sizes (boundary
+  blocks, the CK stage of ``intra``) need a sort, and those run over groups, not entries.
+* Scores must not contain NaN; a NaN weight raises ``ValueError``.
+
+Registries:
+
+* :data:`mask_patterns` (``Registry("pattern")``): ``"fine"``, ``"window"``, ``"kernel"``,
+  ``"intra"``, ``"block"``; signature ``fn(weight, sparsity, **options) -> BoolTensor``.
+* :data:`structures` (``Registry("structure")``): ``"unstructured"``, ``"kernel"``, ``"channel"``,
+  ``"block"``; signature ``factory(shape, **options) -> Structure``. Structures let dynamic
+  algorithms (e.g. Sparse Momentum with kernel-granular prune and grow) rank and re-grow whole
+  groups: ``structure.reduce(score, "max")`` gives one score per group and
+  ``structure.expand(group_mask)`` maps a group decision back to the weight's shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from .registry import Registry
+
+__all__ = [
+    "mask_patterns",
+    "structures",
+    "compute_mask",
+    "fine_mask",
+    "window_mask",
+    "kernel_mask",
+    "intra_mask",
+    "block_mask",
+    "keep_one_input_per_neuron",
+    "fc_mask_from_conv",
+    "dead_output_channels",
+    "Structure",
+    "UnstructuredStructure",
+    "KernelStructure",
+    "ChannelStructure",
+    "BlockStructure",
+    "make_structure",
+]
+
+mask_patterns: Registry = Registry("pattern")
+structures: Registry = Registry("structure")
+
+REDUCTIONS = ("max", "sum", "mean")
+KERNEL_GROUPS = ("input", "layer")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and counting helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_sparsity(sparsity, name: str = "sparsity") -> float:
+    """Returns ``sparsity`` as a float after checking it lies in ``[0, 1)``."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= s < 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+def _check_fraction(value, name: str) -> float:
+    """Checks a closed-interval fraction option (``[0, 1]``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
+
+
+def _check_count_option(value, name: str) -> int | None:
+    """Checks an optional non-negative integer option such as ``max_nonzero``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    return value
+
+
+def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _snap(x: float) -> float:
+    """Snaps ``x`` to the nearest integer when it is within float noise of it.
+
+    ``floor(100 * 0.29)`` is 28 in binary floating point (``28.999999999999996``); a user who asks
+    for 29% of 100 kernels means 29. The tolerance (1e-9 relative) is far below one entry for any
+    realistic layer, so it only ever removes rounding noise.
+    """
+    r = round(x)
+    return float(r) if abs(x - r) <= 1e-9 * max(1.0, abs(x)) else x
+
+
+def _floor_count(sparsity: float, n: int) -> int:
+    return int(math.floor(_snap(sparsity * n)))
+
+
+def _ceil_count(sparsity: float, n: int) -> int:
+    return int(math.ceil(_snap(sparsity * n)))
+
+
+def _round_count(sparsity: float, n: int) -> int:
+    # Python's round (half to even) on the float product, as the spec states: round(sparsity * n).
+    return int(round(sparsity * n))
+
+
+def _magnitude(weight: Tensor) -> Tensor:
+    """``|weight|`` as a detached float32/float64 tensor (half precision is widened exactly)."""
+    mag = weight.detach().abs()
+    if mag.dtype not in (torch.float32, torch.float64):
+        # float16/bfloat16 -> float32 is exact, so the ranking (and its ties) is unchanged;
+        # kthvalue is not implemented for half types on every device.
+        mag = mag.float()
+    if bool(torch.isnan(mag).any()):
+        raise ValueError("weight contains NaN; magnitudes cannot be ranked")
+    return mag
+
+
+def _conv_dims(weight: Tensor, pattern: str) -> tuple[int, int, int]:
+    """``(K_out, C_in_per_group, R*S)`` of a convolution weight, or a ValueError naming the pattern."""
+    if weight.dim() < 3:
+        raise ValueError(
+            f"pattern {pattern!r} needs a convolution weight [K_out, C_in, R, S] (ndim >= 3), "
+            f"got shape {tuple(weight.shape)}; use 'fine' or 'block' for Linear weights"
+        )
+    k, c = weight.shape[0], weight.shape[1]
+    return k, c, math.prod(weight.shape[2:])
+
+
+# Below this many entries a plain kthvalue is as cheap as the sampled bracket.
+_BRACKET_MIN_NUMEL = 1 << 16
+# Prime stride of the deterministic sample: it does not alias with kernel sizes or channel counts
+# (powers of two, 3x3 = 9, 7x7 = 49), which a systematic sample of structured weights could.
+_BRACKET_STRIDE = 61
+
+
+def _kth_smallest(x: Tensor, k: int) -> Tensor:
+    """Exact k-th smallest value (1-based) of the 1-D tensor ``x``, as a 0-d tensor.
+
+    On large CPU tensors ``torch.kthvalue`` (a single-threaded quickselect over a copy) dominates
+    the cost of a mask. We first bracket the answer with two order statistics ``lo <= hi`` of a
+    deterministic strided sample (1 in 61 entries; no RNG), taken 4 standard deviations plus 4
+    ranks either side of the target rank. Sorted, ``x`` splits into ``< lo``, ``== lo``,
+    ``(lo, hi)``, ``== hi`` and ``> hi``; counting the first parts tells which one holds rank ``k``
+    and ``kthvalue`` runs only on the few entries strictly inside the bracket. Ties at the bracket
+    ends (e.g. the exact zeros of already-pruned weights) are counted, never selected over. If the
+    bracket misses (possible only for adversarially ordered data) we fall back to ``kthvalue`` on
+    everything, so the result is always exact. About 4x faster than ``kthvalue`` on ResNet-50
+    layers (see ``benchmarks/bench_mask_selection.py``).
+    """
+    n = x.numel()
+    if n < _BRACKET_MIN_NUMEL or x.device.type != "cpu":
+        return torch.kthvalue(x, k).values
+    sample = x[::_BRACKET_STRIDE]
+    m = sample.numel()
+    q = k / n
+    margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
+    lo_rank, hi_rank = math.floor(q * m - margin), math.ceil(q * m + margin)
+    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else None
+    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= m else None
+
+    if lo is None:
+        le_lo, open_ = 0, (x < hi if hi is not None else None)
+    else:
+        le_mask = x <= lo
+        le_lo = int(le_mask.sum())
+        if k <= le_lo:
+            # rank k is below or at lo: it is lo exactly when fewer than k entries are < lo.
+            if int((x < lo).sum()) < k:
+                return lo
+            return torch.kthvalue(x, k).values  # bracket missed low
+        open_ = ~le_mask if hi is None else ~le_mask & (x < hi)
+    cand = x if open_ is None else x[open_]
+    if k - le_lo <= cand.numel():
+        return torch.kthvalue(cand, k - le_lo).values
+    if hi is not None and k <= le_lo + cand.numel() + int((x == hi).sum()):
+        return hi
+    return torch.kthvalue(x, k).values  # bracket missed high
+
+
+def _prune_smallest_rows(scores: Tensor, k: int) -> Tensor:
+    """Bool mask (True = prune) of the ``k`` smallest entries of every row of ``scores`` [G, M].
+
+    Exact and deterministic: ``torch.kthvalue`` finds the k-th smallest value of each row in linear
+    time; entries strictly below it are pruned, and among the entries equal to it the ones with the
+    lowest column index are pruned until the row has exactly ``k``. The common case (no tie
+    straddling the threshold) costs one kthvalue plus two element-wise passes.
+    """
+    g, m = scores.shape
+    if k <= 0:
+        return torch.zeros(g, m, dtype=torch.bool, device=scores.device)
+    if k >= m:
+        return torch.ones(g, m, dtype=torch.bool, device=scores.device)
+    if g == 1:
+        thr = _kth_smallest(scores[0], k).reshape(1, 1)
+    else:
+        thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    le = scores <= thr
+    if bool((le.sum(dim=1) == k).all()):
+        return le
+    lt = scores < thr
+    eq = le ^ lt
+    need = k - lt.sum(dim=1, keepdim=True)
+    if g == 1:
+        # One long row (a whole layer): gather the few tie positions instead of a full cumsum.
+        ties = eq[0].nonzero().squeeze(1)[: int(need)]
+        lt[0, ties] = True
+        return lt
+    # Rank the tied entries of each row left to right; the first `need` of them are pruned.
+    return lt | (eq & (eq.cumsum(dim=1) <= need))
+
+
+def _prune_prefix_by_size(scores: Tensor, sizes: Tensor, target: Tensor, forced: int = 0) -> Tensor:
+    """Bool mask (True = prune) of the shortest ascending prefix of each row reaching ``target``.
+
+    Rows of ``scores`` [G, M] are ordered by ``(score, column index)``; groups are pruned in that
+    order until the summed ``sizes`` [G, M] of the pruned groups reaches ``target`` [G, 1] (nothing is
+    pruned where ``target <= 0``), and in any case the first ``forced`` groups of each row are pruned.
+    Used where groups differ in size (boundary blocks, partly window-pruned kernels), which a fixed
+    group count cannot express.
+    """
+    g, m = scores.shape
+    # A stable sort orders equal scores by column index, i.e. lower index pruned first.
+    order = torch.sort(scores, dim=1, stable=True).indices
+    sizes_sorted = sizes.gather(1, order)
+    before = sizes_sorted.cumsum(dim=1) - sizes_sorted  # size already pruned before this group
+    prune_sorted = before < target
+    if forced > 0:
+        prune_sorted[:, :forced] = True
+    return torch.zeros_like(prune_sorted).scatter_(1, order, prune_sorted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starfire mask generators
+# ---------------------------------------------------------------------------------------------
+
+
+@mask_patterns.register("fine")
+def fine_mask(weight: Tensor, sparsity: float) -> Tensor:
+    """Unstructured per-layer magnitude pruning ("Fine FC pruning", paper Sec. 2.1.2, Fig. 2c).
+
+    All weights of the layer are compared with each other and the ``round(sparsity * numel)``
+    smallest magnitudes are zeroed (Python ``round``, half to even). Works on any shape, so it is
+    also the per-layer unstructured baseline for convolutions.
+
+    Args:
+        weight: any shape.
+        sparsity: fraction of entries to zero, in ``[0, 1)``.
+
+    Returns:
+        Bool keep-mask shaped like ``weight`` with exactly ``round(sparsity * numel)`` False
+        entries; ties broken by flat index (lower index pruned first).
+    """
+    s = _check_sparsity(sparsity)
+    n = weight.numel()
+    k = _round_count(s, n)
+    prune = _prune_smallest_rows(_magnitude(weight).reshape(1, n), k)
+    return (~prune).reshape(weight.shape)
+
+
+@mask_patterns.register("window")
+def window_mask(weight: Tensor, sparsity: float, *, max_nonzero: int | None = None) -> Tensor:
+    """Window pruning inside every R x S kernel (paper Sec. 2.1.1, Fig. 2a, Algorithm 3).
+
+    Every kernel window ``weight[k, c]`` (``R*S`` entries) loses its
+    ``n = max(floor(R*S * sparsity), R*S - max_nonzero)`` smallest-magnitude entries, so each window
+    keeps at most ``max_nonzero`` nonzeros. Algorithm 3 in the PDF reads
+    ``n = max(cutoff_index, size - max_non_zero - 1)``, ``cutoff_value = nth largest value`` and
+    ``mask = 1 if theta > cutoff_value``; we read the ``- 1`` and "nth largest" as a 0-based index
+    into the ascending order of the window, i.e. "zero the n smallest", and we resolve ties at the
+    cutoff by index so every window loses exactly ``n`` entries (the PDF's strict ``>`` would also
+    zero every entry tied with the cutoff, which may explain why Table 5 reports a "true sparsity"
+    above the target for window pruning). Because of the floor, the realised sparsity of a 3x3 layer
+    is ``floor(9 * sparsity) / 9`` (e.g. 11.1% at a 20% target), never above the target.
+
+    Kernels of any size work (3x3, 7x7, non-square 5x3, Conv1d/Conv3d windows). A 1x1 kernel has a
+    single entry, so per-window pruning degenerates to keep-or-drop each entry with a per-window
+    count ``floor(sparsity)`` = 0, i.e. the layer would never be pruned. We therefore treat 1x1
+    convolutions (``R*S == 1``) with :func:`fine_mask` (per-layer magnitude pruning, exactly
+    ``round(sparsity * numel)`` zeros); ``max_nonzero=0`` still zeroes every entry. Depthwise and
+    grouped convolutions ([K, C/groups, R, S]) need nothing special: windows are independent.
+
+    Args:
+        weight: convolution weight [K_out, C_in, *kernel] (ndim >= 3).
+        sparsity: fraction of each window to zero, in ``[0, 1)``.
+        max_nonzero: optional cap on the nonzeros kept per window (default ``R*S``: no cap).
+
+    Returns:
+        Bool keep-mask shaped like ``weight``.
+
+    Raises:
+        ValueError: non-convolution weight (ndim < 3), bad ``sparsity`` or ``max_nonzero``.
+    """
+    s = _check_sparsity(sparsity)
+    mnz = _check_count_option(max_nonzero, "max_nonzero")
+    k_out, c_in, rs = _conv_dims(weight, "window")
+    if rs == 1:
+        if mnz == 0:
+            return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        return fine_mask(weight, s)
+    n = _window_count(s, rs, mnz)
+    prune = _prune_smallest_rows(_magnitude(weight).reshape(k_out * c_in, rs), n)
+    return (~prune).reshape(weight.shape)
+
+
+def _window_count(sparsity: float, rs: int, max_nonzero: int | None) -> int:
+    """Entries zeroed per window: ``max(floor(rs * sparsity), rs - max_nonzero)`` (Algorithm 3)."""
+    n = _floor_count(sparsity, rs)
+    return n if max_nonzero is None else max(n, rs - max_nonzero)
+
+
+def _kernel_scores(weight: Tensor, pattern: str) -> tuple[Tensor, tuple[int, int, int]]:
+    k_out, c_in, rs = _conv_dims(weight, pattern)
+    # Algorithm 1: kernel_max[c, k] = max of the kernel's magnitudes ("the max of nine weights").
+    return _magnitude(weight).reshape(k_out, c_in, rs).amax(dim=2), (k_out, c_in, rs)
+
+
+def _group_rows(x: Tensor, group: str) -> Tensor:
+    """[K, C] kernel table -> rows that are ranked together (per input channel or whole layer)."""
+    return x.t() if group == "input" else x.reshape(1, -1)
+
+
+def _ungroup_rows(rows: Tensor, group: str, k_out: int, c_in: int) -> Tensor:
+    return rows.t() if group == "input" else rows.reshape(k_out, c_in)
+
+
+@mask_patterns.register("kernel")
+def kernel_mask(
+    weight: Tensor,
+    sparsity: float,
+    *,
+    group: str = "input",
+    max_nonzero_kernels: int | None = None,
+) -> Tensor:
+    """CK pruning: remove whole R x S kernels (paper Sec. 2.1.1, Fig. 2b, Algorithm 1).
+
+    Each kernel ``weight[k, c]`` is scored by the maximum magnitude of its entries. Kernels are
+    ranked within a group and the lowest-scored ones are zeroed as a whole:
+
+    * ``group="input"`` (Algorithm 1, default): for every input channel ``c`` the ``K`` kernels
+      ``weight[:, c]`` form a group;
+    * ``group="layer"``: all ``K*C`` kernels of the layer form one group.
+
+    Each group of ``size`` kernels loses exactly ``floor(size * sparsity)`` kernels, or
+    ``max(floor(size * sparsity), size - max_nonzero_kernels)`` if that option is given (the
+    ``- 1`` of Algorithm 1 is read as in :func:`window_mask`). Ties are broken by kernel flat index
+    ``k * C + c`` (lower pruned first). All kernels of an output channel may be removed; that
+    channel is then dead (see :func:`dead_output_channels`), which the paper allows ("can ultimately
+    prune all the input channels in an output channel").
+
+    1x1 convolutions work unchanged (each kernel is one weight, ranked per input channel). For
+    grouped/depthwise convolutions ([K, C/groups, R, S]) the ``c`` axis is the channel index *within
+    its group*, so ``group="input"`` ranks together kernels of different groups that share that
+    position; for depthwise convolutions (C/groups = 1) it coincides with ``group="layer"``.
+
+    Args:
+        weight: convolution weight [K_out, C_in, *kernel] (ndim >= 3).
+        sparsity: fraction of kernels to zero per group, in ``[0, 1)``.
+        group: ``"input"`` or ``"layer"``.
+        max_nonzero_kernels: optional cap on kernels kept per group.
+
+    Returns:
+        Bool keep-mask shaped like ``weight``, constant over each kernel.
+    """
+    s = _check_sparsity(sparsity)
+    _check_choice(group, "group", KERNEL_GROUPS)
+    mnk = _check_count_option(max_nonzero_kernels, "max_nonzero_kernels")
+    scores, (k_out, c_in, _) = _kernel_scores(weight, "kernel")
+    rows = _group_rows(scores, group)
+    size = rows.shape[1]
+    n = _floor_count(s, size)
+    if mnk is not None:
+        n = max(n, size - mnk)
+    keep = ~_ungroup_rows(_prune_smallest_rows(rows, n), group, k_out, c_in)
+    return _expand_kernels(keep, weight.shape)
+
+
+def _expand_kernels(kernel_keep: Tensor, shape: torch.Size) -> Tensor:
+    view = kernel_keep.reshape(*kernel_keep.shape, *([1] * (len(shape) - 2)))
+    return view.expand(shape).contiguous()
+
+
+@mask_patterns.register("intra")
+def intra_mask(
+    weight: Tensor,
+    sparsity: float,
+    *,
+    window_fraction: float = 0.5,
+    group: str = "input",
+    max_nonzero: int | None = None,
+    max_nonzero_kernels: int | None = None,
+) -> Tensor:
+    """Intra-epoch combined window + CK pruning (paper Sec. 2.1.1 "Combined", Algorithm 4).
+
+    Interpretation. Algorithm 4 in the PDF is garbled: it computes both ``window_mask`` and
+    ``ck_mask`` with ``generate_ck_sparsity_mask(theta, sparsity_threshold)`` at the full threshold,
+    which would make the window stage a no-op and the result plain CK pruning. The text (Sec. 2.1.1
+    and Appendix 7.1) says what is meant: "we first apply window pruning ... at a fraction of the
+    sparsity threshold ... Then, we prune the remaining fraction of the sparsity threshold with CK
+    Pruning", "kernels that lose many of their parameters during window pruning can be fully pruned
+    during the CK pruning phase", and the final line ``mask = window_mask and ck_mask``. We
+    therefore:
+
+    1. compute ``window_mask = window(weight, window_fraction * sparsity, max_nonzero)``;
+    2. score every kernel by the max magnitude of its *window-surviving* entries; since the
+       window stage removes the smallest entries and keeps at least one unless it removes all,
+       this equals the kernel's max magnitude (Algorithm 1). With exact per-window counts every
+       kernel loses the same number of entries, so the window stage steers the CK stage through
+       the count (step 3), not the ranking; the paper's remark that window-thinned kernels get
+       pruned by CK stems from its threshold-based window stage, where ties (e.g. exact zeros)
+       could thin some kernels more than others;
+    3. in each CK group (per input channel by default, as Algorithm 1) prune kernels in ascending
+       ``(score, index)`` order until the group's masked entries reach
+       ``ceil(sparsity * group_entries)``; a kernel already partly zeroed by the window stage only
+       adds its remaining kept entries, and kernels fully zeroed by it add nothing;
+    4. return ``window_mask & ck_mask``.
+
+    Every group, hence the layer, reaches *at least* the target sparsity; the overshoot is below
+    one kernel per group. Because every kernel keeps the same number of entries after the window
+    stage (for 1x1 kernels the window stage is :func:`fine_mask`, whose removed entries are the
+    smallest of each group), step 3 always prunes a fixed number of kernels per group, so it runs
+    on the same linear-time selection as :func:`kernel_mask`; the tests check it against a
+    sort-based implementation of steps 1-4. With ``window_fraction=0`` this is CK pruning with a ceiling count; with
+    ``window_fraction=1`` the CK stage only tops up what the window floor left out. 1x1 convolutions
+    use :func:`fine_mask` in the window stage (see :func:`window_mask`).
+
+    Args:
+        weight: convolution weight [K_out, C_in, *kernel] (ndim >= 3).
+        sparsity: target fraction of entries to zero, in ``[0, 1)``.
+        window_fraction: share of ``sparsity`` given to window pruning, in ``[0, 1]``.
+        group: CK grouping, ``"input"`` (Algorithm 1) or ``"layer"``.
+        max_nonzero: per-window nonzero cap for the window stage.
+        max_nonzero_kernels: optional cap on kernels kept per CK group.
+
+    Returns:
+        Bool keep-mask shaped like ``weight``.
+    """
+    s = _check_sparsity(sparsity)
+    wf = _check_fraction(window_fraction, "window_fraction")
+    _check_choice(group, "group", KERNEL_GROUPS)
+    mnk = _check_count_option(max_nonzero_kernels, "max_nonzero_kernels")
+    k_out, c_in, rs = _conv_dims(weight, "intra")
+    wmask = window_mask(weight, wf * s, max_nonzero=max_nonzero)
+
+    group_kernels = c_in * k_out if group == "layer" else k_out
+    target = _ceil_count(s, group_kernels * rs)
+    forced = 0 if mnk is None else max(0, group_kernels - mnk)
+    if rs > 1:
+        # The window stage removed exactly n entries from every kernel, so every kernel has the same
+        # r = rs - n entries left and the size-aware prefix of step 3 is a fixed number of kernels,
+        # ceil(need / r); the linear-time kthvalue selection then applies (same result as a sort).
+        n = _window_count(wf * s, rs, _check_count_option(max_nonzero, "max_nonzero"))
+        r = rs - n
+        if r <= 0:
+            return wmask  # the window stage already removed everything
+        need = target - n * group_kernels
+        count = max(0, -(-need // r), forced)
+        # The window stage removes the smallest entries and leaves r >= 1, so the max magnitude of
+        # the surviving entries (step 2) is the kernel's max magnitude.
+        scores, _ = _kernel_scores(weight, "intra")
+        score_rows = _group_rows(scores, group)
+    else:
+        # 1x1 kernels: the window stage is fine pruning, whose removed entries are the smallest of
+        # every group in (|w|, index) order. Steps 3-4 then prune, per group, the first
+        # max(removed, target, forced) entries of that order; the union below is exactly that.
+        if not bool(wmask.any()):
+            return wmask
+        count = max(target, forced)
+        score_rows = _group_rows(_magnitude(weight).reshape(k_out, c_in), group)
+    prune = _prune_smallest_rows(score_rows, min(count, group_kernels))
+    ck_keep = ~_ungroup_rows(prune, group, k_out, c_in)
+    return wmask & _expand_kernels(ck_keep, weight.shape)
+
+
+@mask_patterns.register("block")
+def block_mask(
+    weight: Tensor, sparsity: float, *, block_size: int = 4, reduction: str = "sum"
+) -> Tensor:
+    """Block FC pruning: zero whole n x n tiles of a Linear weight (paper Sec. 2.1.2, Fig. 2d).
+
+    The weight [out, in] is tiled into ``n x n`` blocks (``n = block_size``, ``1 <= n < 5`` as in
+    the paper) starting at the top-left corner; when ``out`` or ``in`` is not a multiple of ``n`` the
+    last block row/column holds smaller edge blocks (``min(n, remaining)`` rows times columns). A
+    block's score is the sum of the magnitudes of its entries (the paper: "we sum the magnitude of
+    the weights in each window"); note that an edge block sums fewer entries and so tends to rank
+    lower; ``reduction="mean"`` scores by the mean instead, ``"max"`` by the max.
+
+    Count at the boundary: blocks are zeroed in ascending ``(score, block index)`` order (block
+    index = row-major over the block grid) until the number of masked entries, i.e. the summed
+    *actual* sizes of the zeroed blocks (an edge block counts only the entries it really covers), is
+    at least ``round(sparsity * numel)``. Entries of kept blocks are never counted, even if their
+    weight happens to be zero. The overshoot is below one block (< n*n entries); when ``n`` divides
+    both dimensions this is exactly ``ceil(round(sparsity * numel) / n**2)`` blocks.
+
+    Args:
+        weight: 2-D weight [out, in].
+        sparsity: target fraction of entries to zero, in ``[0, 1)``.
+        block_size: tile side ``n``, an int with ``1 <= n < 5``.
+        reduction: block score, ``"sum"`` (paper), ``"mean"`` or ``"max"`` of ``|w|``.
+
+    Returns:
+        Bool keep-mask shaped like ``weight``, constant over each block.
+    """
+    s = _check_sparsity(sparsity)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size < 5:
+        raise ValueError(f"block_size must be an int with 1 <= block_size < 5, got {block_size!r}")
+    _check_choice(reduction, "reduction", REDUCTIONS)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"pattern 'block' needs a 2-D Linear weight [out, in], got shape {tuple(weight.shape)}"
+        )
+    struct = BlockStructure(weight.shape, block_size)
+    scores = struct.reduce(_magnitude(weight), reduction).reshape(1, -1)
+    target = _round_count(s, weight.numel())
+    if struct.is_uniform:
+        # Equal block sizes: the prefix is a fixed number of blocks, so the linear-time kthvalue
+        # selection applies and gives the same blocks as the size-aware prefix below.
+        prune = _prune_smallest_rows(scores, -(-target // struct.group_size))
+    else:
+        sizes = struct.group_sizes.to(scores.device).reshape(1, -1)
+        prune = _prune_prefix_by_size(scores, sizes, torch.tensor([[target]], device=scores.device))
+    return struct.expand(~prune.reshape(-1))
+
+
+def compute_mask(
+    pattern: Union[str, Callable[..., Tensor]], weight: Tensor, sparsity: float, **options
+) -> Tensor:
+    """Looks ``pattern`` up in :data:`mask_patterns` (or uses the callable) and applies it.
+
+    Raises:
+        ValueError: unknown pattern name; the message lists the registered names.
+    """
+    return mask_patterns.get(pattern, argument="pattern")(weight, sparsity, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# FC pruning helpers (paper Sec. 2.1.2, Figure 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def keep_one_input_per_neuron(weight: Tensor, mask: Tensor) -> Tensor:
+    """Ensures every output neuron keeps at least one input (paper Sec. 2.1.2, last paragraph).
+
+    "Each output neuron should be influenced by the input. This means every column in the weight
+    matrix of the fully connected layer in Figure 3 has at least one non-zero element." The paper's
+    matrix is laid out [in, out]; a torch Linear weight is [out, in], so the rule applies to *rows*.
+    Any row whose mask is all False gets its largest-magnitude entry re-enabled (ties: lowest
+    index); rows that keep something are untouched. If a fully masked row is also all zero in value,
+    entry 0 is re-enabled so the neuron can still learn.
+
+    Weights with more than two dimensions are treated per output channel (dim 0).
+
+    Args:
+        weight: [out, in] (or [out, ...]) weight.
+        mask: bool keep-mask of the same shape; not modified.
+
+    Returns:
+        A new bool mask (at most one extra True per fully masked row).
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"weight must have ndim >= 2 ([out, in]), got shape {tuple(weight.shape)}")
+    if mask.shape != weight.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    out = mask.reshape(mask.shape[0], -1).clone()
+    dead = ~out.any(dim=1)
+    if bool(dead.any()):
+        rows = dead.nonzero().squeeze(1)
+        mag = _magnitude(weight).reshape(weight.shape[0], -1)[rows]
+        # torch.argmax returns the first maximal index, i.e. the lowest index among ties.
+        out[rows, mag.argmax(dim=1)] = True
+    return out.reshape(mask.shape)
+
+
+def fc_mask_from_conv(channel_alive: Tensor, in_features: int) -> Tensor:
+    """FC input features fed by the alive output channels of the previous conv (Sec. 2.1.2, Fig. 3).
+
+    "If all the C windows for a specific K_i are zeros, the output activation for the corresponding
+    K_i is also zero. The corresponding neurons in the following fully connected layer are therefore
+    receiving zero input activations and can be eliminated along with their associated weights."
+    With ``K = len(channel_alive)`` two layouts are supported:
+
+    * flatten of a K x H x W map (PyTorch's channel-major ``torch.flatten``): ``in_features = K*H*W``
+      and channel ``k`` feeds the ``H*W`` consecutive features ``[k*H*W, (k+1)*H*W)``;
+    * global pooling: ``in_features = K``, one feature per channel.
+
+    Both are the same rule (each channel feeds ``in_features // K`` consecutive features). To mask
+    the FC weight [out, in], broadcast: ``fc_mask &= fc_mask_from_conv(alive, in)[None, :]``; the
+    channel's alive state is typically ``~dead_output_channels(conv_mask)``. Note that BatchNorm or
+    a bias after the conv can make a zero-weight channel output a nonzero constant; eliminating its
+    FC inputs is then an approximation, as in the paper.
+
+    Args:
+        channel_alive: bool [K], True where the conv output channel can be nonzero.
+        in_features: the FC layer's input size.
+
+    Returns:
+        Bool [in_features], True where the feature comes from an alive channel.
+
+    Raises:
+        ValueError: ``in_features`` is not a positive multiple of ``K``, or ``channel_alive`` is
+            not a 1-D bool tensor.
+    """
+    if channel_alive.dim() != 1 or channel_alive.dtype != torch.bool:
+        raise ValueError(
+            f"channel_alive must be a 1-D bool tensor [K], got dtype {channel_alive.dtype} "
+            f"and shape {tuple(channel_alive.shape)}"
+        )
+    k = channel_alive.numel()
+    if isinstance(in_features, bool) or not isinstance(in_features, int):
+        raise ValueError(f"in_features must be an int, got {in_features!r}")
+    if k == 0 or in_features <= 0 or in_features % k != 0:
+        raise ValueError(
+            f"in_features ({in_features}) must be a positive multiple of the number of conv "
+            f"output channels K ({k}): K*H*W for a flattened map or K after global pooling"
+        )
+    return channel_alive.repeat_interleave(in_features // k)
+
+
+def dead_output_channels(weight_or_mask: Tensor) -> Tensor:
+    """Output channels whose every kernel is zero (paper Sec. 2.1.2, Figure 3).
+
+    Args:
+        weight_or_mask: a conv weight [K, C, R, S] (zero means exactly 0.0) or its bool keep-mask
+            (zero means False). Any tensor with ndim >= 2 works (dim 0 is the output channel).
+
+    Returns:
+        Bool [K], True where all ``C`` kernels (every entry) of output channel ``k`` are zero.
+    """
+    x = weight_or_mask
+    if x.dim() < 2:
+        raise ValueError(
+            f"weight_or_mask must have ndim >= 2 ([K, C, ...]), got shape {tuple(x.shape)}"
+        )
+    rows = x.reshape(x.shape[0], -1)
+    nonzero = rows if x.dtype == torch.bool else rows != 0
+    return ~nonzero.any(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structures: group partitions for composing patterns with dynamic criteria
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_reduction(how: str) -> str:
+    return _check_choice(how, "how", REDUCTIONS)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A partition of a weight's entries into groups that are pruned or grown together.
+
+    Subclasses define the grouping; every group has a stable integer index ``0 .. num_groups-1``
+    and ties between group scores are meant to be broken by that index (lower first), matching the
+    mask patterns.
+
+    Attributes:
+        shape: the weight shape the structure was built for.
+    """
+
+    shape: torch.Size
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+
+    # --- subclass interface ---
+    @property
+    def num_groups(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def group_size(self) -> int:
+        """Entries in a full group (all groups, unless :attr:`is_uniform` is False)."""
+        raise NotImplementedError
+
+    @property
+    def group_sizes(self) -> Tensor:
+        """int64 [num_groups]: the exact number of entries of each group."""
+        return torch.full((self.num_groups,), self.group_size, dtype=torch.long)
+
+    @property
+    def is_uniform(self) -> bool:
+        return True
+
+    def _grouped(self, x: Tensor, fill: float) -> Tensor:
+        """``x`` (weight-shaped) as [num_groups, group_size]; padding (if any) uses ``fill``."""
+        raise NotImplementedError
+
+    def _expand(self, group_values: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # --- shared logic ---
+    def reduce(self, score: Tensor, how: str = "max") -> Tensor:
+        """Reduces an element-wise score (shaped like the weight) to one score per group.
+
+        Args:
+            score: tensor shaped like the weight (bool is treated as 0/1).
+            how: ``"max"``, ``"sum"`` or ``"mean"`` (mean divides by the group's real size).
+
+        Returns:
+            1-D tensor [num_groups].
+        """
+        _check_reduction(how)
+        if score.shape != self.shape:
+            raise ValueError(
+                f"score shape {tuple(score.shape)} does not match structure shape {tuple(self.shape)}"
+            )
+        if score.dtype == torch.bool:
+            score = score.to(torch.int64)
+        if how == "max":
+            fill = torch.finfo(score.dtype).min if score.is_floating_point() else torch.iinfo(score.dtype).min
+            return self._grouped(score, fill).amax(dim=1)
+        total = self._grouped(score, 0).sum(dim=1)
+        if how == "sum":
+            return total
+        if not total.is_floating_point():
+            total = total.double()
+        return total / self.group_sizes.to(device=total.device, dtype=total.dtype)
+
+    def expand(self, group_mask: Tensor) -> Tensor:
+        """Broadcasts one value per group (usually a bool keep/grow decision) to the weight shape.
+
+        Args:
+            group_mask: 1-D tensor [num_groups] (any dtype; bool for masks).
+
+        Returns:
+            Contiguous tensor shaped like the weight, with the same dtype as ``group_mask``.
+        """
+        if group_mask.dim() != 1 or group_mask.numel() != self.num_groups:
+            raise ValueError(
+                f"group_mask must be 1-D with num_groups={self.num_groups} entries, "
+                f"got shape {tuple(group_mask.shape)}"
+            )
+        return self._expand(group_mask).contiguous()
+
+
+@dataclass(frozen=True)
+class UnstructuredStructure(Structure):
+    """Every entry is its own group (flat index order)."""
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def group_size(self) -> int:
+        return 1
+
+    def _grouped(self, x: Tensor, fill: float) -> Tensor:
+        return x.reshape(-1, 1)
+
+    def _expand(self, group_values: Tensor) -> Tensor:
+        return group_values.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class KernelStructure(Structure):
+    """Group = one kernel ``weight[k, c]`` of a convolution; index ``k * C + c``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.shape) < 3:
+            raise ValueError(
+                f"structure 'kernel' needs a convolution weight shape [K, C, R, S] (ndim >= 3), "
+                f"got {tuple(self.shape)}"
+            )
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return math.prod(self.shape[2:])
+
+    def _grouped(self, x: Tensor, fill: float) -> Tensor:
+        return x.reshape(self.num_groups, self.group_size)
+
+    def _expand(self, group_values: Tensor) -> Tensor:
+        k, c = self.shape[0], self.shape[1]
+        return group_values.reshape(k, c, *([1] * (len(self.shape) - 2))).expand(self.shape)
+
+
+@dataclass(frozen=True)
+class ChannelStructure(Structure):
+    """Group = one output channel / neuron (``weight[k]``, a row of a Linear weight)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.shape) < 1:
+            raise ValueError(f"structure 'channel' needs ndim >= 1, got shape {tuple(self.shape)}")
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def _grouped(self, x: Tensor, fill: float) -> Tensor:
+        return x.reshape(self.num_groups, self.group_size)
+
+    def _expand(self, group_values: Tensor) -> Tensor:
+        return group_values.reshape(-1, *([1] * (len(self.shape) - 1))).expand(self.shape)
+
+
+@dataclass(frozen=True)
+class BlockStructure(Structure):
+    """Group = one ``n x n`` tile of a 2-D weight; edge tiles at the boundary are smaller.
+
+    Tiles start at the top-left corner and are indexed row-major over the tile grid
+    (``index = block_row * num_block_cols + block_col``). :attr:`group_size` is ``n*n`` (a full
+    tile); :attr:`group_sizes` gives each tile's real size.
+
+    Attributes:
+        block_size: tile side ``n >= 1`` (the *pattern* "block" restricts it to ``n < 5``).
+    """
+
+    block_size: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.block_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"block_size must be a positive int, got {n!r}")
+        if len(self.shape) != 2:
+            raise ValueError(
+                f"structure 'block' needs a 2-D weight shape [out, in], got {tuple(self.shape)}"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Number of tile rows and columns (ceil division)."""
+        n = self.block_size
+        return -(-self.shape[0] // n), -(-self.shape[1] // n)
+
+    @property
+    def num_groups(self) -> int:
+        rb, cb = self.grid
+        return rb * cb
+
+    @property
+    def group_size(self) -> int:
+        return self.block_size * self.block_size
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.shape[0] % self.block_size == 0 and self.shape[1] % self.block_size == 0
+
+    @property
+    def group_sizes(self) -> Tensor:
+        n = self.block_size
+        rb, cb = self.grid
+        rows = (self.shape[0] - torch.arange(rb) * n).clamp(max=n)
+        cols = (self.shape[1] - torch.arange(cb) * n).clamp(max=n)
+        return (rows[:, None] * cols[None, :]).reshape(-1)
+
+    def _grouped(self, x: Tensor, fill: float) -> Tensor:
+        n = self.block_size
+        rb, cb = self.grid
+        pad_r, pad_c = rb * n - self.shape[0], cb * n - self.shape[1]
+        if pad_r or pad_c:
+            # Padding with the reduction's identity (0 for sum, dtype-min for max) keeps edge
+            # tiles' scores equal to the reduction over their real entries.
+            x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r), value=fill)
+        return x.reshape(rb, n, cb, n).permute(0, 2, 1, 3).reshape(rb * cb, n * n)
+
+    def _expand(self, group_values: Tensor) -> Tensor:
+        n = self.block_size
+        rb, cb = self.grid
+        full = group_values.reshape(rb, 1, cb, 1).expand(rb, n, cb, n).reshape(rb * n, cb * n)
+        return full[: self.shape[0], : self.shape[1]]
+
+
+@structures.register("unstructured")
+def _unstructured(shape: torch.Size) -> Structure:
+    """Each entry is its own group (any shape)."""
+    return UnstructuredStructure(torch.Size(shape))
+
+
+@structures.register("kernel")
+def _kernel(shape: torch.Size) -> Structure:
+    """One group per R x S kernel of a convolution weight; 2-D shapes raise ValueError."""
+    return KernelStructure(torch.Size(shape))
+
+
+@structures.register("channel")
+def _channel(shape: torch.Size) -> Structure:
+    """One group per output channel (dim 0): conv filters or Linear rows."""
+    return ChannelStructure(torch.Size(shape))
+
+
+@structures.register("block")
+def _block(shape: torch.Size, block_size: int = 4) -> Structure:
+    """``block_size x block_size`` tiles of a 2-D weight, boundary tiles smaller."""
+    return BlockStructure(torch.Size(shape), block_size)
+
+
+def make_structure(
+    name_or_callable: Union[str, Callable[..., Structure], Structure], shape, **options
+) -> Structure:
+    """Builds a :class:`Structure` for ``shape`` from a registered name or factory.
+
+    Args:
+        name_or_callable: a name in :data:`structures`, a factory ``(shape, **options)``, or an
+            existing :class:`Structure` (returned as is after checking its shape; no options).
+        shape: the weight shape.
+        **options: factory options, e.g. ``block_size`` for ``"block"``.
+
+    Raises:
+        ValueError: unknown name (lists valid names), shape mismatch, or a shape the structure
+            does not support.
+    """
+    shape = torch.Size(shape)
+    if isinstance(name_or_callable, Structure):
+        if options:
+            raise ValueError(f"options {sorted(options)} cannot be applied to a built Structure")
+        if name_or_callable.shape != shape:
+            raise ValueError(
+                f"structure shape {tuple(name_or_callable.shape)} does not match {tuple(shape)}"
+            )
+        return name_or_callable
+    return structures.get(name_or_callable, argument="structure")(shape, **options)

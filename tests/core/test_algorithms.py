@@ -1,0 +1,87 @@
+"""RigL, SET and the presets: each tested for its defining rule."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparselearn
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+
+
+def _step(model, opt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 10, generator=g), torch.randint(0, 5, (8,), generator=g)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_rigl_grows_largest_gradient_and_drops_smallest_weight():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    sp = sparselearn.rigl(model, opt, density=0.5, total_steps=400, update_every=100, distribution="uniform")
+    _step(model, opt)  # fills .grad with a real dense gradient
+    layer = model[0]
+    mask0 = sp.masks["0.weight"].clone()
+    w0 = layer.weight.detach().clone()
+    grad = layer.weight.grad.clone()
+    sp.updater(sp, 100)
+    n = int(mask0.sum())
+    # f(t) = alpha/2 (1 + cos(pi t / T_end)) at t=100, T_end = 0.75 * 400 = 300
+    k = round(0.3 / 2 * (1 + math.cos(math.pi * 100 / 300)) * n)
+    new = sp.masks["0.weight"]
+    dropped, grown = mask0 & ~new, new & ~mask0
+    assert int(dropped.sum()) == int(grown.sum()) == k  # no redistribution in RigL
+    # dropped: the k smallest |w| among the active
+    thr_drop = w0.abs()[dropped].max()
+    assert bool((w0.abs()[mask0 & ~dropped] >= thr_drop).all())
+    # grown: the k largest |grad| among the previously missing
+    thr_grow = grad.abs()[grown].min()
+    assert bool((grad.abs()[~mask0 & ~grown] <= thr_grow).all())
+    assert torch.all(layer.weight[grown] == 0)
+
+
+def test_rigl_stops_updating_at_stop_fraction():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sp = sparselearn.rigl(model, opt, density=0.3, total_steps=40, update_every=5)
+    assert sp.updater.due(25) and not sp.updater.due(30) and not sp.updater.due(35)
+
+
+def test_rigl_uses_erk_by_default():
+    model = _mlp()
+    sp = sparselearn.rigl(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), density=0.3, total_steps=10)
+    dens = [r["density"] for r in sp.density_report()["layers"]]
+    assert dens[1] > dens[0]  # the small 5x20 layer gets a higher density than the 20x10 one under ERK
+
+
+def test_set_keeps_per_layer_counts_and_uses_set_rule():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = sparselearn.set_algorithm(model, opt, density=0.3, steps_per_epoch=3, epochs=4, distribution="uniform")
+    before = {k: int(v.sum()) for k, v in sp.masks.items()}
+    for s in range(6):
+        _step(model, opt, seed=s)
+    assert {k: int(v.sum()) for k, v in sp.masks.items()} == before  # no redistribution
+    assert sp.last_update["prune_rate"] == 0.3  # zeta constant
+    removed = sp.last_update["removed"]
+    assert removed == sum(round(0.3 * n) for n in before.values())
+
+
+def test_algorithm_registry_lists_names():
+    with pytest.raises(ValueError, match="valid names: .*rigl.*sparse-momentum.*static"):
+        sparselearn.algorithms.get("rigg", argument="algorithm")
+    for name in ("sparse-momentum", "set", "rigl", "gmp", "static", "starfire", "ablation-none-random"):
+        assert name in sparselearn.algorithms
+
+
+def test_ablation_presets_are_one_argument():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = sparselearn.algorithms.get("ablation-none-random")(model, opt, density=0.3, steps_per_epoch=2, epochs=2)
+    assert sp.updater.names == {"prune": "magnitude", "grow": "random", "redistribute": "none"}

@@ -1,0 +1,168 @@
+"""Gradual pruning eras (Starfire, GMP): targets at the era's end, fixed masks after, FC rules."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparselearn
+from sparselearn.core.schedules import era_progress
+
+
+class Net(nn.Module):
+    def __init__(self, bn=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.fc1 = nn.Linear(6 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.bn(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, batches, sp, per_step=None):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if per_step:
+            per_step(sp)
+
+
+@pytest.mark.parametrize("pattern", ["window", "kernel", "intra", "inter"])
+def test_era_hits_target_then_mask_fixed(pattern):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sp = sparselearn.starfire(model, opt, density=0.4, pattern=pattern, steps_per_epoch=4, epochs=6,
+                              era_start_epoch=1, era_end_epoch=3)
+    assert all(bool(m.all()) for m in sp.masks.values())  # dense start
+    snaps = []
+    train(model, opt, data(12), sp, lambda s: snaps.append({k: v.clone() for k, v in s.masks.items()}))
+    # never grows during the era: masks are nested step to step
+    for a, b in zip(snaps, snaps[1:]):
+        assert all(bool((b[k] & ~a[k]).sum() == 0) for k in a)
+    at_end = snaps[11]  # step 12 = era end (3 epochs x 4 steps)
+    conv2 = at_end["conv2.weight"]
+    if pattern in ("window", "inter"):
+        assert int(conv2.reshape(-1, 9).sum(1).max()) <= 4  # at most floor... 9 - floor(9*0.6) = 4 per window
+    if pattern == "kernel":
+        per_kernel = conv2.reshape(-1, 9).sum(1)
+        assert set(per_kernel.tolist()) <= {0, 9}  # whole kernels removed
+        assert int((per_kernel == 0).sum()) == 6 * math.floor(8 * 0.6)  # per input channel: floor(K * s)
+    if pattern == "intra":
+        assert 1 - conv2.float().mean() >= 0.6 - 1e-6
+    # FC layers hit the fine target exactly
+    fc1 = at_end["fc1.weight"]
+    assert int(fc1.sum()) == sp.target_counts["fc1.weight"]
+    # after the era nothing changes and pruned weights stay exactly zero
+    train(model, opt, data(8, seed=1), sp)
+    for k, m in sp.masks.items():
+        assert torch.equal(m, at_end[k])
+        assert torch.all(sp.parameters()[k][~m] == 0)
+
+
+def test_era_progress_linear_and_cubic():
+    lin = era_progress("linear", 10, 20)
+    assert [lin(t) for t in (0, 10, 15, 20, 30)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    cub = era_progress("cubic", 0, 10)
+    assert cub(5) == pytest.approx(1 - 0.5 ** 3)
+    with pytest.raises(ValueError, match="ramp"):
+        era_progress("exp", 0, 10)
+
+
+def test_gmp_cubic_sparsity_at_update_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = sparselearn.gmp(model, opt, density=0.1, steps_per_epoch=10, epochs=10, era_start_epoch=0,
+                         era_end_epoch=4, update_every=10)
+    seen = {}
+
+    def rec(s):
+        seen[s.step_count] = 1 - s.masks["0.weight"].float().mean().item()
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 20, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(50)]
+    train(model, opt, batches, sp, rec)
+    for t in (10, 20, 30, 40):
+        want = 0.9 * (1 - (1 - t / 40) ** 3)
+        assert seen[t] == pytest.approx(round(want * 1000) / 1000, abs=1e-3)
+    assert seen[5] == seen[9] == seen[10 - 1]  # no update between Delta t
+    assert seen[49] == pytest.approx(0.9)
+
+
+def test_one_input_per_fc_neuron():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 40), nn.ReLU(), nn.Linear(40, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # 1 - 0.02: most rows of the 40x3 layer would lose every input under fine pruning
+    sp = sparselearn.gradual_pruning(model, opt, density=0.02, steps_per_epoch=1, epochs=2, era_start_epoch=0,
+                                     era_end_epoch=1)
+    train(model, opt, [(torch.randn(4, 3), torch.randint(0, 10, (4,)))], sp)
+    for m in sp.masks.values():
+        assert bool(m.any(1).all())
+
+
+def test_fc_pruning_from_dead_conv_channel_in_training():
+    torch.manual_seed(0)
+    model = Net(bn=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # lr 0: only the masks change
+    sp = sparselearn.starfire(model, opt, density=0.9, pattern="kernel", steps_per_epoch=2, epochs=3,
+                              era_start_epoch=1, era_end_epoch=2, fc_from_conv=True, keep_one_input=False)
+    with torch.no_grad():  # kill output channel 2 of conv2 outright
+        m = sp.masks["conv2.weight"].clone()
+        m[2] = False
+        sp.set_mask("conv2.weight", m)
+    x = torch.randn(8, 1, 4, 4)
+    train(model, opt, [(x, torch.randint(0, 10, (8,)))] * 4, sp)  # era steps 2..4 record and prune
+    fc = sp.masks["fc1.weight"]
+    assert not bool(fc[:, 2 * 16:3 * 16].any())  # the 16 features of channel 2 are gone
+    assert bool(fc[:, :2 * 16].any()) and bool(fc[:, 3 * 16:].any())
+
+
+def test_fc_from_conv_fold_preserves_function():
+    from sparselearn.core.gradual import GradualUpdater
+
+    torch.manual_seed(0)
+    model = Net(bn=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = sparselearn.Sparsifier(model, opt, density=1.0, init="dense")
+    with torch.no_grad():
+        m = sp.masks["conv2.weight"].clone()
+        m[4] = False
+        sp.set_mask("conv2.weight", m)
+    upd = GradualUpdater(start_step=0, end_step=0, fc_from_conv=True, keep_one_input=False)
+    upd._watch_fc_inputs(sp)
+    x = torch.randn(16, 1, 4, 4)
+    model.eval()  # BN in eval mode: the dead channel outputs relu(beta - mean*gamma/std), a constant
+    model.bn.bias.data[4] = 0.7
+    with torch.no_grad():
+        want = model(x)
+    model.fc1.train()  # the hook records only in training mode; the rest stays in eval
+    model(x)
+    stats = upd(sp, 0)
+    assert stats["fc_from_conv"] == 12 * 16  # all 16 inputs of channel 4, in every one of 12 rows
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bad_era_and_pattern_errors():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="conv_pattern"):
+        sparselearn.starfire(model, opt, pattern="diagonal", steps_per_epoch=2, epochs=3, era_end_epoch=2)
+    with pytest.raises(ValueError, match="after the end of training"):
+        sparselearn.starfire(model, opt, steps_per_epoch=2, epochs=3, era_end_epoch=5)
+    with pytest.raises(ValueError, match="era_end_epoch"):
+        sparselearn.starfire(model, opt, steps_per_epoch=2, epochs=3)
