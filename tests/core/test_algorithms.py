@@ -85,3 +85,30 @@ def test_ablation_presets_are_one_argument():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sp = sparselearn.algorithms.get("ablation-none-random")(model, opt, density=0.3, steps_per_epoch=2, epochs=2)
     assert sp.updater.names == {"prune": "magnitude", "grow": "random", "redistribute": "none"}
+
+
+def test_kernel_granular_sparse_momentum_keeps_whole_kernels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = sparselearn.sparse_momentum(model, opt, density=0.2, update_every=3, total_steps=30, prune_rate=0.5,
+                                     structure="kernel")
+    target = sp.target_active
+    g = torch.Generator().manual_seed(0)
+    moved = False
+    for _ in range(30):
+        before = {k: v.clone() for k, v in sp.masks.items()}
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name in ("0.weight", "2.weight"):
+            per_kernel = sp.masks[name].reshape(-1, 9).sum(1)
+            assert set(per_kernel.tolist()) <= {0, 9}  # masks stay kernel-aligned
+            moved |= not torch.equal(before[name], sp.masks[name])
+        # within half a kernel per structured layer of the initial budget
+        assert abs(sp.density_report()["active"] - target) <= 9
+    assert moved
+    # the Linear layer (no kernels) stays unstructured
+    assert sp.structures["6.weight"] is None

@@ -67,9 +67,11 @@ def test_pruned_weights_exactly_zero_after_every_step(opt_name, make_model, shap
     sp = sparse_momentum(model, opt, density=0.2, update_every=3, total_steps=30, prune_rate=0.5)
     classes = 5 if make_model is mlp else 4
     updates = []
+    target = round(0.2 * sum(p.numel() for p in sp.parameters().values()))
 
     def check(sp):
         _assert_masked(sp)
+        assert sp.density_report()["active"] == target
         if sp.last_update.get("step") == sp.step_count:
             updates.append(sp.last_update)
 

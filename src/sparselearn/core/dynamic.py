@@ -50,6 +50,30 @@ def allocate_regrowth(shares: Optional[Tensor], pruned: list[int], capacity: lis
             g[i] += e
 
 
+def _to_whole_groups(regrow: list[int], structs: list, capacity: list[int]) -> list[int]:
+    """Rounds structured layers' regrowth to whole groups, carrying the remainder forward.
+
+    The carried remainder keeps the global count within half a group of the exact total.
+    """
+    out, carry = [], 0
+    for g, st, cap in zip(regrow, structs, capacity):
+        if st is None:
+            out.append(g)
+            continue
+        want = g + carry
+        groups = min(max(int(round(want / st.group_size)), 0), cap // st.group_size)
+        out.append(groups * st.group_size)
+        carry = want - groups * st.group_size
+    if carry and any(st is None for st in structs):
+        # hand the remainder to unstructured layers with room, so the total stays exact there
+        for i, st in enumerate(structs):
+            if st is None and carry:
+                add = max(min(carry, capacity[i] - out[i]), -out[i])
+                out[i] += add
+                carry -= add
+    return out
+
+
 class DynamicUpdater:
     """Prune -> redistribute -> regrow every ``update_every`` optimizer steps.
 
@@ -108,37 +132,59 @@ class DynamicUpdater:
         t = step - self.update_every if self.decay_after_update else step
         p = check_prune_rate(float(self.schedule(t)))
         layers = sparsifier.layers()
+        structs = [sparsifier.structures.get(l.name) for l in layers]
         removed, pruned, capacity = [], [], []
-        for layer in layers:
-            n = int(layer.mask.sum())
-            size = layer.mask.numel()
-            p_i = min(p, 1.0 - n / size)
-            k = int(round(p_i * n))
-            r = self.prune(layer.weight, layer.mask, k) if k > 0 else torch.zeros_like(layer.mask)
-            if int(r.sum()) != k or bool((r & ~layer.mask).any()):
-                raise RuntimeError(f"prune strategy returned a wrong set for {layer.name}: asked {k}, got {int(r.sum())}")
+        for layer, st in zip(layers, structs):
+            r = self._prune_layer(layer, st, p)
             removed.append(r)
+            k = int(r.sum())
             pruned.append(k)
-            capacity.append(size - n)
-            layer.survivors = n - k
+            capacity.append(layer.mask.numel() - int(layer.mask.sum()))
+            layer.survivors = int(layer.mask.sum()) - k
         shares = self.redistribute(layers)
         regrow = allocate_regrowth(shares, pruned, capacity)
+        regrow = _to_whole_groups(regrow, structs, capacity)
         new_masks = []
-        for layer, r, g in zip(layers, removed, regrow):
-            grown = torch.zeros_like(layer.mask)
-            if g > 0:
-                scores = self.grow(layer, sparsifier.generator)
-                grown = select_k(scores, ~layer.mask, g, largest=True)
+        for layer, st, r, g in zip(layers, structs, removed, regrow):
+            grown = self._grow_layer(layer, st, g, sparsifier.generator) if g > 0 else torch.zeros_like(layer.mask)
             assert not bool((grown & r).any()), "prune and grow sets overlap"
             new_masks.append((layer.mask & ~r) | grown)
         # Decide everything first, then write: strategies above all saw the same pre-update state.
         for layer, m in zip(layers, new_masks):
             sparsifier.set_mask(layer.name, m)
+        if any(st is not None for st in structs):  # whole groups: the total may move by < 1 group/layer
+            sparsifier.target_active = sum(int(m.sum()) for m in sparsifier.masks.values())
         return {
             "prune_rate": p,
             "removed": sum(pruned),
             "regrown": {l.name: g for l, g in zip(layers, regrow)},
         }
+
+    def _prune_layer(self, layer, st, p: float) -> Tensor:
+        """Entries removed from one layer: ``round(p_i * n_i)`` weights, or whole groups."""
+        if st is None:
+            n, size = int(layer.mask.sum()), layer.mask.numel()
+            k = int(round(min(p, 1.0 - n / size) * n))
+            r = self.prune(layer.weight, layer.mask, k) if k > 0 else torch.zeros_like(layer.mask)
+            if int(r.sum()) != k or bool((r & ~layer.mask).any()):
+                raise RuntimeError(f"prune strategy returned a wrong set for {layer.name}: asked {k}, got {int(r.sum())}")
+            return r
+        # Structured: groups ranked by their largest magnitude (Starfire Algorithm 1's kernel max).
+        active = st.reduce(layer.mask, "max") > 0
+        n, size = int(active.sum()), st.num_groups
+        k = int(round(min(p, 1.0 - n / size) * n))
+        if k == 0:
+            return torch.zeros_like(layer.mask)
+        gone = select_k(st.reduce(layer.weight.detach().abs(), "max"), active, k, largest=False)
+        return st.expand(gone).reshape(layer.mask.shape) & layer.mask
+
+    def _grow_layer(self, layer, st, count: int, generator) -> Tensor:
+        scores = self.grow(layer, generator)
+        if st is None:
+            return select_k(scores, ~layer.mask, count, largest=True)
+        missing = ~(st.reduce(layer.mask, "max") > 0)
+        picked = select_k(st.reduce(scores.float(), "mean"), missing, count // st.group_size, largest=True)
+        return st.expand(picked).reshape(layer.mask.shape)
 
     def state_dict(self) -> dict:
         return {}

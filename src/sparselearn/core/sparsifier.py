@@ -60,6 +60,25 @@ class LayerView:
         return self._momentum()
 
 
+def _structure_for(sp: SparseParam, structure, options: dict):
+    """The group structure of one layer, or ``None`` where the structure does not apply."""
+    if structure is None or structure == "unstructured":
+        return None
+    from .patterns import make_structure  # local: patterns is only needed for structured runs
+
+    shape = sp.param.shape
+    if structure == "kernel" and (len(shape) < 3 or math.prod(shape[2:]) == 1):
+        return None
+    if structure == "block" and len(shape) != 2:
+        return None
+    st = make_structure(structure, shape, **options)
+    if not st.is_uniform:
+        raise ValueError(
+            f"structure {structure!r} with options {options} does not tile {sp.name} of shape {tuple(shape)} evenly"
+        )
+    return st
+
+
 def check_density(density: float, arg: str = "density") -> float:
     if not isinstance(density, (int, float)) or isinstance(density, bool) or not (0.0 < float(density) <= 1.0):
         raise ValueError(f"{arg} must be in (0, 1] (the fraction of weights kept), got {density!r}")
@@ -90,6 +109,13 @@ class Sparsifier:
             SGD/Adam; only needed by rules that use momentum.
         needs_momentum: raise at construction if the optimizer's momentum cannot be read.
         flush_subnormal_every: zero subnormal optimizer-state values every this many steps (0: never).
+        structure: prune and grow whole groups instead of single weights (Starfire's granularities
+            composed with any criterion): ``"kernel"`` (RxS kernels of convolutions with more than
+            one tap), ``"channel"`` (output channels / rows) or ``"block"`` (n x n tiles of Linear
+            weights whose dims are multiples of n). Layers the structure does not apply to stay
+            unstructured. Masks are group-aligned from the start; counts are exact in groups, and the
+            global weight count stays within half a group per layer of the target.
+        structure_options: options of the structure factory (e.g. ``block_size``).
     """
 
     def __init__(
@@ -111,6 +137,8 @@ class Sparsifier:
         momentum_fn: Optional[optim_state.MomentumFn] = None,
         needs_momentum: bool = False,
         flush_subnormal_every: int = 100,
+        structure: str | None = None,
+        structure_options: Optional[dict] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -172,15 +200,24 @@ class Sparsifier:
         self.target_counts: dict[str, int] = {sp.name: k for sp, k in zip(candidates, counts)}
         self.target_active = sum(counts)
 
+        self.structures = {sp.name: _structure_for(sp, structure, structure_options or {}) for sp in candidates}
         self.masks: dict[str, Tensor] = {}
         for sp, k in zip(candidates, counts):
             n = sp.param.numel()
+            st = self.structures[sp.name]
             if init == "dense" or k >= n:
                 m = torch.ones(n, dtype=torch.bool)
+            elif st is not None:
+                kg = min(max(round(k / st.group_size), 1), st.num_groups)
+                g = torch.zeros(st.num_groups, dtype=torch.bool)
+                g[torch.randperm(st.num_groups, generator=self.generator)[:kg]] = True
+                m = st.expand(g).reshape(-1)
+                self.target_counts[sp.name] = int(m.sum())
             else:
                 m = torch.zeros(n, dtype=torch.bool)
                 m[torch.randperm(n, generator=self.generator)[:k]] = True
             self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
+        self.target_active = sum(self.target_counts.values())
         if init == "dense":
             self.target_active = sum(sizes)
         self._refresh_apply_cache()
