@@ -627,7 +627,7 @@ def test_property_counts_reference_and_nesting():
 def test_property_block_nesting_and_fine_on_linear():
     g = torch.Generator().manual_seed(99)
     for _ in range(15):
-        out_f, in_f = int(torch.randint(1, 20, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g))
+        out_f, in_f = (int(v) for v in torch.randint(1, 20, (2,), generator=g))
         w = torch.randint(-2, 3, (out_f, in_f), generator=g).float()
         n = int(torch.randint(1, 5, (1,), generator=g))
         prev_block = prev_fine = None
@@ -673,6 +673,27 @@ def test_kth_smallest_bracket_is_exact(name, monkeypatch):
     for s in (0.1, 0.5, 0.75, 0.9):
         w = x.reshape(50, 100)
         assert torch.equal(fine_mask(w, s), ref_fine(w, s)), (name, s)
+
+
+@pytest.mark.parametrize("name", list(_bracket_inputs()))
+def test_kth_smallest_bracket_every_rank(name, monkeypatch):
+    monkeypatch.setattr(P, "_BRACKET_MIN_NUMEL", 64)
+    x = _bracket_inputs()[name][:1500]
+    expected = torch.sort(x).values
+    for k in range(1, x.numel() + 1):
+        assert P._kth_smallest(x, k) == expected[k - 1], (name, k)
+
+
+def test_kth_smallest_single_value_bracket_above_ties(monkeypatch):
+    # The strided sample (1 in 61) sees only 1.0; the other entries alternate 0.5 and 2.0. For a
+    # middle rank the bracket is lo == hi == 1.0 while ranks just above count(x <= 1) are 2.0.
+    monkeypatch.setattr(P, "_BRACKET_MIN_NUMEL", 64)
+    x = torch.where(torch.arange(5002) % 2 == 0, torch.tensor(0.5), torch.tensor(2.0))
+    x[::61] = 1.0
+    expected = torch.sort(x).values
+    le_one = int((x <= 1.0).sum())
+    for k in (1, le_one - 1, le_one, le_one + 1, le_one + 50, 5002):
+        assert P._kth_smallest(x, k) == expected[k - 1], k
 
 
 def test_property_with_bracket_path(monkeypatch):
