@@ -3,6 +3,7 @@ from .algorithms import (
     ABLATIONS, algorithms, dynamic_sparse, gmp, gradual_pruning, rigl, set_algorithm, sparse_momentum, starfire,
     static_sparse,
 )
+from .baselines import DSRUpdater, DeepRUpdater, deepr, dsr, snip
 from .gradual import GradualUpdater
 from .distributions import density_distributions
 from .dynamic import DynamicUpdater
@@ -14,7 +15,7 @@ from .schedules import prune_rate_schedules
 from .sparsifier import LayerView, Sparsifier
 
 __all__ = [
-    "ABLATIONS", "algorithms", "DynamicUpdater", "GradualUpdater", "gmp", "gradual_pruning", "rigl",
+    "ABLATIONS", "DSRUpdater", "DeepRUpdater", "deepr", "dsr", "snip", "algorithms", "DynamicUpdater", "GradualUpdater", "gmp", "gradual_pruning", "rigl",
     "set_algorithm", "starfire", "LayerView", "Registry", "Sparsifier", "density_distributions", "dynamic_sparse",
     "grow_strategies", "prune_rate_schedules", "prune_strategies", "redistribute_strategies", "sparse_momentum",
     "static_sparse",
