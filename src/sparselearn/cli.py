@@ -1,0 +1,367 @@
+"""The ``sparselearn`` command.
+
+::
+
+    sparselearn train                                  # LeNet-300-100, Sparse Momentum, 5%, digits
+    sparselearn train --recipe mnist-lenet300-100 --download --seeds 0 1 2
+    sparselearn train --recipe cifar10-wrn-28-2 --density 0.1 --set optim.lr=0.05 --resume
+    sparselearn recipes                                # list the paper settings
+    sparselearn recipes cifar10-vgg16-d                # print one, resolved
+
+Subcommands live in one table, :data:`SUBCOMMANDS`. A new one is a function that adds its
+arguments to an ``argparse`` parser and a handler ``(args) -> exit code``::
+
+    from sparselearn.cli import add_config_arguments, add_subcommand, config_from_args
+
+    def configure(parser):
+        add_config_arguments(parser)            # --recipe, --set, --model, --density, ...
+        parser.add_argument("--densities", type=float, nargs="+")
+
+    def run(args):
+        config = config_from_args(args)
+        ...
+        return 0
+
+    add_subcommand("compare", configure, run, help="algorithm x density x seed sweeps")
+
+This module owns the console: the experiment code reports through the ``log`` and ``progress``
+callables it is given.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TextIO
+
+from sparselearn.experiments import config as C
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``sparselearn <name>`` command: ``configure(parser)`` adds its arguments, ``handler(args)``
+    runs it and returns the exit code."""
+
+    configure: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    help: str = ""
+
+
+#: name -> :class:`Subcommand`, in the order ``--help`` lists them.
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def add_subcommand(
+    name: str,
+    configure_parser: Callable[[argparse.ArgumentParser], None],
+    handler: Callable[[argparse.Namespace], int],
+    help: str = "",
+) -> None:
+    """Registers ``sparselearn <name>``; see the module docstring for an example.
+
+    Raises:
+        ValueError: ``name`` is already taken.
+    """
+    if name in SUBCOMMANDS:
+        raise ValueError(f"subcommand {name!r} is registered twice")
+    SUBCOMMANDS[name] = Subcommand(configure_parser, handler, help)
+
+
+# ------------------------------------------------------------------------------------------------
+# config arguments shared by every command that trains
+
+
+#: ``--flag`` -> dotted config key; every other key is reachable with ``--set KEY=VALUE``.
+SHORTCUTS = {
+    "model": "model.name",
+    "dataset": "data.name",
+    "data_root": "data.root",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "algorithm": "sparsity.algorithm",
+    "density": "sparsity.density",
+    "epochs": "train.epochs",
+    "device": "train.device",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--recipe``, ``--set`` and the shortcut flags of :data:`SHORTCUTS`, plus ``--download``."""
+    g = parser.add_argument_group("configuration (defaults < recipe < flags; see `sparselearn recipes`)")
+    g.add_argument("--recipe", metavar="NAME", help="a paper setting (see `sparselearn recipes`) or a YAML file")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key by its dotted path, e.g. --set optim.lr=0.05 "
+                        "--set sparsity.prune_rate=0.3 (repeatable; applied after the shortcuts)")
+    g.add_argument("--model", help="model name (model.name)")
+    g.add_argument("--dataset", help="data set name (data.name)")
+    g.add_argument("--data-root", metavar="DIR", help="folder holding the data set files (data.root)")
+    g.add_argument("--download", action="store_true", default=None,
+                   help="download missing data set files into the cache (data.download)")
+    g.add_argument("--batch-size", type=int, help="training batch size (data.batch_size)")
+    g.add_argument("--lr", type=float, help="initial learning rate (optim.lr)")
+    g.add_argument("--algorithm", help="sparse training algorithm, or 'dense' (sparsity.algorithm)")
+    g.add_argument("--density", type=float, help="fraction of weights kept (sparsity.density)")
+    g.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    g.add_argument("--device", help="auto (CUDA when available), cpu, cuda, cuda:N (train.device)")
+
+
+def config_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``(key, value)`` pairs from the shortcut flags given, then from ``--set``, in that order."""
+    pairs = [(key, getattr(args, flag)) for flag, key in SHORTCUTS.items() if getattr(args, flag, None) is not None]
+    if getattr(args, "download", None):
+        pairs.append(("data.download", True))
+    pairs += [C.parse_assignment(text) for text in getattr(args, "overrides", [])]
+    return pairs
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """The resolved config of ``args``: defaults, then ``--recipe``, then the flags."""
+    return C.resolve_config(getattr(args, "recipe", None), config_overrides(args))
+
+
+# ------------------------------------------------------------------------------------------------
+# console output
+
+
+def echo(line: str = "") -> None:
+    print(line, flush=True)
+
+
+class ProgressBar:
+    """The position inside an epoch: on a terminal, one line redrawn in place on ``stream`` and
+    erased at the epoch's end; otherwise (a log file, CI) a plain line every ``every`` steps.
+
+    Called as ``bar(epoch, step, steps_per_epoch, running_loss)`` (the ``progress`` argument of
+    :func:`sparselearn.experiments.train.train`).
+    """
+
+    def __init__(self, stream: TextIO | None = None, every: int = 100, width: int = 24, interval: float = 0.1):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every, self.width, self.interval = max(int(every), 1), width, interval
+        self._last_draw = 0.0
+        self._epoch_start = 0.0
+        self._shown = 0
+
+    def __call__(self, epoch: int, step: int, total: int, loss) -> None:
+        now = time.monotonic()
+        if step == 1:
+            self._epoch_start = now
+        if not self.tty:
+            if step % self.every == 0 and step < total:
+                print(f"  epoch {epoch} step {step}/{total} loss {float(loss):.4f}", file=self.stream, flush=True)
+            return
+        if step == total:
+            self._erase()
+            return
+        if now - self._last_draw < self.interval:
+            return
+        self._last_draw = now
+        done = int(self.width * step / total)
+        rate = step / max(now - self._epoch_start, 1e-9)
+        eta = (total - step) / rate
+        line = (f"epoch {epoch} [{'#' * done}{'.' * (self.width - done)}] {step}/{total} "
+                f"loss {float(loss):.4f} {rate:.1f} it/s eta {eta:.0f}s")
+        self.stream.write("\r" + line.ljust(self._shown))
+        self.stream.flush()
+        self._shown = len(line)
+
+    def _erase(self) -> None:
+        if self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self.stream.flush()
+            self._shown = 0
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and standard error (sample standard deviation / sqrt(n)) of ``values``, as the papers'
+    tables report repeats; the standard error is ``None`` for a single value."""
+    if not values:
+        return math.nan, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, statistics.stdev(values) / math.sqrt(len(values))
+
+
+SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """Per-seed results and mean / standard error of :data:`SUMMARY_KEYS` over the seeds."""
+    summary: dict[str, Any] = {
+        "n": len(results),
+        "seeds": [r["seed"] for r in results],
+        "config_hash": results[0]["config_hash"] if results else None,
+    }
+    for key in SUMMARY_KEYS:
+        values = [float(r[key]) for r in results if r.get(key) is not None]
+        mean, se = mean_stderr(values)
+        summary[key] = {"mean": mean, "stderr": se, "values": values}
+    summary["runs"] = [{"seed": r["seed"], "run_dir": r["run_dir"], **{k: r.get(k) for k in SUMMARY_KEYS}}
+                       for r in results]
+    return summary
+
+
+def _pm(stat: dict, scale: float = 1.0, fmt: str = ".4f", unit: str = "") -> str:
+    mean, se = stat["mean"] * scale, stat["stderr"]
+    if se is None:
+        return f"{mean:{fmt}}{unit}"
+    return f"{mean:{fmt}}{unit} ± {se * scale:{fmt}}{unit}"
+
+
+def format_summary(summary: dict) -> str:
+    """The seeds' table and the mean ± standard error lines."""
+    lines = [f"{'seed':>6}  {'test acc':>9}  {'test error':>10}  {'val acc':>8}  run folder"]
+    for r in summary["runs"]:
+        acc, err, val = r.get("test_acc"), r.get("test_error"), r.get("val_acc")
+        lines.append(f"{r['seed']:>6}  {_num(acc, '.4f'):>9}  {_num(err, '.2%'):>10}  {_num(val, '.4f'):>8}  {r['run_dir']}")
+    n = summary["n"]
+    lines.append(f"test accuracy {_pm(summary['test_acc'])}, test error {_pm(summary['test_error'], 100, '.2f', '%')} "
+                 f"(mean ± standard error over {n} seeds)")
+    return "\n".join(lines)
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparselearn train
+
+
+TRAIN_EXAMPLES = """examples:
+  sparselearn train                                        # LeNet-300-100, Sparse Momentum 5%, digits, 30 epochs
+  sparselearn train --recipe fashion-mnist-lenet300-100 --epochs 10
+  sparselearn train --recipe mnist-lenet300-100 --download --seeds 0 1 2 3 4
+  sparselearn train --recipe cifar10-wrn-28-2 --density 0.05 --set optim.lr=0.05 --set sparsity.prune_rate=0.3
+  sparselearn train --recipe cifar10-vgg16-d --algorithm dense --resume
+
+config sections and keys (--set SECTION.KEY=VALUE): model (name, + model options), data (name, root,
+download, batch_size, eval_batch_size, val_fraction, split_seed, augment, num_workers), optim (name,
+lr, momentum, beta2, nesterov, weight_decay, label_smoothing), lr_schedule (kind, step_size, milestones,
+gamma, warmup_epochs, min_lr), sparsity (algorithm, density, + algorithm options), train (epochs,
+seed, device, out_dir, log_every). Each run folder gets config.yaml, metrics.jsonl, result.json,
+checkpoint.pt (and TensorBoard events when tensorboard is installed).
+"""
+
+
+def configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = TRAIN_EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_config_arguments(parser)
+    r = parser.add_argument_group("runs")
+    r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train one run per seed (into <out>/seed<k>) and report mean ± standard error")
+    r.add_argument("--out", metavar="DIR",
+                   help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue each run from its last checkpoint (runs without one start afresh)")
+
+
+def run_base(config: dict, out: str | None) -> Path:
+    """Folder holding the ``seed<k>`` run folders of ``config`` (deterministic, so ``--resume``
+    finds them again)."""
+    return Path(out) if out else Path(config["train"]["out_dir"]) / C.run_name(config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sparselearn.experiments import train as train_module
+
+    config = config_from_args(args)
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [config["train"]["seed"]]
+    base = run_base(config, args.out)
+    results = []
+    for seed in seeds:
+        run_config = C.validate({**config, "train": {**config["train"], "seed": seed}}, check_names=False)
+        run_dir = base / f"seed{seed}"
+        bar = ProgressBar(sys.stderr, every=config["train"]["log_every"])
+        result = train_module.train(run_config, run_dir, resume=args.resume, log=echo, progress=bar)
+        results.append(result)
+        echo(_format_result(result))
+    if len(results) > 1:
+        summary = summarize(results)
+        from sparselearn.experiments.checkpoint import write_json
+
+        write_json(base / "summary.json", summary)
+        echo(format_summary(summary))
+        echo(f"summary written to {base / 'summary.json'}")
+    return 0
+
+
+def _format_result(result: dict) -> str:
+    parts = []
+    if result.get("test_acc") is not None:
+        parts.append(f"test accuracy {result['test_acc']:.4f} (error {result['test_error']:.2%})")
+    if result.get("val_acc") is not None:
+        parts.append(f"val accuracy {result['val_acc']:.4f}")
+    parts.append(f"density {result['density']:.4f}")
+    parts.append(f"{result['wall_time']:.1f}s")
+    return f"seed {result['seed']}: " + ", ".join(parts) + f" -> {result['run_dir']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# sparselearn recipes
+
+
+def configure_recipes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="print this recipe's resolved config (default: list the recipes)")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    if args.name in (None, "list"):
+        names = C.list_recipes()
+        width = max(map(len, names), default=0)
+        for name in names:
+            echo(f"{name:<{width}}  {C.recipe_description(name)}")
+        echo("\nrun one: sparselearn train --recipe NAME   (show it resolved: sparselearn recipes NAME)")
+        return 0
+    echo(C.to_yaml(C.resolve_config(args.name, check_names=False)).rstrip())
+    return 0
+
+
+add_subcommand("train", configure_train, cmd_train,
+               help="train a sparse network (default: LeNet-300-100, Sparse Momentum, 5% density, digits)")
+add_subcommand("recipes", configure_recipes, cmd_recipes, help="list the papers' settings, or print one")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparselearn",
+        description="Train sparse neural networks: Sparse Momentum and structured pruning, the papers' settings.",
+        epilog="start with: sparselearn train",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help.replace("%", "%%"), description=command.help)
+        command.configure(p)
+        p.set_defaults(handler=command.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sparselearn`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.handler(args) or 0)
+    except (C.ConfigError, FileNotFoundError, ImportError) as e:
+        print(f"sparselearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue the run with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""The experiment layer's pieces: configs and recipes, learning-rate schedules, atomic checkpoints,
+the training script (resume, dense runs, batch-needing algorithms, TensorBoard) and the progress bar."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparselearn.core.algorithms import algorithms, sparse_momentum
+from sparselearn.experiments import checkpoint as CK
+from sparselearn.experiments import config as C
+from sparselearn.experiments import train as T
+from sparselearn.experiments.models import create_model
+
+STARFIRE_KEYS = {"pattern", "era_start_epoch", "era_end_epoch", "ramp"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread keeps timings predictable on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# configs
+
+
+def test_defaults_are_the_papers_optimizer_on_digits():
+    cfg = C.resolve_config()
+    assert cfg["model"] == {"name": "lenet300-100"}
+    assert cfg["data"]["name"] == "digits" and cfg["data"]["batch_size"] == 100
+    assert cfg["sparsity"] == {"algorithm": "sparse-momentum", "density": 0.05}
+    o = cfg["optim"]
+    assert (o["name"], o["lr"], o["momentum"], o["nesterov"], o["weight_decay"]) == ("sgd", 0.1, 0.9, True, 5e-4)
+    assert cfg["lr_schedule"]["kind"] == "step" and cfg["lr_schedule"]["step_size"] == 25000
+    assert cfg["recipe"] is None
+
+
+def test_overrides_are_typed_and_applied_in_order():
+    cfg = C.resolve_config(overrides=[
+        ("optim.lr", "0.05"), ("optim.weight_decay", C.parse_value("5e-4")), ("data.download", "true"),
+        ("lr_schedule.milestones", "30,60,90"), ("train.epochs", 2.0), ("sparsity.prune_rate", "0.3"),
+        ("sparsity.grow", "random"), ("optim.lr", 0.2), ("data.root", None),
+    ])
+    assert cfg["optim"]["lr"] == 0.2 and cfg["optim"]["weight_decay"] == 5e-4
+    assert cfg["data"]["download"] is True and cfg["data"]["root"] is None
+    assert cfg["lr_schedule"]["milestones"] == [30, 60, 90]
+    assert cfg["train"]["epochs"] == 2 and isinstance(cfg["train"]["epochs"], int)
+    assert cfg["sparsity"]["prune_rate"] == 0.3 and cfg["sparsity"]["grow"] == "random"
+    assert C.parse_value("[30, 60]") == [30, 60] and C.parse_value("null") is None
+    assert C.parse_value("1e-4") == 1e-4  # YAML 1.1 would read it as a string
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("optim.lrr", 0.1, ["optim.lrr", "did you mean 'optim.lr'"]),
+    ("optimizer.lr", 0.1, ["optimizer.lr"]),
+    ("lr", 0.1, ["'lr'"]),
+    ("optim.lr", -1, ["optim.lr", "> 0"]),
+    ("optim.name", "rmsprop", ["optim.name", "sgd, adam, adamw"]),
+    ("sparsity.density", 0, ["sparsity.density", "(0, 1]"]),
+    ("train.epochs", 1.5, ["train.epochs", "integer"]),
+    ("train.device", "tpu", ["train.device"]),
+    ("data.batch_size", True, ["data.batch_size"]),
+    ("data.root", 3, ["data.root"]),
+    ("lr_schedule.milestones", [60, 30], ["lr_schedule.milestones", "increasing"]),
+    ("lr_schedule.kind", "exp", ["lr_schedule.kind"]),
+    ("model.name", "resnet-51", ["model.name", "resnet50"]),
+    ("data.name", "cifar100", ["data.name", "cifar10"]),
+    ("sparsity.algorithm", "rigl2", ["sparsity.algorithm", "sparse-momentum"]),
+    ("sparsity.bad-name", 1, ["sparsity.bad-name"]),
+])
+def test_bad_keys_and_values_name_the_key(key, value, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve_config(overrides={key: value})
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_recipe_errors_name_the_recipe_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  nesterow: true\n")
+    with pytest.raises(C.ConfigError, match=r"optim.nesterow.*bad.yaml|bad.yaml.*optim.nesterow"):
+        C.resolve_config(str(bad))
+    bad.write_text("optim: 3\n")
+    with pytest.raises(C.ConfigError, match="optim"):
+        C.resolve_config(str(bad))
+    with pytest.raises(C.ConfigError, match="did you mean 'cifar10-vgg16-d'"):
+        C.resolve_config("cifar10-vgg16d")
+
+
+def test_a_recipe_file_path_and_extends(tmp_path):
+    mine = tmp_path / "my-run.yaml"
+    mine.write_text("extends: mnist-lenet300-100\noptim:\n  lr: 0.05\nsparsity:\n  density: 0.02\n")
+    cfg = C.resolve_config(str(mine))
+    assert cfg["recipe"] == "my-run"
+    assert cfg["optim"]["lr"] == 0.05 and cfg["optim"]["nesterov"] is True  # the rest comes from the parent
+    assert cfg["sparsity"]["density"] == 0.02 and cfg["sparsity"]["prune_rate"] == 0.2
+    assert cfg["data"]["name"] == "mnist" and cfg["train"]["epochs"] == 100
+
+
+def test_saved_config_round_trips_and_hash_ignores_seed_and_bookkeeping(tmp_path):
+    cfg = C.resolve_config("cifar10-wrn-28-2", {"train.seed": 3})
+    CK.write_text(tmp_path / "config.yaml", C.to_yaml(cfg))
+    assert C.load_config(tmp_path / "config.yaml") == cfg
+    other = C.resolve_config("cifar10-wrn-28-2", {"train.seed": 4, "train.device": "cpu", "data.num_workers": 4})
+    assert C.config_hash(cfg) == C.config_hash(other)
+    assert C.changed_keys(cfg, other) == ["train.seed"]
+    assert C.config_hash(cfg) != C.config_hash(C.resolve_config("cifar10-wrn-28-2", {"optim.lr": 0.05}))
+    assert C.run_name(cfg) == "cifar10-wrn-28-2-wrn-28-2-sparse-momentum-d0.1"
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes
+
+
+@pytest.mark.parametrize("name", C.list_recipes())
+def test_every_recipe_loads_resolves_and_its_options_are_accepted(name):
+    cfg = C.resolve_config(name, check_names=False)
+    assert cfg["recipe"] == name and C.recipe_description(name)
+    algorithm = cfg["sparsity"]["algorithm"]
+    if algorithm not in algorithms:
+        pytest.skip(f"algorithm {algorithm!r} is not registered yet")
+    C.resolve_config(name)  # model, data set and algorithm names are registered
+    # The recipe's sparsity options are keyword arguments the algorithm takes (checked on a small
+    # model; the options do not depend on the architecture).
+    model = create_model("small-cnn")
+    opt = T.build_optimizer(model.parameters(), cfg["optim"])
+    sparsity = dict(cfg["sparsity"])
+    if sparsity.get("dense_layers") == "partial" and not sparsity.get("fully_sparse"):
+        sparsity["dense_last"] = False  # small-cnn has one conv that is "first": keep something sparse
+    sp = T.build_sparsifier(model, opt, sparsity, 0, 10, cfg["train"]["epochs"], nn.CrossEntropyLoss(),
+                            None, cfg["data"]["batch_size"], torch.device("cpu"))
+    assert 0 < sp.density_report()["density"] <= 1
+
+
+def _recipe(name):
+    return C.resolve_config(name, check_names=False)
+
+
+def test_mnist_recipes_follow_section_4():
+    for name in ("mnist-lenet300-100", "mnist-lenet5-caffe", "fashion-mnist-lenet300-100", "fashion-mnist-lenet5-caffe"):
+        cfg = _recipe(name)
+        assert cfg["data"]["batch_size"] == 100 and cfg["optim"]["lr"] == 0.1
+        assert cfg["lr_schedule"]["kind"] == "step" and cfg["lr_schedule"]["step_size"] == 25000
+        assert cfg["lr_schedule"]["gamma"] == 0.1 and cfg["train"]["epochs"] == 100
+        assert cfg["optim"]["nesterov"] and cfg["optim"]["momentum"] == 0.9 and cfg["optim"]["weight_decay"] == 5e-4
+        assert cfg["data"]["val_fraction"] == 0.1
+        assert cfg["sparsity"]["algorithm"] == "sparse-momentum" and cfg["sparsity"]["prune_rate"] == 0.2
+
+
+def test_cifar_recipes_follow_section_4():
+    names = [n for n in C.list_recipes() if n.startswith("cifar10-")]
+    assert len(names) == 9
+    densities = {"cifar10-alexnet-s": 0.1, "cifar10-alexnet-b": 0.1, "cifar10-vgg16-c": 0.05, "cifar10-vgg16-d": 0.05,
+                 "cifar10-vgg16-like": 0.03, "cifar10-wrn-16-8": 0.05, "cifar10-wrn-16-10": 0.05, "cifar10-wrn-22-8": 0.05}
+    for name in names:
+        cfg = _recipe(name)
+        assert cfg["data"]["name"] == "cifar10" and cfg["data"]["batch_size"] == 128 and cfg["data"]["augment"]
+        assert cfg["lr_schedule"]["kind"] == "step" and cfg["lr_schedule"]["step_size"] == 30000
+        assert cfg["train"]["epochs"] == 250 and cfg["optim"]["lr"] == 0.1
+        assert cfg["optim"]["nesterov"] is True and cfg["optim"]["momentum"] == 0.9
+        assert cfg["optim"]["weight_decay"] == 5e-4
+        if name in densities:  # Table 1
+            assert cfg["sparsity"]["density"] == densities[name]
+            assert "dense_layers" not in cfg["sparsity"]
+    wrn = _recipe("cifar10-wrn-28-2")["sparsity"]
+    assert wrn["dense_layers"] == "partial" and wrn["dense_last"] is True
+
+
+def test_imagenet_recipes_follow_section_4_and_appendix_c1():
+    base = _recipe("imagenet-resnet50")
+    assert base["model"]["name"] == "resnet50-v1.5"  # "a stride of 2 for the 3x3 convolution"
+    assert base["data"]["batch_size"] == 256 and base["optim"]["momentum"] == 0.9
+    assert base["optim"]["weight_decay"] == 1e-4 and base["train"]["epochs"] == 100
+    assert base["sparsity"]["dense_layers"] == "partial" and not base["sparsity"].get("fully_sparse")
+    full = _recipe("imagenet-resnet50-fully-sparse")
+    assert full["sparsity"]["fully_sparse"] is True and full["data"]["batch_size"] == 256
+    tuned = _recipe("imagenet-resnet50-tuned")
+    assert tuned["lr_schedule"]["kind"] == "cosine" and tuned["lr_schedule"]["warmup_epochs"] == 5
+    assert tuned["optim"]["label_smoothing"] == 0.1 and tuned["sparsity"]["fully_sparse"] is True
+
+
+def test_starfire_recipes_follow_appendix_7_2():
+    v15 = _recipe("starfire-resnet50-v1.5")
+    assert v15["model"]["name"] == "resnet50-v1.5"
+    assert v15["data"]["batch_size"] == 64 and v15["optim"]["lr"] == 0.05
+    assert v15["lr_schedule"]["kind"] == "multistep" and v15["lr_schedule"]["milestones"] == [30, 60, 90]
+    assert v15["train"]["epochs"] == 100 and v15["optim"]["weight_decay"] == 1e-4
+    assert (v15["sparsity"]["era_start_epoch"], v15["sparsity"]["era_end_epoch"]) == (30, 50)
+    assert _recipe("starfire-resnet50-v1.5-drop80")["lr_schedule"]["milestones"] == [30, 60, 80]
+    v1 = _recipe("starfire-resnet50-v1-imagenet")
+    assert v1["model"]["name"] == "resnet50-v1" and v1["data"]["batch_size"] == 128 and v1["optim"]["lr"] == 0.1
+    assert v1["lr_schedule"]["milestones"] == [30, 60] and v1["train"]["epochs"] == 90
+    tiny = _recipe("starfire-tiny-imagenet")
+    assert tiny["optim"]["name"] == "adam" and tiny["optim"]["lr"] == 0.001 and tiny["optim"]["weight_decay"] == 1e-4
+    assert tiny["train"]["epochs"] == 40 and tiny["data"]["batch_size"] == 64
+    assert tiny["lr_schedule"]["milestones"] == [30] and tiny["lr_schedule"]["gamma"] == 0.1
+    for cfg in (v15, v1, tiny):
+        assert cfg["sparsity"]["algorithm"] == "starfire" and STARFIRE_KEYS <= set(cfg["sparsity"])
+        assert cfg["sparsity"]["ramp"] == "linear"
+
+
+# ------------------------------------------------------------------------------------------------
+# learning-rate schedules
+
+
+def _sched(**kw):
+    base = dict(C.DEFAULTS["lr_schedule"])
+    base.update(kw)
+    return base
+
+
+def test_step_schedule_decays_every_n_mini_batches():
+    lr = T.make_lr_schedule(0.1, _sched(kind="step", step_size=25000, gamma=0.1), steps_per_epoch=540, epochs=100)
+    assert lr(0) == 0.1 and lr(24999) == 0.1
+    assert lr(25000) == pytest.approx(0.01) and lr(50000) == pytest.approx(0.001)
+
+
+def test_multistep_schedule_drops_at_epoch_milestones():
+    lr = T.make_lr_schedule(0.05, _sched(kind="multistep", milestones=[30, 60, 90]), steps_per_epoch=10, epochs=100)
+    assert lr(299) == 0.05 and lr(300) == pytest.approx(0.005)
+    assert lr(600) == pytest.approx(0.0005) and lr(900) == pytest.approx(0.00005) and lr(999) == pytest.approx(0.00005)
+
+
+def test_cosine_schedule_with_linear_warmup():
+    lr = T.make_lr_schedule(0.1, _sched(kind="cosine", warmup_epochs=5), steps_per_epoch=10, epochs=100)
+    assert lr(0) == pytest.approx(0.1 / 50) and lr(24) == pytest.approx(0.1 * 25 / 50)
+    assert lr(50) == pytest.approx(0.1)  # warm-up over, cosine starts at the base rate
+    assert lr(50 + 475) == pytest.approx(0.05)  # half-way through the cosine
+    assert lr(1000) == pytest.approx(0.0, abs=1e-12)
+    values = [lr(t) for t in range(50, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert T.make_lr_schedule(0.1, _sched(kind="constant"), 10, 5)(49) == 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    CK.save_checkpoint({"epoch": 1, "w": torch.arange(3)}, path)
+    assert CK.load_checkpoint(path)["epoch"] == 1
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed in the middle of writing
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        CK.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert CK.load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_write_json_and_text(tmp_path):
+    CK.write_json(tmp_path / "r.json", {"a": (1, 2), "p": Path("x"), "t": torch.tensor(0.5)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2], "p": "x", "t": 0.5}
+
+
+# ------------------------------------------------------------------------------------------------
+# the training script
+
+
+def _config(**overrides):
+    return C.resolve_config(overrides={"train.epochs": 3, "sparsity.density": 0.1, **overrides})
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    cfg = _config()
+    full = T.train(cfg, tmp_path / "full", log=lambda s: None)
+
+    def kill(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, tmp_path / "part", log=lambda s: None, on_epoch_end=kill)
+    lines = []
+    resumed = T.train(cfg, tmp_path / "part", resume=True, log=lines.append)
+    assert any("resumed from epoch 2/3" in l for l in lines)
+    assert _strip_times(resumed["metrics"]) == _strip_times(full["metrics"])
+    a = CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    for section in ("model",):
+        for k in a[section]:
+            assert torch.equal(a[section][k], b[section][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["sparsifier"]["step_count"] == b["sparsifier"]["step_count"] == 3 * 13
+    assert torch.equal(a["sparsifier"]["generator"], b["sparsifier"]["generator"])
+
+
+@pytest.mark.parametrize("algorithm, options", [
+    ("starfire", {"sparsity.pattern": "window", "sparsity.era_start_epoch": 0, "sparsity.era_end_epoch": 2}),
+    ("rigl", {"sparsity.update_every": 5}),
+    ("set", {}),
+    ("gmp", {"sparsity.update_every": 5}),
+    ("static", {}),
+])
+def test_resume_is_bitwise_for_other_algorithms(tmp_path, algorithm, options):
+    """A kill in the middle of a pruning era or between RigL/SET updates resumes exactly (small-cnn:
+    convolutions, BatchNorm statistics, and the algorithm's own updater state)."""
+    if algorithm not in algorithms:
+        pytest.skip(f"algorithm {algorithm!r} is not registered yet")
+    cfg = _config(**{"model.name": "small-cnn", "sparsity.algorithm": algorithm, "sparsity.density": 0.3, **options})
+    full = T.train(cfg, tmp_path / "full", log=lambda s: None)
+
+    def kill(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, tmp_path / "part", log=lambda s: None, on_epoch_end=kill)
+    resumed = T.train(cfg, tmp_path / "part", resume=True, log=lambda s: None)
+    assert _strip_times(resumed["metrics"]) == _strip_times(full["metrics"])
+    a = CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["density"] == pytest.approx(0.3, abs=0.05)  # window: whole weights per 3x3 kernel
+
+
+def test_resume_without_checkpoint_starts_afresh(tmp_path):
+    lines = []
+    result = T.train(_config(**{"train.epochs": 1}), tmp_path / "new", resume=True, log=lines.append)
+    assert "no checkpoint" in lines[0] and len(result["metrics"]) == 1
+
+
+def test_dense_run_reports_density_one(tmp_path):
+    lines = []
+    result = T.train(_config(**{"sparsity.algorithm": "dense", "train.epochs": 2}), tmp_path / "d", log=lines.append)
+    assert result["density"] == 1.0 and result["density_report"]["layers"] == []
+    assert all(r["density"] == 1.0 and r["prune_rate"] is None for r in result["metrics"])
+    assert "dense model" in lines[-1]
+
+
+def test_adam_and_label_smoothing_and_cosine_train(tmp_path):
+    cfg = _config(**{"optim.name": "adam", "optim.lr": 0.003, "optim.label_smoothing": 0.1,
+                     "lr_schedule.kind": "cosine", "lr_schedule.warmup_epochs": 1, "train.epochs": 2})
+    result = T.train(cfg, tmp_path / "a", log=lambda s: None)
+    assert result["metrics"][0]["lr"] == pytest.approx(0.003)  # end of the warm-up epoch
+    assert result["metrics"][1]["lr"] < 0.003 / 2 and math.isfinite(result["test_loss"])
+
+
+def test_an_algorithm_that_needs_a_batch_gets_one_without_changing_the_data_order(tmp_path, monkeypatch):
+    seen = {}
+
+    def snip_like(model, optimizer, *, batch, loss_fn, **kw):
+        x, y = batch
+        seen["shape"], seen["loss"] = tuple(x.shape), float(loss_fn(model(x), y).detach())
+        return sparse_momentum(model, optimizer, **kw)
+
+    snip_like.needs_batch = True
+    monkeypatch.setitem(algorithms._entries, "test-needs-batch", snip_like)
+    a = T.train(_config(**{"sparsity.algorithm": "test-needs-batch", "train.epochs": 1}), tmp_path / "b", log=lambda s: None)
+    b = T.train(_config(**{"train.epochs": 1}), tmp_path / "c", log=lambda s: None)
+    assert seen["shape"] == (100, 1, 8, 8) and math.isfinite(seen["loss"])
+    assert _strip_times(a["metrics"]) == _strip_times(b["metrics"])
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    T.train(_config(**{"train.epochs": 1}), tmp_path / "tb", log=lambda s: None)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_no_tensorboard_is_silently_skipped(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    T.train(_config(**{"train.epochs": 1}), tmp_path / "n", log=lambda s: None)
+    assert not (tmp_path / "n" / "tensorboard").exists()
+
+
+def test_cuda_without_a_gpu_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(C.ConfigError, match="train.device"):
+        T.resolve_device("cuda")
+    assert T.resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_run_and_resume(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    cfg = _config(**{"train.device": "cuda"})
+    full = T.train(cfg, tmp_path / "full", log=lambda s: None)
+
+    def kill(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, tmp_path / "part", log=lambda s: None, on_epoch_end=kill)
+    resumed = T.train(cfg, tmp_path / "part", resume=True, log=lambda s: None)
+    assert resumed["test_acc"] == pytest.approx(full["test_acc"], abs=0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# the progress bar (cli.ProgressBar)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_progress_bar_on_a_terminal_redraws_one_line_and_erases_it():
+    from sparselearn.cli import ProgressBar
+
+    s = _Stream(tty=True)
+    bar = ProgressBar(s, interval=0.0)
+    for i in range(1, 11):
+        bar(1, i, 10, torch.tensor(0.5))
+    text = s.getvalue()
+    assert "\n" not in text and text.count("\r") >= 9 and "5/10" in text and "loss 0.5000" in text
+    assert text.endswith("\r") and text.rsplit("\r", 2)[-2].strip() == ""  # erased at the epoch end
+
+
+def test_progress_without_a_terminal_prints_plain_lines_every_n_steps():
+    from sparselearn.cli import ProgressBar
+
+    s = _Stream(tty=False)
+    bar = ProgressBar(s, every=4)
+    for i in range(1, 11):
+        bar(2, i, 10, torch.tensor(1.25))
+    assert s.getvalue().splitlines() == ["  epoch 2 step 4/10 loss 1.2500", "  epoch 2 step 8/10 loss 1.2500"]
