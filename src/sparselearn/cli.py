@@ -324,9 +324,77 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# sparselearn compare
+
+
+def configure_compare(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    c = parser.add_argument_group("sweep")
+    c.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
+                   help="algorithms to compare ('dense' for the baseline), e.g. dense sparse-momentum set rigl")
+    c.add_argument("--densities", type=float, nargs="+", metavar="D", help="densities (default: the config's)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds (default 0 1 2)")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    c.add_argument("--out", metavar="DIR", help="sweep folder (default: <train.out_dir>/compare-<recipe>-<model>)")
+    c.add_argument("--title", default="", help="table title")
+    c.add_argument("--option", dest="algorithm_options", action="append", default=[], metavar="ALGO:KEY=VALUE",
+                   help="a config override for one algorithm's runs only, e.g. deepr:sparsity.temperature=1e-8")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sparselearn.core.algorithms import algorithms
+    from sparselearn.experiments import compare as K
+
+    config = config_from_args(args)  # validates the recipe and the overrides once, up front
+    for name in args.algorithms:
+        if name != K.DENSE and name not in algorithms:
+            raise C.ConfigError(f"unknown algorithm {name!r} in --algorithms; valid: dense, {', '.join(algorithms.names())}")
+    densities = args.densities or [config["sparsity"]["density"]]
+    runs = K.plan(args.algorithms, densities, args.seeds)
+    out = Path(args.out) if args.out else Path(config["train"]["out_dir"]) / (
+        f"compare-{config.get('recipe') or 'default'}-{config['model']['name']}")
+    train_args = _passthrough_train_args(args)
+    per_algorithm: dict[str, list[str]] = {}
+    for text in args.algorithm_options:
+        algo, sep, assignment = text.partition(":")
+        if not sep or algo not in args.algorithms:
+            raise C.ConfigError(f"--option {text!r}: expected ALGO:KEY=VALUE with ALGO one of {args.algorithms}")
+        C.parse_assignment(assignment)  # fail early on a malformed assignment
+        per_algorithm.setdefault(algo, []).extend(["--set", assignment])
+    failed = K.run_sweep(runs, out, train_args, jobs=args.jobs, log=echo, extra_args=per_algorithm)
+    rows = K.table_rows(K.collect(runs, out))
+    title = args.title or f"{config.get('recipe') or 'default'}: {config['model']['name']} on {config['data']['name']}"
+    md, csv_path = K.write_tables(rows, out, title)
+    echo(K.to_markdown(rows, title))
+    echo(f"\ntables written to {md} and {csv_path}")
+    if failed:
+        echo(f"{len(failed)} run(s) failed; see train.log in their folders. Run the same command to retry.")
+        return 1
+    return 0
+
+
+def _passthrough_train_args(args: argparse.Namespace) -> list[str]:
+    """The config flags of a compare command, handed to each ``sparselearn train`` process."""
+    out: list[str] = []
+    if getattr(args, "recipe", None):
+        out += ["--recipe", args.recipe]
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None and key not in ("sparsity.algorithm", "sparsity.density"):
+            out += ["--set", f"{key}={value}"]
+    if getattr(args, "download", None):
+        out += ["--download"]
+    for text in getattr(args, "overrides", []):
+        out += ["--set", text]
+    return out
+
+
 add_subcommand("train", configure_train, cmd_train,
                help="train a sparse network (default: LeNet-300-100, Sparse Momentum, 5% density, digits)")
 add_subcommand("recipes", configure_recipes, cmd_recipes, help="list the papers' settings, or print one")
+add_subcommand("compare", configure_compare, cmd_compare,
+               help="algorithms x densities x seeds on one recipe -> a paper-style table (Markdown and CSV)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -416,3 +416,15 @@ def test_a_fresh_run_replaces_an_earlier_one(tmp_path, capsys, monkeypatch):
     assert not (out / "seed0" / "result.json").exists()
     assert len(read_jsonl(out / "seed0" / "metrics.jsonl")) == 1
     assert torch.load(out / "seed0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_switching_algorithm_drops_the_recipes_algorithm_options():
+    from sparselearn.experiments import config as C
+
+    cfg = C.resolve_config("fashion-mnist-lenet300-100", [("sparsity.algorithm", "snip")], check_names=False)
+    assert cfg["sparsity"] == {"algorithm": "snip", "density": 0.05}
+    cfg = C.resolve_config("fashion-mnist-lenet300-100", [("sparsity.algorithm", "rigl"),
+                                                          ("sparsity.update_every", 50)], check_names=False)
+    assert cfg["sparsity"] == {"algorithm": "rigl", "density": 0.05, "update_every": 50}
+    same = C.resolve_config("fashion-mnist-lenet300-100", [("sparsity.algorithm", "sparse-momentum")], check_names=False)
+    assert same["sparsity"]["prune_rate"] == 0.2

@@ -304,6 +304,10 @@ def set_key(config: dict, key: str, value: Any) -> None:
     section, name = parts
     if section not in DEFAULTS or section in META_KEYS:
         raise _unknown_key(key, _all_keys())
+    if key == "sparsity.algorithm" and config.get("sparsity", {}).get("algorithm") not in (None, value):
+        # Options belong to the algorithm they were written for (a recipe's prune_rate means nothing to
+        # SNIP): switching algorithm keeps only the density; options set after the switch apply.
+        config["sparsity"] = {k: v for k, v in config["sparsity"].items() if k == "density"}
     if key in FIELDS:
         config.setdefault(section, {})[name] = _coerce(key, value, FIELDS[key])
     elif section in OPEN_SECTIONS:

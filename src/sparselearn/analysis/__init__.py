@@ -1,0 +1,1 @@
+"""Analysis: statistics over repeated runs, comparison tables, estimates (no training here)."""
