@@ -428,3 +428,12 @@ def test_switching_algorithm_drops_the_recipes_algorithm_options():
     assert cfg["sparsity"] == {"algorithm": "rigl", "density": 0.05, "update_every": 50}
     same = C.resolve_config("fashion-mnist-lenet300-100", [("sparsity.algorithm", "sparse-momentum")], check_names=False)
     assert same["sparsity"]["prune_rate"] == 0.2
+
+
+def test_child_recipe_switching_algorithm_inherits_only_density():
+    from sparselearn.experiments import config as C
+
+    cfg = C.resolve_config("fashion-mnist-lenet5-starfire")
+    assert cfg["sparsity"]["algorithm"] == "starfire"
+    assert "prune_rate" not in cfg["sparsity"] and "prune_rate_decay" not in cfg["sparsity"]
+    assert cfg["model"]["name"] == "lenet5-caffe" and cfg["optim"]["lr"] == 0.1  # the rest is inherited

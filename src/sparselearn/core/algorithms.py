@@ -267,6 +267,11 @@ algorithms.add("rigl", rigl)
 algorithms.add("gmp", gmp)
 algorithms.add("gradual", gradual_pruning)
 algorithms.add("starfire", starfire)
+for _pattern in ("window", "kernel", "intra", "inter"):  # one name per pattern, for comparison tables
+    algorithms.add(
+        f"starfire-{_pattern}",
+        (lambda pat: lambda model, optimizer, **options: starfire(model, optimizer, **{**options, "pattern": pat}))(_pattern),
+    )
 for _name, _kw in ABLATIONS.items():
     algorithms.add(
         f"ablation-{_name}",

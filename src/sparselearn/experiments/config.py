@@ -391,7 +391,11 @@ def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> dict:
         if section == "extends":
             continue
         if isinstance(value, Mapping) and isinstance(merged.get(section), Mapping):
-            merged[section] = {**merged[section], **value}
+            inherited = merged[section]
+            if section == "sparsity" and value.get("algorithm", inherited.get("algorithm")) != inherited.get("algorithm"):
+                # a child recipe that switches algorithm inherits only the density (see set_key)
+                inherited = {k: v for k, v in inherited.items() if k == "density"}
+            merged[section] = {**inherited, **value}
         else:
             merged[section] = value
     return merged
