@@ -63,3 +63,47 @@ def test_sparse_momentum_digits_5_percent_beats_static_and_holds_density():
     # the topology really changed: redistribution moved weights between layers
     layers = sm[0][2].density_report()["layers"]
     assert len({round(l["density"], 3) for l in layers}) > 1
+
+
+def _train_algorithm(name, seed=0, epochs=15, density=0.1, **options):
+    X, y, tr, te = _data()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    bs = 64
+    spe = (len(tr) + bs - 1) // bs
+    sp = sparselearn.algorithms.get(name)(model, opt, density=density, steps_per_epoch=spe, epochs=epochs, seed=seed,
+                                          **options)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = tr[torch.randperm(len(tr), generator=g)]
+        for i in range(0, len(order), bs):
+            b = order[i:i + bs]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[b]), y[b]).backward()
+            opt.step()
+            for n, m in sp.masks.items():
+                assert torch.all(sp.parameters()[n][~m] == 0)
+    with torch.no_grad():
+        acc = (model(X[te]).argmax(1) == y[te]).float().mean().item()
+    return acc, sp
+
+
+# Measured (seed 0, 15 epochs, 10% density): set 0.969, rigl 0.978, gmp 0.972, static 0.953, the three
+# ablations 0.953-0.981, starfire-window 0.978. The bound sits far above chance (0.1); the
+# masking invariant is checked after every step.
+@pytest.mark.parametrize("name,options", [
+    ("set", {}),
+    ("rigl", {"update_every": 20}),
+    ("gmp", {"update_every": 20}),
+    ("static", {}),
+    ("ablation-momentum-random", {}),
+    ("ablation-none-momentum", {}),
+    ("ablation-none-random", {}),
+    ("starfire-window", {"era_start_epoch": 1, "era_end_epoch": 5}),  # no conv: FC fine pruning
+])
+def test_algorithms_train_on_digits(name, options):
+    acc, sp = _train_algorithm(name, **options)
+    rep = sp.density_report()
+    assert rep["density"] == pytest.approx(0.1, abs=2e-3)
+    assert acc >= 0.85, (name, acc)

@@ -1,4 +1,5 @@
 """Invariants of the sparsifier under every supported optimizer, resume equality, errors."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -239,8 +240,9 @@ def test_resume_in_fresh_process_equals_uninterrupted(tmp_path, grow):
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
     ck, full = str(tmp_path / "ck.pt"), str(tmp_path / "full.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for args in (["first", ck], ["resume", ck], ["full", full]):
-        subprocess.run([sys.executable, str(script), *args, grow], check=True)
+        subprocess.run([sys.executable, str(script), *args, grow], check=True, env=env)
     a, b = torch.load(ck + ".out"), torch.load(full + ".out")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise

@@ -397,10 +397,10 @@ def test_add_subcommand_is_the_extension_point(capsys, monkeypatch):
         seen["densities"] = args.densities
         return 0
 
-    cli.add_subcommand("compare", configure, handler, help="sweeps")
+    cli.add_subcommand("sweep-demo", configure, handler, help="sweeps")
     with pytest.raises(ValueError):
-        cli.add_subcommand("compare", configure, handler)
-    code, _, _ = run(["compare", "--recipe", "mnist-lenet300-100", "--densities", 0.05, 0.1, "--lr", 0.05], capsys)
+        cli.add_subcommand("sweep-demo", configure, handler)
+    code, _, _ = run(["sweep-demo", "--recipe", "mnist-lenet300-100", "--densities", 0.05, 0.1, "--lr", 0.05], capsys)
     assert code == 0
     assert seen["densities"] == [0.05, 0.1]
     assert seen["config"]["optim"]["lr"] == 0.05 and seen["config"]["recipe"] == "mnist-lenet300-100"
