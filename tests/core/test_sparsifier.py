@@ -332,3 +332,37 @@ def test_subnormal_momentum_is_flushed():
     buf2[:, 0] = 1e-38
     train(model2, opt2, data[1:])
     assert torch.all(buf2[:, 0] != 0) and torch.all(buf2[:, 0].abs() < torch.finfo(torch.float32).tiny)
+
+
+def test_bf16_weights_stay_bf16_and_masked():
+    model = mlp().to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = sparse_momentum(model, opt, density=0.3, update_every=2, total_steps=6)
+    for x, y in batches(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+        opt.step()
+    for name, p in sp.parameters().items():
+        assert p.dtype == torch.bfloat16
+        assert torch.all(p[~sp.masks[name]] == 0)
+
+
+def test_steps_skipped_by_the_grad_scaler_run_no_update():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = sparse_momentum(model, opt, density=0.3, update_every=1, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    masks = {k: v.clone() for k, v in sp.masks.items()}
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y) * float("inf")  # overflow: the scaler skips the step
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert sp.step_count == 0 and sp.last_update == {}
+    assert all(torch.equal(masks[k], sp.masks[k]) for k in masks)
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert sp.step_count == 1 and sp.last_update["step"] == 1
