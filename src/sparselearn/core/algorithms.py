@@ -1,6 +1,7 @@
 """Named compositions: one call turns an ordinary (model, optimizer) into a sparse training run."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -168,6 +169,9 @@ def _era_steps(steps_per_epoch, epochs, start, end, what: str) -> tuple[int, int
     return int(round(start * steps_per_epoch)), int(round(end * steps_per_epoch))
 
 
+_GRADUAL_OPTIONS = frozenset(inspect.signature(GradualUpdater.__init__).parameters) - {"self", "start_step", "end_step"}
+
+
 def gradual_pruning(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -177,28 +181,22 @@ def gradual_pruning(
     epochs: Optional[int] = None,
     era_start_epoch: float = 0.0,
     era_end_epoch: Optional[float] = None,
-    ramp: str = "linear",
-    update_every: int = 1,
-    conv_pattern: str = "fine",
-    fc_pattern: str = "fine",
-    pattern_options: Optional[dict] = None,
-    block_size: int = 4,
-    keep_one_input: bool = True,
-    fc_from_conv: bool = False,
-    inter_split: float = 0.5,
     **kwargs,
 ) -> Sparsifier:
-    """Dense start, magnitude pruning over a pruning era, fixed mask afterwards (see :class:`GradualUpdater`)."""
+    """Dense start, magnitude pruning over a pruning era, fixed mask afterwards.
+
+    The era is given in epochs (fractions allowed); keyword arguments named like those of
+    :class:`GradualUpdater` (``ramp``, ``update_every``, ``conv_pattern``, ``fc_pattern``,
+    ``pattern_options``, ``block_size``, ``keep_one_input``, ``fc_from_conv``, ``inter_split``) go to
+    the updater, the rest to :class:`Sparsifier`.
+    """
     if era_end_epoch is None:
         raise ValueError("pass era_end_epoch (the last epoch of the pruning era)")
     if epochs is not None and era_end_epoch > epochs:
         raise ValueError(f"era_end_epoch ({era_end_epoch}) is after the end of training ({epochs} epochs)")
     start, end = _era_steps(steps_per_epoch, epochs, era_start_epoch, era_end_epoch, "gradual pruning")
-    updater = GradualUpdater(
-        start_step=start, end_step=end, ramp=ramp, update_every=update_every, conv_pattern=conv_pattern,
-        fc_pattern=fc_pattern, pattern_options=pattern_options, block_size=block_size,
-        keep_one_input=keep_one_input, fc_from_conv=fc_from_conv, inter_split=inter_split,
-    )
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _GRADUAL_OPTIONS}
+    updater = GradualUpdater(start_step=start, end_step=end, **options)
     return Sparsifier(model, optimizer, density=density, updater=updater, init="dense", **kwargs)
 
 
