@@ -390,9 +390,61 @@ def _passthrough_train_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# sparselearn fgsm
+
+
+def configure_fgsm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders (with checkpoint.pt)")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
+                        help="perturbation sizes in pixel units (default: Starfire Table 3's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def cmd_fgsm(args: argparse.Namespace) -> int:
+    """Starfire Sec. 3.2 / Table 3: each model's test accuracy on its own FGSM examples."""
+    import torch
+
+    from sparselearn.analysis.fgsm import fgsm_accuracy
+    from sparselearn.experiments.checkpoint import load_checkpoint, write_json
+    from sparselearn.experiments.data import load_dataset, make_loader
+    from sparselearn.experiments.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+    from sparselearn.experiments.models import create_model
+
+    epsilons = [0.0, *[e for e in args.epsilons if e != 0.0]]
+    rows = []
+    for run_dir in map(Path, args.run_dirs):
+        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml (is it a finished run folder?)")
+        cfg = C.load_config(run_dir / "config.yaml", check_names=False)
+        data = cfg["data"]
+        splits = load_dataset(data["name"], root=data["root"], download=data["download"],
+                              val_fraction=data["val_fraction"], seed=data["split_seed"], augment=False)
+        model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
+                             **C.model_options(cfg))
+        model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
+        model.to(args.device)
+        mean, std = getattr(splits.test, "mean", None), getattr(splits.test, "std", None)
+        if mean is None and data["name"] in ("imagenet", "tiny-imagenet"):
+            mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+        loader = make_loader(splits.test, data["eval_batch_size"] or data["batch_size"], False, None)
+        acc = fgsm_accuracy(model, loader, epsilons, mean, std, args.device)
+        write_json(run_dir / "fgsm.json", {"epsilons": epsilons, "accuracy": [acc[e] for e in epsilons]})
+        rows.append((str(run_dir), acc))
+    head = "| run | " + " | ".join("clean" if e == 0 else f"eps={e:g}" for e in epsilons) + " |"
+    echo(head)
+    echo("|---|" + "---:|" * len(epsilons))
+    for name, acc in rows:
+        echo(f"| {name} | " + " | ".join(f"{100 * acc[e]:.2f}" for e in epsilons) + " |")
+    return 0
+
+
 add_subcommand("train", configure_train, cmd_train,
                help="train a sparse network (default: LeNet-300-100, Sparse Momentum, 5% density, digits)")
 add_subcommand("recipes", configure_recipes, cmd_recipes, help="list the papers' settings, or print one")
+add_subcommand("fgsm", configure_fgsm, cmd_fgsm,
+               help="test accuracy of trained runs on their own FGSM adversarial examples (Starfire Table 3)")
 add_subcommand("compare", configure_compare, cmd_compare,
                help="algorithms x densities x seeds on one recipe -> a paper-style table (Markdown and CSV)")
 
