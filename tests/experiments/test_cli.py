@@ -437,3 +437,14 @@ def test_child_recipe_switching_algorithm_inherits_only_density():
     assert cfg["sparsity"]["algorithm"] == "starfire"
     assert "prune_rate" not in cfg["sparsity"] and "prune_rate_decay" not in cfg["sparsity"]
     assert cfg["model"]["name"] == "lenet5-caffe" and cfg["optim"]["lr"] == 0.1  # the rest is inherited
+
+
+def test_a_preset_of_the_same_algorithm_keeps_the_recipes_options():
+    from sparselearn.experiments import config as C
+
+    cfg = C.resolve_config("fashion-mnist-lenet5-starfire", [("sparsity.algorithm", "starfire-kernel")])
+    assert cfg["sparsity"]["era_end_epoch"] == 2 and cfg["sparsity"]["update_every"] == 1
+    cfg = C.resolve_config("fashion-mnist-lenet300-100", [("sparsity.algorithm", "ablation-none-random")])
+    assert cfg["sparsity"]["prune_rate"] == 0.2
+    cfg = C.resolve_config("fashion-mnist-lenet300-100", [("sparsity.algorithm", "dense")], check_names=False)
+    assert cfg["sparsity"] == {"algorithm": "dense", "density": 0.05}

@@ -258,6 +258,18 @@ ABLATIONS = {
 from .registry import Registry  # noqa: E402
 
 algorithms: Registry = Registry("algorithm")
+
+def _preset(factory: Callable, family: str, **fixed) -> Callable:
+    """``factory`` with some options fixed; ``family`` names the algorithm whose options it accepts."""
+
+    def preset(model, optimizer, **options):
+        return factory(model, optimizer, **{**options, **fixed})
+
+    preset.family = family
+    preset.__doc__ = f"{factory.__name__} with {fixed}."
+    return preset
+
+
 algorithms.add("sparse-momentum", sparse_momentum)
 algorithms.add("static", static_sparse)
 algorithms.add("set", set_algorithm)
@@ -266,12 +278,13 @@ algorithms.add("gmp", gmp)
 algorithms.add("gradual", gradual_pruning)
 algorithms.add("starfire", starfire)
 for _pattern in ("window", "kernel", "intra", "inter"):  # one name per pattern, for comparison tables
-    algorithms.add(
-        f"starfire-{_pattern}",
-        (lambda pat: lambda model, optimizer, **options: starfire(model, optimizer, **{**options, "pattern": pat}))(_pattern),
-    )
+    algorithms.add(f"starfire-{_pattern}", _preset(starfire, "starfire", pattern=_pattern))
+
+
+def algorithm_family(name: str) -> str:
+    """The algorithm whose options ``name`` accepts (a preset's base algorithm, else itself)."""
+    return getattr(algorithms.get(name), "family", name) if name in algorithms else name
+
+
 for _name, _kw in ABLATIONS.items():
-    algorithms.add(
-        f"ablation-{_name}",
-        (lambda kw: lambda model, optimizer, **options: sparse_momentum(model, optimizer, **{**options, **kw}))(_kw),
-    )
+    algorithms.add(f"ablation-{_name}", _preset(sparse_momentum, "sparse-momentum", **_kw))

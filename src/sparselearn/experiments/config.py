@@ -287,6 +287,15 @@ def _all_keys() -> list[str]:
     return sorted(set(FIELDS) | set(META_KEYS) | {f"{s}.<option>" for s in OPEN_SECTIONS})
 
 
+def _switches_family(old: Any, new: Any) -> bool:
+    """True if ``sparsity.algorithm`` changes to an algorithm that does not take ``old``'s options."""
+    if old is None or old == new:
+        return False
+    from sparselearn.core.algorithms import algorithm_family
+
+    return algorithm_family(str(old)) != algorithm_family(str(new))
+
+
 def set_key(config: dict, key: str, value: Any) -> None:
     """Sets dotted ``key`` (``optim.lr``) in ``config`` in place, checking the key and the value.
 
@@ -304,9 +313,10 @@ def set_key(config: dict, key: str, value: Any) -> None:
     section, name = parts
     if section not in DEFAULTS or section in META_KEYS:
         raise _unknown_key(key, _all_keys())
-    if key == "sparsity.algorithm" and config.get("sparsity", {}).get("algorithm") not in (None, value):
+    if key == "sparsity.algorithm" and _switches_family(config.get("sparsity", {}).get("algorithm"), value):
         # Options belong to the algorithm they were written for (a recipe's prune_rate means nothing to
-        # SNIP): switching algorithm keeps only the density; options set after the switch apply.
+        # SNIP): switching to another algorithm keeps only the density (a preset of the same algorithm,
+        # such as starfire-window for starfire, keeps them); options set after the switch apply.
         config["sparsity"] = {k: v for k, v in config["sparsity"].items() if k == "density"}
     if key in FIELDS:
         config.setdefault(section, {})[name] = _coerce(key, value, FIELDS[key])
@@ -392,7 +402,7 @@ def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> dict:
             continue
         if isinstance(value, Mapping) and isinstance(merged.get(section), Mapping):
             inherited = merged[section]
-            if section == "sparsity" and value.get("algorithm", inherited.get("algorithm")) != inherited.get("algorithm"):
+            if section == "sparsity" and _switches_family(inherited.get("algorithm"), value.get("algorithm", inherited.get("algorithm"))):
                 # a child recipe that switches algorithm inherits only the density (see set_key)
                 inherited = {k: v for k, v in inherited.items() if k == "density"}
             merged[section] = {**inherited, **value}
