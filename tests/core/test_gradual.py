@@ -166,3 +166,27 @@ def test_bad_era_and_pattern_errors():
         sparselearn.starfire(model, opt, steps_per_epoch=2, epochs=3, era_end_epoch=5)
     with pytest.raises(ValueError, match="era_end_epoch"):
         sparselearn.starfire(model, opt, steps_per_epoch=2, epochs=3)
+
+
+def test_depthwise_strided_and_pointwise_convolutions():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1),
+        nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12),  # depthwise, strided
+        nn.Conv2d(12, 16, 1),  # pointwise
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),  # grouped
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sp = sparselearn.starfire(model, opt, density=0.4, pattern="window", steps_per_epoch=2, epochs=2,
+                              era_start_epoch=0, era_end_epoch=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for name in ("0.weight", "1.weight", "3.weight"):  # 3x3 kernels: at most 9 - floor(9 * 0.6) = 4 kept
+        assert int(sp.masks[name].reshape(-1, 9).sum(1).max()) == 4
+    pointwise = sp.masks["2.weight"]  # 1x1: window degenerates, fine pruning to the exact count
+    assert int(pointwise.sum()) == sp.target_counts["2.weight"] == round(0.4 * 16 * 12)
