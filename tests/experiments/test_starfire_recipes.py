@@ -68,4 +68,4 @@ def test_lenet5_starfire_recipe_on_real_digits(tmp_path):
     rows = read_jsonl(out / "seed0" / "metrics.jsonl")
     assert [round(1 - r["density"], 3) for r in rows] == [0.0, 0.6, 0.6, 0.6, 0.6, 0.6]  # era = epoch 2 of 6
     result = json.loads((out / "seed0" / "result.json").read_text())
-    assert result["test_acc"] > 0.8  # measured 0.967 (seed 0); chance is 0.1
+    assert result["test_acc"] > 0.9  # measured 0.983 (seed 0); chance is 0.1
