@@ -142,7 +142,7 @@ def test_fc_from_conv_fold_preserves_function():
         m[4] = False
         sp.set_mask("conv2.weight", m)
     upd = GradualUpdater(start_step=0, end_step=0, fc_from_conv=True, keep_one_input=False)
-    upd._watch_fc_inputs(sp)
+    upd.attach(sp)
     x = torch.randn(16, 1, 4, 4)
     model.eval()  # BN in eval mode: the dead channel outputs relu(beta - mean*gamma/std), a constant
     model.bn.bias.data[4] = 0.7

@@ -197,7 +197,9 @@ def gradual_pruning(
     start, end = _era_steps(steps_per_epoch, epochs, era_start_epoch, era_end_epoch, "gradual pruning")
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in _GRADUAL_OPTIONS}
     updater = GradualUpdater(start_step=start, end_step=end, **options)
-    return Sparsifier(model, optimizer, density=density, updater=updater, init="dense", **kwargs)
+    sparsifier = Sparsifier(model, optimizer, density=density, updater=updater, init="dense", **kwargs)
+    updater.attach(sparsifier)
+    return sparsifier
 
 
 def starfire(model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float = 0.4, pattern: str = "window", **kwargs) -> Sparsifier:

@@ -130,9 +130,11 @@ class GradualUpdater:
                     "intra": {"window_fraction", "group", "max_nonzero"}, "fine": set()}
         return option in accepted.get(pattern, set())
 
-    def _watch_fc_inputs(self, sparsifier) -> None:
-        """Records per-feature min/max of the first FC layer's input on each training forward."""
-        if self._hook_handle is not None:
+    def attach(self, sparsifier) -> None:
+        """Starts recording what ``fc_from_conv`` needs: per-feature min/max of the first FC layer's
+        input on each training forward. Called when the sparsifier is built, so that a resumed run
+        has the same statistics at its first update as an uninterrupted one."""
+        if not self.fc_from_conv or self._hook_handle is not None:
             return
         fc = next((l for l in sparsifier.layers() if isinstance(l.module, nn.Linear)), None)
         if fc is None:
@@ -173,8 +175,7 @@ class GradualUpdater:
 
     @torch.no_grad()
     def __call__(self, sparsifier, step: int) -> dict:
-        if self.fc_from_conv:
-            self._watch_fc_inputs(sparsifier)
+        self.attach(sparsifier)
         u = self.progress(step)
         layers = sparsifier.layers()
         masks: dict[str, Tensor] = {}
