@@ -432,21 +432,6 @@ def test_no_global_rng_use(name):
 
 
 # ====================================================================================== end to end
-sklearn = pytest.importorskip("sklearn")
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1437], perm[1437:]
-    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-3
-    return (X - mu) / sd, y, tr, te
-
-
 # Measured on this machine (10 epochs, 64-300-100-10 MLP, 5% weights, SGD lr 0.1 momentum 0.9, batch 64,
 # seeds 0-5): SNIP 0.936-0.961; DSR with ERK layer densities 0.903-0.953; DEEP-R with ERK 0.878-0.942;
 # a static random ERK mask 0.878-0.939. With uniform layer densities the 100x10 output layer gets 50
@@ -456,8 +441,8 @@ DIGITS_BOUNDS = {"snip": 0.90, "dsr": 0.85, "deepr": 0.83}
 
 
 @pytest.mark.parametrize("name", ["snip", "dsr", "deepr"])
-def test_digits_end_to_end(name):
-    X, y, tr, te = _digits()
+def test_digits_end_to_end(name, digits_split):
+    X, y, tr, te = digits_split
     bs, epochs = 64, 10
     spe = (len(tr) + bs - 1) // bs
     accs = []

@@ -1,4 +1,4 @@
-"""Sparse Momentum on a real dataset (scikit-learn's bundled digits), end to end.
+"""Every algorithm on a real dataset (scikit-learn's bundled digits), end to end.
 
 Measured on this machine (30 epochs, LeNet-300-100-shaped MLP 64-300-100-10, 5% density, seeds 0-2):
 dense 0.972-0.978, Sparse Momentum 0.961-0.969, momentum redistribution + random growth 0.961-0.964,
@@ -11,62 +11,13 @@ from torch import nn
 
 import sparselearn
 
-sklearn = pytest.importorskip("sklearn")
 
+def _train(digits, name, seed=0, epochs=30, density=0.05, **options):
+    """Trains the MLP with ``name`` from the algorithm registry; checks the masks after every step.
 
-def _data():
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1437], perm[1437:]
-    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-3
-    return (X - mu) / sd, y, tr, te
-
-
-def _run(mode, seed, epochs=30, density=0.05):
-    X, y, tr, te = _data()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    bs = 64
-    spe = (len(tr) + bs - 1) // bs
-    if mode == "static":
-        sp = sparselearn.static_sparse(model, opt, density=density, seed=seed)
-    else:
-        sp = sparselearn.sparse_momentum(model, opt, density=density, steps_per_epoch=spe, epochs=epochs, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    densities = []
-    for _ in range(epochs):
-        order = tr[torch.randperm(len(tr), generator=g)]
-        for i in range(0, len(order), bs):
-            b = order[i:i + bs]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[b]), y[b]).backward()
-            opt.step()
-        densities.append(sp.density_report()["active"])
-    with torch.no_grad():
-        acc = (model(X[te]).argmax(1) == y[te]).float().mean().item()
-    return acc, densities, sp
-
-
-def test_sparse_momentum_digits_5_percent_beats_static_and_holds_density():
-    sm = [_run("sm", s) for s in (0, 1)]
-    static = [_run("static", s)[0] for s in (0, 1)]
-    accs = [a for a, _, _ in sm]
-    for acc, dens, sp in sm:
-        assert all(d == sp.target_active == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10)) for d in dens)
-        assert acc >= 0.94, accs
-    assert sum(accs) / 2 - sum(static) / 2 >= 0.02, (accs, static)
-    # the topology really changed: redistribution moved weights between layers
-    layers = sm[0][2].density_report()["layers"]
-    assert len({round(l["density"], 3) for l in layers}) > 1
-
-
-def _train_algorithm(name, seed=0, epochs=15, density=0.1, **options):
-    X, y, tr, te = _data()
+    Returns the test accuracy, the active count after every epoch, and the sparsifier.
+    """
+    X, y, tr, te = digits
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -75,6 +26,7 @@ def _train_algorithm(name, seed=0, epochs=15, density=0.1, **options):
     sp = sparselearn.algorithms.get(name)(model, opt, density=density, steps_per_epoch=spe, epochs=epochs, seed=seed,
                                           **options)
     g = torch.Generator().manual_seed(seed)
+    active = []
     for _ in range(epochs):
         order = tr[torch.randperm(len(tr), generator=g)]
         for i in range(0, len(order), bs):
@@ -84,9 +36,23 @@ def _train_algorithm(name, seed=0, epochs=15, density=0.1, **options):
             opt.step()
             for n, m in sp.masks.items():
                 assert torch.all(sp.parameters()[n][~m] == 0)
+        active.append(sp.density_report()["active"])
     with torch.no_grad():
         acc = (model(X[te]).argmax(1) == y[te]).float().mean().item()
-    return acc, sp
+    return acc, active, sp
+
+
+def test_sparse_momentum_digits_5_percent_beats_static_and_holds_density(digits_split):
+    sm = [_train(digits_split, "sparse-momentum", s) for s in (0, 1)]
+    static = [_train(digits_split, "static", s)[0] for s in (0, 1)]
+    accs = [a for a, _, _ in sm]
+    for acc, active, sp in sm:
+        assert all(n == sp.target_active == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10)) for n in active)
+        assert acc >= 0.94, accs
+    assert sum(accs) / 2 - sum(static) / 2 >= 0.02, (accs, static)
+    # the topology really changed: redistribution moved weights between layers
+    layers = sm[0][2].density_report()["layers"]
+    assert len({round(l["density"], 3) for l in layers}) > 1
 
 
 # Measured (seed 0, 15 epochs, 10% density): set 0.969, rigl 0.978, gmp 0.972, static 0.953, the three
@@ -102,8 +68,7 @@ def _train_algorithm(name, seed=0, epochs=15, density=0.1, **options):
     ("ablation-none-random", {}),
     ("starfire-window", {"era_start_epoch": 1, "era_end_epoch": 5}),  # no conv: FC fine pruning
 ])
-def test_algorithms_train_on_digits(name, options):
-    acc, sp = _train_algorithm(name, **options)
-    rep = sp.density_report()
-    assert rep["density"] == pytest.approx(0.1, abs=2e-3)
+def test_algorithms_train_on_digits(digits_split, name, options):
+    acc, _, sp = _train(digits_split, name, epochs=15, density=0.1, **options)
+    assert sp.density_report()["density"] == pytest.approx(0.1, abs=2e-3)
     assert acc >= 0.85, (name, acc)
