@@ -190,3 +190,33 @@ def test_depthwise_strided_and_pointwise_convolutions():
         assert int(sp.masks[name].reshape(-1, 9).sum(1).max()) == 4
     pointwise = sp.masks["2.weight"]  # 1x1: window degenerates, fine pruning to the exact count
     assert int(pointwise.sum()) == sp.target_counts["2.weight"] == round(0.4 * 16 * 12)
+
+
+def test_fc_from_conv_resume_equals_uninterrupted(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        model = Net(bn=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = sparselearn.starfire(model, opt, density=0.5, pattern="kernel", steps_per_epoch=4, epochs=3,
+                                  era_start_epoch=1, era_end_epoch=2, fc_from_conv=True, seed=3)
+        with torch.no_grad():  # a dead output channel from the start, so the FC rule has work to do
+            m = sp.masks["conv2.weight"].clone()
+            m[1] = False
+            sp.set_mask("conv2.weight", m)
+        return model, opt, sp
+
+    batches = data(12, seed=4)
+    model, opt, sp = make()
+    train(model, opt, batches, sp)
+    assert not bool(sp.masks["fc1.weight"][:, 16:32].any())  # the rule fired
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, opt, sp = make()
+    train(model, opt, batches[:4], sp)  # stop right after the era's first update
+    torch.save({"m": model.state_dict(), "o": opt.state_dict(), "s": sp.state_dict()}, tmp_path / "ck.pt")
+    model, opt, sp = make()
+    ck = torch.load(tmp_path / "ck.pt")
+    model.load_state_dict(ck["m"]); opt.load_state_dict(ck["o"]); sp.load_state_dict(ck["s"])
+    train(model, opt, batches[4:], sp)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full[k]), k
