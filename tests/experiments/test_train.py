@@ -279,18 +279,23 @@ def _strip_times(rows):
     return [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
-    cfg = _config()
+def _killed_and_resumed(cfg, tmp_path, kill_after: int, log=lambda s: None):
+    """Trains ``cfg`` uninterrupted into ``full`` and, into ``part``, killed after epoch ``kill_after``
+    (KeyboardInterrupt from the epoch callback) then resumed; returns both results."""
     full = T.train(cfg, tmp_path / "full", log=lambda s: None)
 
     def kill(row):
-        if row["epoch"] == 2:
+        if row["epoch"] == kill_after:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg, tmp_path / "part", log=lambda s: None, on_epoch_end=kill)
+    return full, T.train(cfg, tmp_path / "part", resume=True, log=log)
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     lines = []
-    resumed = T.train(cfg, tmp_path / "part", resume=True, log=lines.append)
+    full, resumed = _killed_and_resumed(_config(), tmp_path, 2, log=lines.append)
     assert any("resumed from epoch 2/3" in l for l in lines)
     assert _strip_times(resumed["metrics"]) == _strip_times(full["metrics"])
     a = CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
@@ -317,15 +322,7 @@ def test_resume_is_bitwise_for_other_algorithms(tmp_path, algorithm, options):
     if algorithm not in algorithms:
         pytest.skip(f"algorithm {algorithm!r} is not registered yet")
     cfg = _config(**{"model.name": "small-cnn", "sparsity.algorithm": algorithm, "sparsity.density": 0.3, **options})
-    full = T.train(cfg, tmp_path / "full", log=lambda s: None)
-
-    def kill(row):
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        T.train(cfg, tmp_path / "part", log=lambda s: None, on_epoch_end=kill)
-    resumed = T.train(cfg, tmp_path / "part", resume=True, log=lambda s: None)
+    full, resumed = _killed_and_resumed(cfg, tmp_path, 1)
     assert _strip_times(resumed["metrics"]) == _strip_times(full["metrics"])
     a = CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
@@ -404,16 +401,7 @@ def test_cuda_without_a_gpu_is_a_config_error():
 def test_cuda_run_and_resume(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    cfg = _config(**{"train.device": "cuda"})
-    full = T.train(cfg, tmp_path / "full", log=lambda s: None)
-
-    def kill(row):
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        T.train(cfg, tmp_path / "part", log=lambda s: None, on_epoch_end=kill)
-    resumed = T.train(cfg, tmp_path / "part", resume=True, log=lambda s: None)
+    full, resumed = _killed_and_resumed(_config(**{"train.device": "cuda"}), tmp_path, 1)
     assert resumed["test_acc"] == pytest.approx(full["test_acc"], abs=0.02)
 
 

@@ -66,3 +66,14 @@ def infer_flat_features(features: nn.Module, input_shape: tuple[int, int, int], 
     if out.numel() == 0:
         raise ValueError(f"input_shape {input_shape} is too small for model {model!r}")
     return int(out[0].numel())
+
+
+def init_conv_bn(model: nn.Module) -> None:
+    """Kaiming-normal (fan-out, ReLU) convolutions and unit/zero BatchNorm, as in He et al. (2016)
+    and the Wide ResNet reference code."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import check_input_shape, register_model
+from .registry import check_input_shape, init_conv_bn, register_model
 
 CIFAR_SHAPE = (3, 32, 32)
 
@@ -103,13 +103,9 @@ class WideResNet(nn.Module):
         return nn.Sequential(*blocks)
 
     def _init_weights(self) -> None:
+        init_conv_bn(self)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
