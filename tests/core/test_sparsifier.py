@@ -366,3 +366,21 @@ def test_steps_skipped_by_the_grad_scaler_run_no_update():
     scaler.step(opt)
     scaler.update()
     assert sp.step_count == 1 and sp.last_update["step"] == 1
+
+
+def test_update_hook_sees_new_masks_and_can_be_removed():
+    import sparselearn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = sparselearn.sparse_momentum(model, opt, density=0.3, steps_per_epoch=2, epochs=3)
+    seen = []
+    handle = sp.register_update_hook(lambda s, stats: seen.append((stats["step"], {k: v.clone() for k, v in s.masks.items()})))
+    for _ in range(4):
+        opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
+    assert [s for s, _ in seen] == [2, 4]
+    assert all(torch.equal(seen[-1][1][k], sp.masks[k]) for k in sp.masks)
+    handle.remove()
+    opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
+    opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
+    assert len(seen) == 2

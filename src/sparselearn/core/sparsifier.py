@@ -153,6 +153,7 @@ class Sparsifier:
         self.generator.manual_seed(int(seed))
         self.step_count = 0
         self.last_update: dict = {}
+        self._update_hooks: dict[int, Callable] = {}
 
         candidates = candidate_parameters(model, sparse_types, include, exclude)
         if dense_layers == "partial":
@@ -287,9 +288,28 @@ class Sparsifier:
             self.last_update = {"step": self.step_count, **(stats or {})}
             self.apply_masks()
             log.debug("topology update at step %d: %s", self.step_count, stats)
+            for hook in list(self._update_hooks.values()):
+                hook(self, self.last_update)
         if self.flush_subnormal_every and self.step_count % self.flush_subnormal_every == 0:
             for p in self._weights:
                 optim_state.flush_subnormal(self.optimizer, p)
+
+    def register_update_hook(self, hook: Callable[["Sparsifier", dict], None]):
+        """Calls ``hook(sparsifier, stats)`` after every topology update, once the new masks are applied.
+
+        For code that caches something derived from the masks (sparse kernels' indices, compacted
+        layers, statistics): it rebuilds at updates, never per step. Returns a handle whose
+        ``remove()`` unregisters the hook.
+        """
+        key = max(self._update_hooks, default=-1) + 1
+        self._update_hooks[key] = hook
+        hooks = self._update_hooks
+
+        class _Handle:
+            def remove(self_inner) -> None:
+                hooks.pop(key, None)
+
+        return _Handle()
 
     def remove(self) -> None:
         """Detaches the sparsifier from the optimizer (masks stay applied to the weights)."""
