@@ -131,7 +131,7 @@ def test_fc_pruning_from_dead_conv_channel_in_training():
 
 
 def test_fc_from_conv_fold_preserves_function():
-    from sparselearn.core.gradual import GradualUpdater
+    from sparselearn.core.updaters.gradual import GradualUpdater
 
     torch.manual_seed(0)
     model = Net(bn=True)

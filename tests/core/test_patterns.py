@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sparselearn.core import patterns as P
+from sparselearn.core.structure import BlockStructure, make_structure, structures
 from sparselearn.core.patterns import (
-    BlockStructure,
     block_mask,
     compute_mask,
     dead_output_channels,
@@ -17,9 +17,7 @@ from sparselearn.core.patterns import (
     intra_mask,
     keep_one_input_per_neuron,
     kernel_mask,
-    make_structure,
     mask_patterns,
-    structures,
     window_mask,
 )
 
@@ -101,7 +99,7 @@ def n_zero(mask):
 
 def test_registries_names():
     assert mask_patterns.names() == ["block", "fine", "intra", "kernel", "window"]
-    assert structures.names() == ["block", "channel", "kernel", "unstructured"]
+    assert structures.names() == ["block", "channel", "fanin", "kernel", "nm", "unstructured"]
 
 
 def test_unknown_pattern_lists_valid_names():
@@ -569,7 +567,7 @@ def test_structure_errors():
         make_structure("block", (2, 3, 3, 3))
     with pytest.raises(ValueError, match="block_size"):
         make_structure("block", (8, 8), block_size=0)
-    with pytest.raises(ValueError, match="structure.*valid names: block, channel, kernel, unstructured"):
+    with pytest.raises(ValueError, match="structure.*valid names: block, channel, fanin, kernel, nm, unstructured"):
         make_structure("filter", (8, 8))
     st = make_structure("channel", (8, 8))
     with pytest.raises(ValueError, match=r"how.*'max', 'sum', 'mean'"):
