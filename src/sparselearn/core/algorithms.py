@@ -447,7 +447,7 @@ class AlgorithmRegistry(Registry):
         return self.register(name)(spec)
 
     def get(self, name_or_fn, argument: str | None = None):
-        if isinstance(name_or_fn, str) and ":" in name_or_fn and name_or_fn not in self:
+        if isinstance(name_or_fn, str) and ":" in name_or_fn and name_or_fn not in self._entries:
             module, _, attr = name_or_fn.partition(":")
             try:
                 fn = getattr(importlib.import_module(module), attr)
