@@ -286,15 +286,16 @@ def window_mask(weight: Tensor, sparsity: float, *, max_nonzero: int | None = No
     """Window pruning inside every R x S kernel (paper Sec. 2.1.1, Fig. 2a, Algorithm 3).
 
     Every kernel window ``weight[k, c]`` (``R*S`` entries) loses its
-    ``n = max(floor(R*S * sparsity), R*S - max_nonzero)`` smallest-magnitude entries, so each window
+    ``n = max(ceil(R*S * sparsity), R*S - max_nonzero)`` smallest-magnitude entries, so each window
     keeps at most ``max_nonzero`` nonzeros. Algorithm 3 in the PDF reads
     ``n = max(cutoff_index, size - max_non_zero - 1)``, ``cutoff_value = nth largest value`` and
     ``mask = 1 if theta > cutoff_value``; we read the ``- 1`` and "nth largest" as a 0-based index
     into the ascending order of the window, i.e. "zero the n smallest", and we resolve ties at the
     cutoff by index so every window loses exactly ``n`` entries (the PDF's strict ``>`` would also
     zero every entry tied with the cutoff, which may explain why Table 5 reports a "true sparsity"
-    above the target for window pruning). Because of the floor, the realised sparsity of a 3x3 layer
-    is ``floor(9 * sparsity) / 9`` (e.g. 11.1% at a 20% target), never above the target.
+    above the target for window pruning). The realised sparsity of a 3x3 layer is
+    ``ceil(9 * sparsity) / 9`` (e.g. 22.2% at a 20% target): at least the target, at most one
+    window step (1/9) above it, like the paper's "true sparsity" (Table 5).
 
     Kernels of any size work (3x3, 7x7, non-square 5x3, Conv1d/Conv3d windows). A 1x1 kernel has a
     single entry, so per-window pruning degenerates to keep-or-drop each entry with a per-window
@@ -327,8 +328,12 @@ def window_mask(weight: Tensor, sparsity: float, *, max_nonzero: int | None = No
 
 
 def _window_count(sparsity: float, rs: int, max_nonzero: int | None) -> int:
-    """Entries zeroed per window: ``max(floor(rs * sparsity), rs - max_nonzero)`` (Algorithm 3)."""
-    n = _floor_count(sparsity, rs)
+    """Entries zeroed per window: ``max(ceil(rs * sparsity), rs - max_nonzero)`` (Algorithm 3).
+
+    ``ceil``: every window reaches the target, at most one entry above it, as the paper's measured
+    ("true") sparsities are at or above their targets (Table 5).
+    """
+    n = _ceil_count(sparsity, rs)
     return n if max_nonzero is None else max(n, rs - max_nonzero)
 
 
@@ -364,8 +369,8 @@ def kernel_mask(
       ``weight[:, c]`` form a group;
     * ``group="layer"``: all ``K*C`` kernels of the layer form one group.
 
-    Each group of ``size`` kernels loses exactly ``floor(size * sparsity)`` kernels, or
-    ``max(floor(size * sparsity), size - max_nonzero_kernels)`` if that option is given (the
+    Each group of ``size`` kernels loses exactly ``ceil(size * sparsity)`` kernels (at least the
+    target, at most one kernel above it), or ``max(ceil(size * sparsity), size - max_nonzero_kernels)`` if that option is given (the
     ``- 1`` of Algorithm 1 is read as in :func:`window_mask`). Ties are broken by kernel flat index
     ``k * C + c`` (lower pruned first). All kernels of an output channel may be removed; that
     channel is then dead (see :func:`dead_output_channels`), which the paper allows ("can ultimately
@@ -391,7 +396,7 @@ def kernel_mask(
     scores, (k_out, c_in, _) = _kernel_scores(weight, "kernel")
     rows = _group_rows(scores, group)
     size = rows.shape[1]
-    n = _floor_count(s, size)
+    n = _ceil_count(s, size)  # at least the target in every group, at most one kernel above it
     if mnk is not None:
         n = max(n, size - mnk)
     keep = ~_ungroup_rows(_prune_smallest_rows(rows, n), group, k_out, c_in)

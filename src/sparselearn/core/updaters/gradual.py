@@ -111,14 +111,23 @@ class GradualUpdater:
     # -------------------------------------------------------------- masks
     def _layer_mask(self, layer, sparsity: float, step: int) -> Tensor:
         w = layer.weight.detach() * layer.mask  # already-pruned entries rank first (magnitude 0)
-        if isinstance(layer.module, nn.Linear) or not _spatial_kernel(layer.module):
-            if isinstance(layer.module, nn.Linear) and self.fc_pattern == "block" and w.dim() == 2:
+        if not _is_conv(layer.module):
+            if self.fc_pattern == "block" and w.dim() == 2:
                 return mask_patterns.get("block")(w, sparsity, block_size=self.block_size)
             return mask_patterns.get("fine")(w, sparsity)
         pattern = self.conv_pattern
         if pattern == "inter":
             ck_end = self.start_step + self.inter_split * (self.end_step - self.start_step)
             pattern = "kernel" if step <= ck_end else "window"
+            if pattern == "window":
+                # the window phase prunes what the CK phase left: whole zero kernels already count
+                # towards the layer's sparsity, so live windows only make up the rest
+                dead = float((~layer.mask.reshape(*layer.mask.shape[:2], -1).any(-1)).float().mean())
+                sparsity = 0.0 if dead >= 1.0 else max(0.0, (sparsity - dead) / (1.0 - dead))
+        if not _spatial_kernel(layer.module):
+            # one tap per kernel: a window is one weight, so window pruning is per-layer fine pruning,
+            # while CK (and intra's CK part) ranks the kernels of each input channel (Algorithm 1)
+            pattern = "fine" if pattern == "window" else "kernel"
         opts = {k: v for k, v in self.pattern_options.items() if self._accepts(pattern, k)}
         return mask_patterns.get(pattern)(w, sparsity, **opts)
 
