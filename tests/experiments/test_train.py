@@ -181,11 +181,26 @@ def test_imagenet_recipes_follow_section_4_and_appendix_c1():
     assert base["data"]["batch_size"] == 256 and base["optim"]["momentum"] == 0.9
     assert base["optim"]["weight_decay"] == 1e-4 and base["train"]["epochs"] == 100
     assert base["sparsity"]["dense_layers"] == "partial" and not base["sparsity"].get("fully_sparse")
+    assert base["optim"]["nesterov"] is True  # as the reference ran it
     full = _recipe("imagenet-resnet50-fully-sparse")
-    assert full["sparsity"]["fully_sparse"] is True and full["data"]["batch_size"] == 256
+    assert full["sparsity"]["fully_sparse"] == 0.05626087 and full["data"]["batch_size"] == 256
+    assert full["sparsity"]["dense_layers"] is None
     tuned = _recipe("imagenet-resnet50-tuned")
     assert tuned["lr_schedule"]["kind"] == "cosine" and tuned["lr_schedule"]["warmup_epochs"] == 5
-    assert tuned["optim"]["label_smoothing"] == 0.1 and tuned["sparsity"]["fully_sparse"] is True
+    assert tuned["optim"]["label_smoothing"] == 0.1 and tuned["sparsity"]["fully_sparse"] == 0.05626087
+
+
+@pytest.mark.parametrize("density,budget", [(0.1, 0.15626087), (0.2, 0.25626087)])
+def test_fully_sparse_resnet50_keeps_the_reference_budget(density, budget):
+    # the reference's ImageNet scripts: --density 0.15626087 / 0.25626087 for "10% / 20% fully sparse"
+    cfg = _recipe("imagenet-resnet50-fully-sparse")
+    model = create_model("resnet50-v1.5", num_classes=1000)
+    opt = T.build_optimizer(model.parameters(), cfg["optim"])
+    sparsity = {**cfg["sparsity"], "density": density}
+    sp = T.build_sparsifier(model, opt, sparsity, 0, 10, 100, nn.CrossEntropyLoss(), None, 256, torch.device("cpu"))
+    rep = sp.density_report()
+    assert rep["density"] == pytest.approx(budget, abs=1e-7) and len(sp.dense_names) == 0
+    assert len(rep["layers"]) == 54  # every conv and the FC layer are sparse
 
 
 def test_starfire_recipes_follow_appendix_7_2():
