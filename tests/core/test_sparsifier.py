@@ -394,3 +394,19 @@ def test_update_hook_sees_new_masks_and_can_be_removed():
     opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
     opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
     assert len(seen) == 2
+
+
+def test_active_fan_in_init_keeps_each_units_input_variance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 50))
+    w0 = model[0].weight.detach().clone()
+    sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.1, init_scale="active-fan-in")
+    m = sp.masks["0.weight"]
+    scale = (400 / m.sum(1).float()).sqrt()
+    assert torch.allclose(model[0].weight.detach(), w0 * m * scale[:, None])
+    # the sum of squares per unit is that of the dense unit, in expectation: within 20% here
+    ratio = (model[0].weight.detach() ** 2).sum(1) / (w0 ** 2).sum(1)
+    assert 0.8 < float(ratio.mean()) < 1.2
+    with pytest.raises(ValueError, match="init_scale must be"):
+        lin = nn.Linear(4, 4)
+        Sparsifier(lin, torch.optim.SGD(lin.parameters(), lr=0.1), init_scale="he")

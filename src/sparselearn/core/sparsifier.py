@@ -102,6 +102,11 @@ class Sparsifier:
             layers make up 5.63% of the ResNet-50 network", Sec. 4); no ``dense_layers`` needed.
         init: ``"random"`` (each layer's initial active set drawn uniformly from the generator) or
             ``"dense"`` (all masks full; for gradual pruning, which starts dense).
+        init_scale: ``"dense"`` leaves the model's initialisation as it is (the papers' setting);
+            ``"active-fan-in"`` rescales each unit's active weights by ``sqrt(fan_in / active fan_in)``,
+            so a unit's output variance at initialisation is what its dense initialisation intended
+            (sparsity-aware initialisation, Evci et al. 2022, "Gradient Flow in Sparse Neural
+            Networks and How Lottery Tickets Win", Sec. 4). Units with no active input stay as they are.
         seed: seed of the sparsifier's own generator.
         momentum_fn: ``(optimizer, param) -> Tensor`` to read momentum from optimizers other than
             SGD/Adam; only needed by rules that use momentum (``updater.needs``).
@@ -132,6 +137,7 @@ class Sparsifier:
         dense_last: bool = False,
         fully_sparse: bool | float = False,
         init: str = "random",
+        init_scale: str = "dense",
         seed: int = 0,
         momentum_fn: Optional[optim_state.MomentumFn] = None,
         momentum_signal: str = "buffer",
@@ -224,6 +230,10 @@ class Sparsifier:
             if init == "dense":
                 m = torch.ones(n, dtype=torch.bool)
             self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
+        if init_scale not in ("dense", "active-fan-in"):
+            raise ValueError(f"init_scale must be 'dense' or 'active-fan-in', got {init_scale!r}")
+        if init_scale == "active-fan-in" and init != "dense":
+            self._scale_to_active_fan_in()
         self._refresh_apply_cache()
         self.apply_masks()
         if init != "dense":
@@ -250,6 +260,17 @@ class Sparsifier:
         m = torch.zeros(n, dtype=torch.bool)
         m[torch.randperm(n, generator=self.generator)[:k]] = True
         return m
+
+    @torch.no_grad()
+    def _scale_to_active_fan_in(self) -> None:
+        for sp in self._params:
+            w, m = sp.param, self.masks[sp.name]
+            if w.dim() < 2:
+                continue
+            rows = m.reshape(m.shape[0], -1)
+            fan_in, active = rows.shape[1], rows.sum(1).to(w.dtype)
+            scale = torch.where(active > 0, (fan_in / active.clamp_min(1)).sqrt(), torch.ones_like(active))
+            w.mul_(scale.view(-1, *([1] * (w.dim() - 1))))
 
     @property
     def budget(self) -> int:
