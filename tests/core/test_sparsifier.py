@@ -410,3 +410,34 @@ def test_active_fan_in_init_keeps_each_units_input_variance():
     with pytest.raises(ValueError, match="init_scale must be"):
         lin = nn.Linear(4, 4)
         Sparsifier(lin, torch.optim.SGD(lin.parameters(), lr=0.1), init_scale="he")
+
+
+def test_param_groups_set_density_structure_and_pattern_per_name():
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = sparse_momentum(model, opt, density=0.1, steps_per_epoch=5, epochs=2,
+                         groups=[{"params": "9.*", "density": 0.5}, {"params": ["0.*", "5.*"], "structure": "kernel"}])
+    rep = {r["name"]: r for r in sp.density_report()["layers"]}
+    assert rep["9.weight"]["active"] == round(0.5 * rep["9.weight"]["total"])  # its own budget
+    assert sp.structures["0.weight"] is not None and sp.structures["3.weight"] is None  # 3.weight: default
+    assert set(sp.masks["5.weight"].reshape(-1, 9).sum(1).tolist()) <= {0, 9}
+    others = rep["0.weight"]["total"] + rep["3.weight"]["total"] + rep["5.weight"]["total"]
+    assert abs(sum(rep[k]["active"] for k in ("0.weight", "3.weight", "5.weight")) - 0.1 * others) <= 9 + 1
+    with pytest.raises(ValueError, match=r"groups\[0\]\['params'\] pattern 'head.\*' matches no parameter"):
+        m = cnn()
+        sparse_momentum(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), steps_per_epoch=1, epochs=1,
+                        groups=[{"params": "head.*"}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        m = cnn()
+        sparse_momentum(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), steps_per_epoch=1, epochs=1,
+                        groups=[{"params": "0.*", "densty": 0.2}])
+
+
+def test_param_groups_give_starfire_a_pattern_per_layer():
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = sparselearn.starfire(model, opt, density=0.4, pattern="window", steps_per_epoch=1, epochs=1,
+                              era_start_epoch=0, era_end_epoch=1, groups=[{"params": "5.*", "pattern": "kernel"}])
+    opt.step()
+    assert set(sp.masks["5.weight"].reshape(-1, 9).sum(1).tolist()) <= {0, 9}  # whole kernels
+    assert int(sp.masks["0.weight"].reshape(-1, 9).sum(1).max()) == 9 - 6  # window: ceil(9 * 0.6) per window

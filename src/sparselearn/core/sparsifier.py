@@ -73,6 +73,37 @@ def _structure_for(sp: SparseParam, structure, options: dict):
     return st
 
 
+_GROUP_KEYS = ("params", "density", "structure", "structure_options", "pattern")
+
+
+def _group_settings(candidates, groups, structure, structure_options) -> dict[str, dict]:
+    """Per-layer settings: the first group whose ``params`` patterns match a layer's name, else the
+    sparsifier's own arguments (like an optimizer's param groups)."""
+    out = {sp.name: {"structure": structure, "structure_options": dict(structure_options or {})} for sp in candidates}
+    if groups is None:
+        return out
+    if isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups):
+        raise TypeError("groups must be a list of dicts like {'params': 'features.*', 'density': 0.1}")
+    names = [sp.name for sp in candidates]
+    for g, spec in enumerate(groups):
+        unknown = set(spec) - set(_GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"groups[{g}] has unknown keys {sorted(unknown)}; valid keys: {', '.join(_GROUP_KEYS)}")
+        if "params" not in spec:
+            raise ValueError(f"groups[{g}] needs 'params': the name patterns of its layers")
+        pats = _as_patterns(spec["params"], f"groups[{g}]['params']")
+        check_patterns_match(pats, names, f"groups[{g}]['params']")
+        for name in names:
+            if "group" not in out[name] and _matches(name, pats):
+                out[name] = {
+                    "group": g,
+                    "structure": spec.get("structure", structure),
+                    "structure_options": dict(spec.get("structure_options", structure_options or {})),
+                    **({"pattern": spec["pattern"]} if "pattern" in spec else {}),
+                }
+    return out
+
+
 def check_density(density: float, arg: str = "density") -> float:
     if not isinstance(density, (int, float)) or isinstance(density, bool) or not (0.0 < float(density) <= 1.0):
         raise ValueError(f"{arg} must be in (0, 1] (the fraction of weights kept), got {density!r}")
@@ -120,6 +151,12 @@ class Sparsifier:
             unstructured. Masks are group-aligned from the start; counts are exact in groups, and the
             global weight count stays within half a group per layer of the target.
         structure_options: options of the structure factory (e.g. ``block_size``).
+        groups: per-layer settings like an optimizer's param groups: a list of dicts with ``params``
+            (name patterns) and any of ``density``, ``structure``, ``structure_options`` and
+            ``pattern`` (Starfire's pattern for those layers); the first group that matches a layer
+            wins, and layers in no group use the arguments above. Each group's density is its own
+            budget, e.g. ``[{"params": "classifier.*", "density": 0.02}, {"params": "features.*",
+            "structure": "kernel"}]``.
     """
 
     def __init__(
@@ -144,6 +181,7 @@ class Sparsifier:
         flush_subnormal_every: int = 100,
         structure: str | None = None,
         structure_options: Optional[dict] = None,
+        groups: Optional[Sequence[dict]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -201,25 +239,39 @@ class Sparsifier:
             if "momentum" in needs or momentum_signal != "buffer":
                 raise type(e)(f"this update rule reads momentum: {e}") from None
 
-        sizes = [sp.param.numel() for sp in candidates]
+        self.settings = _group_settings(candidates, groups, structure, structure_options)
+        default = [i for i, sp in enumerate(candidates) if "group" not in self.settings[sp.name]]
+        sizes = [candidates[i].param.numel() for i in default]
         share = None
         if not isinstance(fully_sparse, bool):
             if not isinstance(fully_sparse, (int, float)) or not 0.0 <= fully_sparse < 1.0:
                 raise ValueError(f"fully_sparse must be True/False or the dense share in [0, 1) added to the "
                                  f"density, got {fully_sparse!r}")
             share = float(fully_sparse)
-        if share is not None:
+        if not sizes:
+            total = 0
+        elif share is not None:
             total = round(min(self.density + share, 1.0) * sum(sizes))
         elif fully_sparse and dense_count:
             # Section 4: the dense layers' weights are added to the budget and spread over the network.
             total = min(round(self.density * (sum(sizes) - dense_count)) + dense_count, sum(sizes))
         else:
             total = round(self.density * sum(sizes))
-        eff_density = total / sum(sizes)
         dist = density_distributions.get(distribution, argument="distribution")
-        densities = dist([sp.param.shape for sp in candidates], eff_density)
-        counts = allocate_counts(sizes, densities, max(total, len(sizes)))
-        self.structures = {sp.name: _structure_for(sp, structure, structure_options or {}) for sp in candidates}
+        counts = [0] * len(candidates)
+        parts = [(default, total)] if default else []
+        for g, spec in enumerate(groups or []):
+            members = [i for i, sp in enumerate(candidates) if self.settings[sp.name].get("group") == g]
+            if members:
+                d = check_density(spec.get("density", self.density), f"groups[{g}]['density']")
+                parts.append((members, round(d * sum(candidates[i].param.numel() for i in members))))
+        for members, t in parts:
+            shapes = [candidates[i].param.shape for i in members]
+            n = [candidates[i].param.numel() for i in members]
+            for i, k in zip(members, allocate_counts(n, dist(shapes, t / sum(n)), max(t, len(n)))):
+                counts[i] = k
+        self.structures = {sp.name: _structure_for(sp, self.settings[sp.name]["structure"],
+                                                   self.settings[sp.name]["structure_options"]) for sp in candidates}
         self.masks: dict[str, Tensor] = {}
         # Per-layer final counts (a dense start, as in gradual pruning, reaches them at the era's end).
         self.target_counts: dict[str, int] = {}

@@ -109,13 +109,19 @@ class GradualUpdater:
         return self._progress(step)
 
     # -------------------------------------------------------------- masks
-    def _layer_mask(self, layer, sparsity: float, step: int) -> Tensor:
+    def _layer_mask(self, layer, sparsity: float, step: int, pattern: Optional[str] = None) -> Tensor:
+        """One layer's mask at ``sparsity``; ``pattern`` is the layer's own (a sparsifier group's)."""
         w = layer.weight.detach() * layer.mask  # already-pruned entries rank first (magnitude 0)
         if not _is_conv(layer.module):
-            if self.fc_pattern == "block" and w.dim() == 2:
+            fc = pattern or self.fc_pattern
+            if fc not in FC_PATTERNS:
+                raise ValueError(f"pattern {fc!r} of {layer.name} is not an FC pattern; valid: {', '.join(FC_PATTERNS)}")
+            if fc == "block" and w.dim() == 2:
                 return mask_patterns.get("block")(w, sparsity, block_size=self.block_size)
             return mask_patterns.get("fine")(w, sparsity)
-        pattern = self.conv_pattern
+        pattern = pattern or self.conv_pattern
+        if pattern not in CONV_PATTERNS:
+            raise ValueError(f"pattern {pattern!r} of {layer.name} is not a conv pattern; valid: {', '.join(CONV_PATTERNS)}")
         if pattern == "inter":
             ck_end = self.start_step + self.inter_split * (self.end_step - self.start_step)
             pattern = "kernel" if step <= ck_end else "window"
@@ -188,7 +194,8 @@ class GradualUpdater:
         for layer in layers:
             final = 1.0 - sparsifier.target_counts[layer.name] / layer.mask.numel()
             s = min(max(u * final, 0.0), 0.999999)
-            masks[layer.name] = self._layer_mask(layer, s, step) & layer.mask
+            own = getattr(sparsifier, "settings", {}).get(layer.name, {}).get("pattern")
+            masks[layer.name] = self._layer_mask(layer, s, step, own) & layer.mask
         if self.keep_one_input:
             for layer in layers:
                 if isinstance(layer.module, nn.Linear):
