@@ -342,7 +342,8 @@ def test_resume_is_bitwise_for_other_algorithms(tmp_path, algorithm, options):
     a = CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["density"] == pytest.approx(0.3, abs=0.05)  # window: whole weights per 3x3 kernel
+    # window: ceil(9 * 0.7) = 7 of each 3x3 window go, so the density is at most the target, one step below
+    assert 2 / 9 - 1e-6 <= resumed["density"] <= 0.3 + 1e-6
 
 
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
