@@ -30,14 +30,13 @@ callables it is given.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
 
+from sparselearn.analysis.stats import mean_stderr
 from sparselearn.experiments import config as C
 
 
@@ -175,17 +174,6 @@ class ProgressBar:
             self.stream.write("\r" + " " * self._shown + "\r")
             self.stream.flush()
             self._shown = 0
-
-
-def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean and standard error (sample standard deviation / sqrt(n)) of ``values``, as the papers'
-    tables report repeats; the standard error is ``None`` for a single value."""
-    if not values:
-        return math.nan, None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, statistics.stdev(values) / math.sqrt(len(values))
 
 
 SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
