@@ -394,24 +394,16 @@ def cmd_fgsm(args: argparse.Namespace) -> int:
     import torch
 
     from sparselearn.analysis.fgsm import fgsm_accuracy
-    from sparselearn.experiments.checkpoint import load_checkpoint, write_json
-    from sparselearn.experiments.data import load_dataset, make_loader
+    from sparselearn.cli_analysis import load_trained
+    from sparselearn.experiments.checkpoint import write_json
+    from sparselearn.experiments.data import make_loader
     from sparselearn.experiments.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-    from sparselearn.experiments.models import create_model
 
     epsilons = [0.0, *[e for e in args.epsilons if e != 0.0]]
     rows = []
     for run_dir in map(Path, args.run_dirs):
-        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml (is it a finished run folder?)")
-        cfg = C.load_config(run_dir / "config.yaml", check_names=False)
+        cfg, splits, model = load_trained(run_dir, args.device)
         data = cfg["data"]
-        splits = load_dataset(data["name"], root=data["root"], download=data["download"],
-                              val_fraction=data["val_fraction"], seed=data["split_seed"], augment=False)
-        model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
-                             **C.model_options(cfg))
-        model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
-        model.to(args.device)
         mean, std = getattr(splits.test, "mean", None), getattr(splits.test, "std", None)
         if mean is None and data["name"] in ("imagenet", "tiny-imagenet"):
             mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
@@ -435,6 +427,9 @@ add_subcommand("fgsm", configure_fgsm, cmd_fgsm,
                help="test accuracy of trained runs on their own FGSM adversarial examples (Starfire Table 3)")
 add_subcommand("compare", configure_compare, cmd_compare,
                help="algorithms x densities x seeds on one recipe -> a paper-style table (Markdown and CSV)")
+from sparselearn import cli_analysis  # noqa: E402  (report, specialization, dense-equivalent)
+for _command in cli_analysis.COMMANDS:
+    add_subcommand(*_command)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""The analysis commands of ``sparselearn``: ``report`` and ``specialization``.
+
+They are registered by :mod:`sparselearn.cli` from :data:`COMMANDS` (argparse wiring only; the work
+is in :mod:`sparselearn.analysis`)::
+
+    sparselearn report runs/compare-fmnist-lenet5 -o report.html
+    sparselearn specialization runs/fmnist/dense/seed0 runs/fmnist/sparse-momentum-d0.05/seed0
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folders, `--seeds` folders or `compare` sweep folders")
+    parser.add_argument("-o", "--out", default="report.html", help="the HTML file to write (default report.html)")
+    parser.add_argument("--title", default="sparselearn report", help="the page's title")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sparselearn.analysis.report import write_report
+
+    out = write_report(args.run_dirs, args.out, args.title)
+    print(f"report written to {out} (open it in a browser)", flush=True)
+    return 0
+
+
+def configure_specialization(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders (with checkpoint.pt)")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="the data passed through the network (default train, as App. B.1)")
+    parser.add_argument("--kinds", nargs="+", choices=("conv", "linear"), default=["conv"],
+                        help="layers whose channels/units are measured (default conv)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def load_trained(run_dir: Path, device: str = "cpu"):
+    """``(config, splits, model)`` of a finished run: the model rebuilt from its config and loaded
+    from ``checkpoint.pt``, the data set as configured but without augmentation."""
+    from sparselearn.experiments import config as C
+    from sparselearn.experiments.checkpoint import load_checkpoint
+    from sparselearn.experiments.data import load_dataset
+    from sparselearn.experiments.models import create_model
+
+    if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml (is it a finished run folder?)")
+    cfg = C.load_config(run_dir / "config.yaml", check_names=False)
+    data = cfg["data"]
+    splits = load_dataset(data["name"], root=data["root"], download=data["download"],
+                          val_fraction=data["val_fraction"], seed=data["split_seed"], augment=False)
+    model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
+                         **C.model_options(cfg))
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
+    return cfg, splits, model.to(device)
+
+
+def cmd_specialization(args: argparse.Namespace) -> int:
+    """Sparse Momentum App. B.1: each run's channel class specialization -> specialization.json."""
+    from sparselearn.analysis.specialization import class_specialization
+    from sparselearn.experiments.checkpoint import write_json
+    from sparselearn.experiments.data import make_loader
+
+    for run_dir in map(Path, args.run_dirs):
+        cfg, splits, model = load_trained(run_dir, args.device)
+        dataset = splits.train if args.split == "train" else splits.test
+        loader = make_loader(dataset, cfg["data"]["eval_batch_size"] or cfg["data"]["batch_size"], False, None)
+        spec = class_specialization(model, loader, splits.num_classes, kinds=args.kinds, device=args.device)
+        write_json(run_dir / "specialization.json", {
+            "split": args.split, "num_classes": splits.num_classes,
+            "layers": {name: values.tolist() for name, values in spec.items()}})
+        medians = ", ".join(f"{n} {float(v.median()):.3f}" for n, v in spec.items())
+        print(f"{run_dir}: median class specialization per layer: {medians}", flush=True)
+    return 0
+
+
+#: ``(name, configure, handler, help)`` of each command, for :func:`sparselearn.cli.add_subcommand`.
+COMMANDS = [
+    ("report", configure_report, cmd_report,
+     "one self-contained HTML page comparing finished runs and sweeps (figures, tables, speedups)"),
+    ("specialization", configure_specialization, cmd_specialization,
+     "class specialization of each run's channels -> specialization.json (Sparse Momentum App. B.1)"),
+]
