@@ -1,5 +1,5 @@
-"""Real runs for the plot and report tests: LeNet-5-Caffe on the bundled digits, 2 epochs each
-(about a second per run), laid out as a `sparselearn compare` sweep folder."""
+"""Real runs for the plot and report tests: the small CNN on the bundled digits, 2 epochs each
+(under a second per run), laid out as a `sparselearn compare` sweep folder."""
 import pytest
 
 from sparselearn.experiments import compare as K
@@ -16,9 +16,8 @@ def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     runs = K.plan(["dense", "sparse-momentum"], [0.1], [0, 1])
     for run in runs:
-        cfg = C.resolve_config(None, [("model.name", "lenet5-caffe"), ("train.epochs", 2), ("train.seed", run.seed),
-                                      ("sparsity.algorithm", run.algorithm), ("sparsity.density", run.density),
-                                      ("optim.lr", 0.02)])
+        cfg = C.resolve_config(None, [("model.name", "small-cnn"), ("train.epochs", 2), ("train.seed", run.seed),
+                                      ("sparsity.algorithm", run.algorithm), ("sparsity.density", run.density)])
         T.train(cfg, run.folder(out), log=lambda line: None)
     K.write_tables(K.table_rows(K.collect(runs, out)), out, "digits")
     torch.set_num_threads(threads)

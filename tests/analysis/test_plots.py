@@ -40,7 +40,7 @@ def test_every_plot_writes_png_and_svg(sweep_dir, tmp_path):
         "dense_equivalent": P.plot_dense_equivalent([5, 10], s, summarize([4.0, 4.2, 4.1])),
         "specialization": P.plot_specialization({"c": [0.2, 0.3]}, {"c": [0.1, 0.15]}, num_classes=10),
         "fgsm": P.plot_fgsm({"a": {"epsilons": [0, 0.1], "accuracy": [0.9, 0.5]}}),
-        "mask": P.plot_mask(masks["conv1.weight"], "conv1.weight"),
+        "mask": P.plot_mask(*next((k, m) for k, m in masks.items() if m.dim() == 4)[::-1]),
     }
     for name, fig in figures.items():
         png = P.save_figure(fig, tmp_path / f"{name}.png")

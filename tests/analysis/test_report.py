@@ -20,13 +20,13 @@ def report(sweep_dir, tmp_path_factory):
     assert main(["fgsm", str(run), str(dense), "--epsilons", "0.1"]) == 0
     assert main(["specialization", str(run), str(dense), "--split", "test"]) == 0
     out = tmp_path_factory.mktemp("report") / "report.html"
-    assert main(["report", str(sweep_dir), "-o", str(out), "--title", "digits LeNet-5"]) == 0
+    assert main(["report", str(sweep_dir), "-o", str(out), "--title", "digits small CNN"]) == 0
     return out
 
 
 def test_report_holds_the_papers_tables(report, sweep_dir):
     text = report.read_text()
-    assert text.startswith("<!DOCTYPE html>") and "digits LeNet-5" in text
+    assert text.startswith("<!DOCTYPE html>") and "digits small CNN" in text
     assert "Sparse Momentum Table 3 shape" in text and "Sweep" in text
     assert "FGSM robustness" in text and "Class specialization" in text and "Kruskal-Wallis" in text
     assert "Resolved config" in text and "Density report" in text

@@ -14,6 +14,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sparselearn.analysis.runs import RunData
 from sparselearn.analysis.stats import Summary
@@ -40,6 +41,12 @@ def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 110) -> bytes:
 def _epochs(run: RunData, key: str) -> tuple[list[int], list[float]]:
     pts = [(m["epoch"], m[key]) for m in run.metrics if m.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _epoch_axes(*axes) -> None:
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
 
 
 def _ci_halfwidth(s: Summary) -> float:
@@ -70,8 +77,7 @@ def plot_training_curves(runs: Sequence[RunData]) -> Figure:
                 loss.plot(x, y, style, color=c)
     acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss (dotted: train, solid: validation)")
-    for ax in (acc, loss):
-        ax.grid(alpha=0.3)
+    _epoch_axes(acc, loss)
     acc.legend(fontsize=7, loc="lower right")
     return fig
 
@@ -101,8 +107,7 @@ def plot_sparsity_over_epochs(run: RunData, max_layers: int = 12) -> Figure:
     per.set(xlabel="epoch", ylabel="sparsity (%)", title="Per-layer sparsity", ylim=(-2, 102))
     if names:
         per.legend(fontsize=6, ncol=2)
-    for ax in (net, per):
-        ax.grid(alpha=0.3)
+    _epoch_axes(net, per)
     return fig
 
 
@@ -134,6 +139,7 @@ def plot_layer_density_heatmap(run: RunData) -> Figure:
         fig.colorbar(im, ax=ax, label="density (%)")
         ax.set_yticks(range(len(names)), [n.removesuffix(".weight") for n in names], fontsize=7)
     ax.set(xlabel="epoch", title=f"Layer density over training: {run.label}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
@@ -256,11 +262,15 @@ def plot_specialization(dense: Mapping[str, Sequence[float]], sparse: Mapping[st
     fig = Figure(figsize=(3.2 * len(layers) + 0.5, 3.3))
     axes = np.atleast_1d(fig.subplots(1, len(layers), squeeze=False)[0])
     lo = 1.0 / num_classes if num_classes else 0.0
-    edges = np.linspace(lo, 1.0, bins + 1)
+    # The paper's axes end near the largest value (0.5 in Figure 5), not at 1: channels of trained
+    # networks rarely come close to one class only, and a [1/Nc, 1] axis would squeeze them into a bin.
+    top = max(float(np.max(np.asarray(v))) for v in [*dense.values(), *sparse.values()] if len(v))
+    hi = min(1.0, lo + 1.1 * (top - lo) + 1e-3)
+    edges = np.linspace(lo, hi, bins + 1)
     for ax, name in zip(axes, layers):
         ax.hist(np.asarray(dense[name]), bins=edges, alpha=0.55, density=True, label="dense", color="C0")
         ax.hist(np.asarray(sparse[name]), bins=edges, alpha=0.55, density=True, label="sparse", color="C1")
-        ax.set(title=name, xlabel="class specialization", xlim=(lo, 1.0))
+        ax.set(title=name, xlabel="class specialization", xlim=(lo, hi))
     axes[0].set_ylabel("channels (density)")
     axes[0].legend(fontsize=8)
     return fig
