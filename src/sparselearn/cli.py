@@ -249,6 +249,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
                    help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>)")
     r.add_argument("--resume", action="store_true",
                    help="continue each run from its last checkpoint (runs without one start afresh)")
+    r.add_argument("--report", nargs="?", const="", default=None, metavar="HTML",
+                   help="write the HTML report of the runs at the end (default <out>/report.html)")
 
 
 def run_base(config: dict, out: str | None) -> Path:
@@ -278,6 +280,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_json(base / "summary.json", summary)
         echo(format_summary(summary))
         echo(f"summary written to {base / 'summary.json'}")
+    if args.report is not None:
+        echo(f"report written to {cli_analysis.report_for_runs(base, args.report)}")
     return 0
 
 

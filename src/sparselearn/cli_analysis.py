@@ -27,6 +27,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_for_runs(base: Path, out: str = "") -> Path:
+    """The report of the runs under ``base`` (``sparselearn train --report``), by default
+    ``<base>/report.html``."""
+    from sparselearn.analysis.report import write_report
+
+    return write_report([base], Path(out) if out else Path(base) / "report.html", f"sparselearn train: {Path(base).name}")
+
+
 def configure_specialization(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders (with checkpoint.pt)")
     parser.add_argument("--split", choices=("train", "test"), default="train",

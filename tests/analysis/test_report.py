@@ -74,3 +74,11 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     img = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert img.shape == (1800, 1200)
     assert img.std() > 20 and (img < 128).mean() > 0.01  # text, tables and figures, not a blank page
+
+
+def test_train_report_flag_writes_the_page_at_the_end(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "--model", "small-cnn", "--epochs", "1", "--out", str(out), "--report"]) == 0
+    page = (out / "report.html").read_text()
+    assert "sparselearn train: runs" in page and "Run runs/seed0" in page
+    assert f"report written to {out / 'report.html'}" in capsys.readouterr().out
