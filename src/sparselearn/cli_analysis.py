@@ -1,10 +1,11 @@
-"""The analysis commands of ``sparselearn``: ``report`` and ``specialization``.
+"""The analysis commands of ``sparselearn``: ``report``, ``specialization`` and ``dense-equivalent``.
 
 They are registered by :mod:`sparselearn.cli` from :data:`COMMANDS` (argparse wiring only; the work
 is in :mod:`sparselearn.analysis`)::
 
     sparselearn report runs/compare-fmnist-lenet5 -o report.html
     sparselearn specialization runs/fmnist/dense/seed0 runs/fmnist/sparse-momentum-d0.05/seed0
+    sparselearn dense-equivalent --recipe cifar10-vgg16-d --density 0.05 --seeds 0 1 2 3 4 5 6 7 8 9
 """
 from __future__ import annotations
 
@@ -83,10 +84,53 @@ def cmd_specialization(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_dense_equivalent(parser: argparse.ArgumentParser) -> None:
+    from sparselearn.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    g = parser.add_argument_group("search (Sparse Momentum Sec. 5.1)")
+    g.add_argument("--step", type=float, default=0.05, help="density added per level (default 0.05: 5%% of the weights)")
+    g.add_argument("--max-density", type=float, default=1.0, help="stop after this density (default 1.0)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds (default 0 1 2)")
+    g.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    g.add_argument("--out", metavar="DIR", help="search folder (default: <train.out_dir>/dense-equivalent-<recipe>-<model>)")
+
+
+def cmd_dense_equivalent(args: argparse.Namespace) -> int:
+    """Raise the weights by ``--step`` from ``--density`` until the sparse error's 95% interval
+    overlaps the dense one; resumable (finished runs are skipped)."""
+    from sparselearn import cli
+    from sparselearn.analysis.plots import plot_dense_equivalent, save_figure
+    from sparselearn.experiments import config as C
+    from sparselearn.experiments import dense_equivalent as DE
+
+    config = cli.config_from_args(args)
+    algorithm = config["sparsity"]["algorithm"]
+    if algorithm == "dense":
+        raise C.ConfigError("--algorithm: the dense-equivalent search needs a sparse algorithm, not 'dense'")
+    model = config["model"]["name"]
+    out = Path(args.out) if args.out else Path(config["train"]["out_dir"]) / (
+        f"dense-equivalent-{config.get('recipe') or 'default'}-{model}")
+    try:
+        dense, levels, found = DE.search(algorithm, config["sparsity"]["density"], args.seeds, out,
+                                         cli._passthrough_train_args(args), step=args.step, stop=args.max_density,
+                                         jobs=args.jobs, log=cli.echo)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    md = DE.write_result(out, model, dense, levels, found)
+    save_figure(plot_dense_equivalent([100 * lv.density for lv in levels], [lv.error for lv in levels], dense),
+                out / "dense_equivalent.png")
+    cli.echo(DE.to_markdown(model, dense, levels, found))
+    cli.echo(f"\nwritten to {md} and {out / 'dense_equivalent.png'}")
+    return 0
+
+
 #: ``(name, configure, handler, help)`` of each command, for :func:`sparselearn.cli.add_subcommand`.
 COMMANDS = [
     ("report", configure_report, cmd_report,
      "one self-contained HTML page comparing finished runs and sweeps (figures, tables, speedups)"),
     ("specialization", configure_specialization, cmd_specialization,
      "class specialization of each run's channels -> specialization.json (Sparse Momentum App. B.1)"),
+    ("dense-equivalent", configure_dense_equivalent, cmd_dense_equivalent,
+     "the weights a sparse network needs to reach the dense 95% interval, and its speedups (Sparse Momentum Table 3)"),
 ]

@@ -208,6 +208,18 @@ def training_speedups(
             "flops_fraction": sparse_f / dense_f}
 
 
+def run_speedups(metrics: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """:func:`training_speedups` of a run from its per-epoch metrics (``metrics.jsonl`` rows with
+    ``flops``): convolutions only, as Table 3, when the model has any, else every layer; ``None``
+    when the rows carry no FLOPs records. Adds ``"layers"``: what was counted."""
+    records = [m["flops"] for m in metrics if m.get("flops")]
+    if not records:
+        return None
+    kinds = {l["kind"] for l in records[-1]["layers"].values()}
+    counted = ("conv",) if "conv" in kinds else ("conv", "linear")
+    return {**training_speedups(records, kinds=counted), "layers": "convolutions" if counted == ("conv",) else "all layers"}
+
+
 def overhead_ratio(time_with: float | Sequence[float], time_without: float | Sequence[float]) -> Summary:
     """The sparsifier's cost as a speed factor: time without it / time with it, per paired timing.
 

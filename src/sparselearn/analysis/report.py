@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence
 
 import yaml
 
-from sparselearn.analysis.flops import training_speedups
+from sparselearn.analysis.flops import run_speedups as speedups_from_metrics
 from sparselearn.analysis.runs import RunData, Sweep, discover
 from sparselearn.analysis.stats import summarize
 
@@ -82,14 +82,8 @@ def _fmt(v, spec: str = ".2f", none: str = "-") -> str:
 
 
 def run_speedups(run: RunData) -> Optional[dict]:
-    """Section 5.1's speedups of one run over its epochs (convolutions only, as Table 3, when the
-    model has any; else every layer), or ``None`` without per-epoch FLOPs records."""
-    records = [m["flops"] for m in run.metrics if m.get("flops")]
-    if not records:
-        return None
-    kinds = {l["kind"] for l in records[-1]["layers"].values()}
-    counted = ("conv",) if "conv" in kinds else ("conv", "linear")
-    return {**training_speedups(records, kinds=counted), "layers": "convolutions" if counted == ("conv",) else "all layers"}
+    """Section 5.1's speedups of one run over its epochs (see :func:`flops.run_speedups`)."""
+    return speedups_from_metrics(run.metrics)
 
 
 def _setting(run: RunData) -> tuple:
