@@ -1,4 +1,5 @@
-"""The analysis commands of ``sparselearn``: ``report``, ``specialization`` and ``dense-equivalent``.
+"""The analysis commands of ``sparselearn``: ``report``, ``specialization``,
+``dense-equivalent`` and ``sensitivity``.
 
 They are registered by :mod:`sparselearn.cli` from :data:`COMMANDS` (argparse wiring only; the work
 is in :mod:`sparselearn.analysis`)::
@@ -6,6 +7,7 @@ is in :mod:`sparselearn.analysis`)::
     sparselearn report runs/compare-fmnist-lenet5 -o report.html
     sparselearn specialization runs/fmnist/dense/seed0 runs/fmnist/sparse-momentum-d0.05/seed0
     sparselearn dense-equivalent --recipe cifar10-vgg16-d --density 0.05 --seeds 0 1 2 3 4 5 6 7 8 9
+    sparselearn sensitivity --recipe cifar10-vgg16-d --parameter optim.momentum --values 0.5 0.7 0.9 0.95
 """
 from __future__ import annotations
 
@@ -125,6 +127,57 @@ def cmd_dense_equivalent(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_sensitivity(parser: argparse.ArgumentParser) -> None:
+    from sparselearn.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    g = parser.add_argument_group("sweep (Sparse Momentum App. A.1)")
+    g.add_argument("--parameter", required=True, metavar="KEY",
+                   help="the config key swept, e.g. sparsity.prune_rate or optim.momentum (a dense control runs "
+                        "for keys outside sparsity.)")
+    g.add_argument("--values", type=float, nargs="+", required=True, metavar="V", help="its values")
+    g.add_argument("--reference", type=float, help="the value others are compared with in the Wilcoxon test "
+                                                   "(default: the config's value of the key)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="seeds (default 0 1 2)")
+    g.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    g.add_argument("--out", metavar="DIR", help="sweep folder (default: <train.out_dir>/sensitivity-<key>-<model>)")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from sparselearn import cli
+    from sparselearn.analysis.plots import plot_sensitivity, save_figure
+    from sparselearn.experiments import config as C
+    from sparselearn.experiments import sensitivity as SE
+    from sparselearn.experiments.checkpoint import write_json, write_text
+
+    config = cli.config_from_args(args)
+    for v in args.values:  # fail on a bad key or value before any training
+        C.resolve_config(getattr(args, "recipe", None), [*cli.config_overrides(args), (args.parameter, v)])
+    algorithm = config["sparsity"]["algorithm"]
+    if algorithm == "dense":
+        raise C.ConfigError("--algorithm: a sensitivity sweep needs a sparse algorithm (the dense control is added)")
+    out = Path(args.out) if args.out else Path(config["train"]["out_dir"]) / (
+        f"sensitivity-{args.parameter}-{config['model']['name']}")
+    reference = args.reference if args.reference is not None else C.get_key(config, args.parameter)
+    try:
+        points, per_seed = SE.run(args.parameter, args.values, algorithm, config["sparsity"]["density"], args.seeds,
+                                  out, cli._passthrough_train_args(args), jobs=args.jobs, log=cli.echo)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    test = SE.sensitivity_test(per_seed, float(reference)) if reference is not None else None
+    md = SE.to_markdown(args.parameter, points, test)
+    write_text(out / "sensitivity.md", md + "\n")
+    write_json(out / "sensitivity.json", {"parameter": args.parameter, "reference": reference,
+                                          "errors": {str(v): got for v, got in per_seed.items()},
+                                          "wilcoxon": None if test is None else vars(test)})
+    dense = [p.dense for p in points] if all(p.dense is not None for p in points) else None
+    save_figure(plot_sensitivity([p.value for p in points], [p.sparse for p in points], dense, args.parameter),
+                out / "sensitivity.png")
+    cli.echo(md)
+    cli.echo(f"\nwritten to {out / 'sensitivity.md'} and {out / 'sensitivity.png'}")
+    return 0
+
+
 #: ``(name, configure, handler, help)`` of each command, for :func:`sparselearn.cli.add_subcommand`.
 COMMANDS = [
     ("report", configure_report, cmd_report,
@@ -133,4 +186,6 @@ COMMANDS = [
      "class specialization of each run's channels -> specialization.json (Sparse Momentum App. B.1)"),
     ("dense-equivalent", configure_dense_equivalent, cmd_dense_equivalent,
      "the weights a sparse network needs to reach the dense 95% interval, and its speedups (Sparse Momentum Table 3)"),
+    ("sensitivity", configure_sensitivity, cmd_sensitivity,
+     "test error over the values of one hyperparameter with 95% CIs and a dense control (Sparse Momentum Fig. 4)"),
 ]

@@ -188,28 +188,45 @@ def _run_section(run: RunData, index: int) -> str:
     return "\n".join(parts)
 
 
+def _pooled_specialization(runs: Sequence[RunData]) -> dict:
+    """Channel values of every layer, pooled over the runs (the seeds of one setting)."""
+    import torch
+
+    pooled: dict[str, list[float]] = {}
+    for r in runs:
+        for layer, values in r.specialization["layers"].items():
+            pooled.setdefault(layer, []).extend(values)
+    return {k: torch.tensor(v) for k, v in pooled.items()}
+
+
 def _specialization_section(runs: Sequence[RunData]) -> str:
     from sparselearn.analysis.plots import plot_specialization
     from sparselearn.analysis.specialization import compare_specialization
 
-    with_spec = [r for r in runs if r.specialization]
-    dense = next((r for r in with_spec if r.algorithm == "dense"), None)
-    sparse = [r for r in with_spec if r.algorithm != "dense"]
-    if dense is None or not sparse:
+    settings: dict[tuple, list[RunData]] = {}
+    for r in runs:
+        if r.specialization:
+            settings.setdefault(_setting(r), []).append(r)
+    dense_key = next((k for k in settings if k[2] == "dense"), None)
+    if dense_key is None or len(settings) < 2:
         return ""
-    import torch
-
-    parts = ["<h2>Class specialization (Sparse Momentum Appendix B.1)</h2>"]
-    d = {k: torch.tensor(v) for k, v in dense.specialization["layers"].items()}
-    for run in sparse:
-        s = {k: torch.tensor(v) for k, v in run.specialization["layers"].items()}
+    dense_runs = settings.pop(dense_key)
+    d = _pooled_specialization(dense_runs)
+    classes = dense_runs[0].specialization.get("num_classes")
+    parts = ["<h2>Class specialization (Sparse Momentum Appendix B.1)</h2>",
+             "<p class=\"note\">Per channel, the largest share of its mean activation magnitude that one class "
+             f"accounts for (1/{classes or 'classes'}: every class alike; 1: one class only), pooled over the seeds "
+             "of each setting; Kruskal-Wallis test of sparse vs dense per layer.</p>"]
+    for (model, data, algo, density), sparse_runs in settings.items():
+        s = _pooled_specialization(sparse_runs)
         tests = compare_specialization(d, s)
         rows = [(n, t["dense_channels"], f"{t['dense_median']:.3f}", t["sparse_channels"], f"{t['sparse_median']:.3f}",
                  f"{t['H']:.2f}", f"{t['p']:.3g}") for n, t in tests.items()]
-        parts.append(f"<h3>{_e(dense.label)} vs {_e(run.label)}</h3>")
+        parts.append(f"<h3>{_e(model)} / {_e(data)}: dense ({len(dense_runs)} runs) vs {_e(algo)} at density "
+                     f"{density:g} ({len(sparse_runs)} runs)</h3>")
         parts.append(_table(["layer", "dense channels", "dense median", "sparse channels", "sparse median",
                              "Kruskal-Wallis H", "p"], rows))
-        parts.append(_figure(plot_specialization(d, s, dense.specialization.get("num_classes")),
+        parts.append(_figure(plot_specialization(d, s, classes),
                              "Maximum class proportion of each channel, dense vs sparse (Figure 5)"))
     return "\n".join(parts)
 
