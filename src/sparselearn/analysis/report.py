@@ -34,7 +34,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 aut
 color:#1b1f24;background:#fff;line-height:1.4}
 h1{margin-bottom:0}h2{border-bottom:2px solid #d0d7de;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #d0d7de;padding:.25em .6em}
-th{background:#f3f5f7}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f5f7}td:first-child{white-space:nowrap}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 figure{margin:.8em 0}figure img{max-width:100%;border:1px solid #eaeef2}figcaption{font-size:.85em;color:#57606a}
 pre{background:#f6f8fa;padding:.6em;overflow:auto;font-size:.8em}.note{color:#57606a;font-size:.85em}
 details{margin:.4em 0}summary{cursor:pointer;font-weight:600}
