@@ -148,7 +148,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from sparselearn.analysis.plots import plot_sensitivity, save_figure
     from sparselearn.experiments import config as C
     from sparselearn.experiments import sensitivity as SE
-    from sparselearn.experiments.checkpoint import write_json, write_text
 
     config = cli.config_from_args(args)
     for v in args.values:  # fail on a bad key or value before any training
@@ -166,10 +165,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise C.ConfigError(str(e)) from None
     test = SE.sensitivity_test(per_seed, float(reference)) if reference is not None else None
     md = SE.to_markdown(args.parameter, points, test)
-    write_text(out / "sensitivity.md", md + "\n")
-    write_json(out / "sensitivity.json", {"parameter": args.parameter, "reference": reference,
-                                          "errors": {str(v): got for v, got in per_seed.items()},
-                                          "wilcoxon": None if test is None else vars(test)})
+    SE.write_result(out, args.parameter, reference, per_seed, test, md)
     dense = [p.dense for p in points] if all(p.dense is not None for p in points) else None
     save_figure(plot_sensitivity([p.value for p in points], [p.sparse for p in points], dense, args.parameter),
                 out / "sensitivity.png")

@@ -44,6 +44,11 @@ def test_search_stops_at_the_first_overlap_and_resumes(tmp_path):
     assert "| toy | 15 | 10.00 ± 0.58 | - | - | yes |" in md and "Dense-equivalent: 15% weights." in md
     DE.write_result(tmp_path, "toy", dense, levels, found)
     assert json.loads((tmp_path / "dense_equivalent.json").read_text())["dense_equivalent_density"] == 0.15
+    from sparselearn.analysis.report import build_report
+
+    page = build_report([tmp_path])
+    assert "Dense-equivalent: 15% weights." in page and page.count("<img ") == 1
+    assert "<td>10</td><td class=\"n\">15.00 ± 0.58</td><td class=\"n\">no</td>" in page
 
 
 def test_one_seed_is_refused(tmp_path):

@@ -38,6 +38,12 @@ def test_sweep_with_dense_control_and_wilcoxon(tmp_path):
     assert calls == []                      # resumes: nothing left to train
     md = SE.to_markdown("optim.momentum", points, test)
     assert "| 0.9 | 10.10 ± 0.06 [9.85, 10.35] |" in md and "W = 0" in md
+    SE.write_result(tmp_path, "optim.momentum", 0.9, per_seed, test, md)
+    from sparselearn.analysis.report import build_report
+
+    page = build_report([tmp_path])
+    assert "Sensitivity to optim.momentum" in page and "W = 0, p = 0.00391 (n = 9)" in page
+    assert "<td>0.95</td><td class=\"n\">15.10 ± 0.06</td><td class=\"n\">12.10 ± 0.06</td>" in page
 
 
 def test_sparsity_keys_run_no_dense_control(tmp_path):

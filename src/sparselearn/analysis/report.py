@@ -231,11 +231,74 @@ def _specialization_section(runs: Sequence[RunData]) -> str:
     return "\n".join(parts)
 
 
+def _study_file(path: Path) -> Optional[Path]:
+    for name in ("dense_equivalent.json", "sensitivity.json"):
+        if (path / name).exists():
+            return path / name
+    return None
+
+
+def _summary(d: dict) -> "Summary":
+    from sparselearn.analysis.stats import Summary
+
+    return Summary(int(d["n"]), float(d["mean"]), float(d["sem"]) * math.sqrt(int(d["n"])), float(d["sem"]))
+
+
+def _study_section(path: Path) -> str:
+    """A ``dense-equivalent`` search (Section 5.1) or a ``sensitivity`` sweep (App. A.1) folder."""
+    import json
+
+    from sparselearn.analysis.plots import plot_dense_equivalent, plot_sensitivity
+
+    f = _study_file(path)
+    data = json.loads(f.read_text())
+    if f.name == "dense_equivalent.json":
+        dense = _summary(data["dense_error"])
+        levels = data["levels"]
+        rows = []
+        for lv in levels:
+            sp = lv.get("speedups") or {}
+            e = lv["error"]
+            rows.append((f"{100 * lv['density']:g}", f"{e['mean']:.2f} ± {e['sem']:.2f}",
+                         {True: "yes", False: "no", None: "undefined"}[lv["overlaps_dense"]],
+                         _fmt(sp.get("dense_convolution")) + ("x" if sp else ""),
+                         _fmt(sp.get("sparse_convolution")) + ("x" if sp else "")))
+        found = data.get("dense_equivalent_density")
+        verdict = (f"Dense-equivalent: {100 * found:g}% weights." if found is not None
+                   else "No level reached the dense 95% interval.")
+        return "\n".join([
+            f"<h2>Dense-equivalent search {_e(path.name)} (Sparse Momentum Section 5.1)</h2>",
+            f"<p>Dense: {dense.mean:.2f} ± {dense.sem:.2f}% test error over {dense.n} seeds. {_e(verdict)}</p>",
+            _table(["Weights (%)", "Error (%)", "Overlaps dense", "Dense convolution", "Sparse convolution"], rows),
+            _figure(plot_dense_equivalent([100 * lv["density"] for lv in levels],
+                                          [_summary(lv["error"]) for lv in levels], dense),
+                    "Sparse test error as the weights rise, against the dense 95% interval")])
+    key = data["parameter"]
+    values = sorted(float(v) for v in data["errors"])
+    sparse = [summarize(list(data["errors"][_key(data, v)]["sparse"].values())) for v in values]
+    has_dense = all("dense" in data["errors"][_key(data, v)] for v in values)
+    dense = [summarize(list(data["errors"][_key(data, v)]["dense"].values())) for v in values] if has_dense else None
+    rows = [(f"{v:g}", f"{s.mean:.2f} ± {s.sem:.2f}", "-" if dense is None else f"{dense[i].mean:.2f} ± {dense[i].sem:.2f}")
+            for i, (v, s) in enumerate(zip(values, sparse))]
+    w = data.get("wilcoxon")
+    test = "" if not w else (f"<p>Wilcoxon signed-rank test of the sparse vs dense error changes from {key} = "
+                             f"{data['reference']:g}: W = {w['statistic']:.4g}, p = {w['pvalue']:.3g} (n = {w['n']}).</p>")
+    return "\n".join([f"<h2>Sensitivity to {_e(key)} (Sparse Momentum Appendix A.1)</h2>",
+                      _table([key, "Sparse error (%)", "Dense control (%)"], rows), test,
+                      _figure(plot_sensitivity(values, sparse, dense, key), f"Test error against {key}, 95% CIs")])
+
+
+def _key(data: dict, v: float) -> str:
+    return next(k for k in data["errors"] if float(k) == v)
+
+
 def build_report(run_dirs: Sequence[str | Path], title: str = "sparselearn report") -> str:
     """The HTML page (a string) for the runs and sweeps under ``run_dirs``."""
     from sparselearn.analysis.plots import plot_fgsm, plot_training_curves
 
-    runs, sweeps = discover(list(run_dirs))
+    studies = [Path(p) for p in run_dirs if _study_file(Path(p))]
+    plain = [p for p in run_dirs if Path(p) not in studies]
+    runs, sweeps = discover(plain) if plain else ([], [])
     body = [f"<h1>{_e(title)}</h1>",
             f"<p class=\"note\">{len(runs)} run(s), generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} by "
             "<code>sparselearn report</code>. Speedups are Sparse Momentum Section 5.1's estimates from the masks "
@@ -246,10 +309,12 @@ def build_report(run_dirs: Sequence[str | Path], title: str = "sparselearn repor
             "active weights; both integrated over the epochs of training.</p>"]
     for sweep in sweeps:
         body.append(_sweep_section(sweep))
-    body.append("<h2>Training curves</h2>")
+    body += [_study_section(p) for p in studies]
     shown = runs[:10]
-    body.append(_figure(plot_training_curves(shown), "Accuracy and loss over epochs"
-                        + ("" if len(shown) == len(runs) else f" (first {len(shown)} of {len(runs)} runs)")))
+    if shown:
+        body.append("<h2>Training curves</h2>")
+        body.append(_figure(plot_training_curves(shown), "Accuracy and loss over epochs"
+                            + ("" if len(shown) == len(runs) else f" (first {len(shown)} of {len(runs)} runs)")))
     fgsm = {r.label: r.fgsm for r in runs if r.fgsm}
     if fgsm:
         eps = next(iter(fgsm.values()))["epsilons"]

@@ -102,3 +102,16 @@ def to_markdown(key: str, points: Sequence[Point], test: Optional[TestResult]) -
     if test is not None:
         lines += ["", f"Wilcoxon signed-rank test, |sparse| vs |dense| error change from the reference: {test}."]
     return "\n".join(lines)
+
+
+def write_result(out: Path, key: str, reference: Optional[float], per_seed: dict, test: Optional[TestResult],
+                 markdown: str) -> Path:
+    """``sensitivity.json`` (per-seed errors, the test; ``sparselearn report`` reads it) and
+    ``sensitivity.md`` in ``out``."""
+    from sparselearn.experiments.checkpoint import write_json, write_text
+
+    write_json(Path(out) / "sensitivity.json", {
+        "parameter": key, "reference": reference,
+        "errors": {repr(v): {k: {str(s): e for s, e in d.items()} for k, d in got.items()} for v, got in per_seed.items()},
+        "wilcoxon": None if test is None else vars(test)})
+    return write_text(Path(out) / "sensitivity.md", markdown + "\n")
