@@ -22,9 +22,17 @@ def configure_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default="sparselearn report", help="the page's title")
 
 
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("the figures need matplotlib: pip install 'sparselearn[analysis]'") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sparselearn.analysis.report import write_report
 
+    _need_matplotlib()
     out = write_report(args.run_dirs, args.out, args.title)
     print(f"report written to {out} (open it in a browser)", flush=True)
     return 0
@@ -35,6 +43,7 @@ def report_for_runs(base: Path, out: str = "") -> Path:
     ``<base>/report.html``."""
     from sparselearn.analysis.report import write_report
 
+    _need_matplotlib()
     return write_report([base], Path(out) if out else Path(base) / "report.html", f"sparselearn train: {Path(base).name}")
 
 
