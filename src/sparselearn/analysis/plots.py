@@ -168,10 +168,11 @@ def plot_mask(mask, name: str = "", max_channels: int = 64) -> Figure:
         title += f"  ({img.shape[0]}x{img.shape[1]})"
         xlabel, ylabel = "input", "output"
     h, w = img.shape
-    scale = 8.0 / max(h, w)
-    fig = Figure(figsize=(max(3.0, w * scale + 1), max(2.0, h * scale + 0.8)))
+    scale = 7.0 / max(h, w)  # inches per mask entry: the longer side gets 7 inches
+    fig = Figure(figsize=(max(3.5, w * scale + 1.2), max(2.5, h * scale + 1.0)))
     ax = fig.subplots()
-    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    # Square entries, so a 3x3 kernel looks like one, whatever the layer's shape.
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=f"Mask {title}", xticks=[], yticks=[])
     return fig
 
