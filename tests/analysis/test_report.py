@@ -82,3 +82,29 @@ def test_train_report_flag_writes_the_page_at_the_end(tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "sparselearn train: runs" in page and "Run runs/seed0" in page
     assert f"report written to {out / 'report.html'}" in capsys.readouterr().out
+
+
+def test_topology_records_in_the_metrics_are_plotted(sweep_dir, tmp_path):
+    import json
+
+    import torch
+    from torch import nn
+
+    import sparselearn
+    from sparselearn.analysis.topology import TopologyTracker
+
+    run = tmp_path / "run"
+    shutil.copytree(sweep_dir / "sparse-momentum-d0.1" / "seed0", run)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = TopologyTracker(sparselearn.sparse_momentum(model, opt, density=0.3, steps_per_epoch=1, epochs=3))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        opt.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        row["topology"] = tracker.drain()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = build_report([run])
+    assert "Topology updates" in page
+    assert "Topology updates" not in build_report([sweep_dir / "sparse-momentum-d0.1" / "seed0"])

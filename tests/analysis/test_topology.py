@@ -118,3 +118,13 @@ def test_sparse_momentum_keeps_pruned_equal_to_regrown():
         assert sum(l["regrow_share"] for l in r["layers"].values()) == pytest.approx(1.0)
     itop = tracker.series("itop")
     assert itop == sorted(itop) and itop[-1] > 0.25   # grows with every update that moves weights
+
+    # drain() hands the records to the epoch's metrics; the ever-active masks keep counting.
+    drained = tracker.drain()
+    assert len(drained) == len(itop) and tracker.records == []
+    from sparselearn.analysis.plots import plot_topology
+
+    fig = plot_topology(drained)
+    assert [ax.get_title() for ax in fig.axes] == ["In-time over-parameterisation", "Mask turnover per update",
+                                                   "Redistribution"]
+    assert fig.axes[0].get_lines()[0].get_ydata()[-1] == pytest.approx(100 * itop[-1])

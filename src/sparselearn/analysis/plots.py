@@ -143,6 +143,31 @@ def plot_layer_density_heatmap(run: RunData) -> Figure:
     return fig
 
 
+def plot_topology(records: Sequence[Mapping], max_layers: int = 10) -> Figure:
+    """Topology dynamics over the updates (:class:`~sparselearn.analysis.topology.TopologyTracker`
+    records): the fraction of weights ever active (in-time over-parameterisation), each layer's mask
+    turnover, and each layer's share of the regrown weights (Sparse Momentum's redistribution)."""
+    fig = Figure(figsize=(13, 3.6))
+    ever, turn, share = fig.subplots(1, 3)
+    steps = [r["step"] for r in records]
+    ever.plot(steps, [100 * r["itop"] for r in records], "k-", lw=2, label="all sparse layers")
+    names = list(records[-1]["layers"])[:max_layers] if records else []
+    for i, n in enumerate(names):
+        c = f"C{i % 10}"
+        ever.plot(steps, [100 * r["layers"][n]["itop"] for r in records], "-", color=c, lw=1, label=n)
+        turn.plot(steps, [100 * r["layers"][n]["turnover"] for r in records], "-", color=c, label=n)
+    if names:
+        share.stackplot(steps, *[[100 * r["layers"][n]["regrow_share"] for r in records] for n in names],
+                        labels=names, colors=[f"C{i % 10}" for i in range(len(names))])
+    ever.set(xlabel="step", ylabel="weights ever active (%)", title="In-time over-parameterisation")
+    turn.set(xlabel="step", ylabel="regrown / active (%)", title="Mask turnover per update")
+    share.set(xlabel="step", ylabel="share of regrown weights (%)", title="Redistribution", ylim=(0, 100))
+    for ax in (ever, turn, share):
+        ax.grid(alpha=0.3)
+    ever.legend(fontsize=6)
+    return fig
+
+
 def plot_mask(mask, name: str = "", max_channels: int = 64) -> Figure:
     """A picture of one layer's mask (white: active weight).
 

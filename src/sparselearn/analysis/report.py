@@ -9,7 +9,9 @@ The page embeds every figure as a base64 PNG (no file beside it, nothing fetched
 * training curves of all runs, FGSM robustness and class-specialization histograms where the runs
   have them (``fgsm.json``, ``specialization.json``);
 * per run: its resolved config, density report, per-layer FLOPs and empty channels, sparsity over
-  epochs, layer sparsity bars, the layer-density image and a picture of one layer's mask.
+  epochs, layer sparsity bars, the layer-density image, the topology dynamics where the metrics
+  carry :class:`~sparselearn.analysis.topology.TopologyTracker` records (``row["topology"]``), and
+  a picture of one layer's mask.
 
 A small script marks ``<body data-figures="ok:N">`` once all ``N`` images have loaded with a
 non-zero natural and displayed size (``"broken"`` otherwise), so a headless browser can check it.
@@ -141,7 +143,7 @@ def _mask_layer(masks: dict) -> Optional[str]:
 
 def _run_section(run: RunData, index: int) -> str:
     from sparselearn.analysis.plots import (
-        plot_layer_density_heatmap, plot_layer_sparsity_bars, plot_mask, plot_sparsity_over_epochs,
+        plot_layer_density_heatmap, plot_layer_sparsity_bars, plot_mask, plot_sparsity_over_epochs, plot_topology,
     )
 
     res = run.result or {}
@@ -181,6 +183,10 @@ def _run_section(run: RunData, index: int) -> str:
         parts.append(_figure(plot_layer_sparsity_bars(run), "Sparsity of each layer at the end of training"))
         if len(run.metrics) > 1:
             parts.append(_figure(plot_layer_density_heatmap(run), "Layer density at each epoch's end"))
+    topology = [rec for m in run.metrics for rec in (m.get("topology") or [])]
+    if topology:
+        parts.append(_figure(plot_topology(topology), "Topology updates: weights ever active, turnover, "
+                                                      "redistribution (TopologyTracker)"))
     masks = run.masks()
     name = _mask_layer(masks)
     if name is not None:

@@ -77,6 +77,13 @@ class TopologyTracker:
             "ever_active": ever, "itop": ever / total, "layers": layers,
         })
 
+    def drain(self) -> list[dict[str, Any]]:
+        """The records since the last call, removed from the tracker (the ever-active masks stay):
+        a training loop stores them with the epoch's metrics (``row["topology"]``), which
+        ``sparselearn report`` plots, and the checkpointed state stays small."""
+        out, self.records = self.records, []
+        return out
+
     def series(self, key: str, layer: Optional[str] = None) -> list[float]:
         """One statistic over the updates, for the network or one layer (e.g. ``"itop"``)."""
         if layer is None:
