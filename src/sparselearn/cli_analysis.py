@@ -1,5 +1,5 @@
 """The analysis commands of ``sparselearn``: ``report``, ``specialization``,
-``dense-equivalent`` and ``sensitivity``.
+``speedup``, ``dense-equivalent`` and ``sensitivity``.
 
 They are registered by :mod:`sparselearn.cli` from :data:`COMMANDS` (argparse wiring only; the work
 is in :mod:`sparselearn.analysis`)::
@@ -183,6 +183,41 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_speedup(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders (with checkpoint.pt)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch of the timed forward passes (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes, median taken (default 5)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def cmd_speedup(args: argparse.Namespace) -> int:
+    """Sparse Momentum Sec. 5.1 with measured per-layer runtimes -> speedup.json in each run."""
+    import json
+
+    import torch
+
+    from sparselearn.analysis.flops import layer_times, training_speedups
+    from sparselearn.experiments.checkpoint import write_json
+
+    print("| run | layers | sparse conv. (FLOPs-weighted) | sparse conv. (time-weighted) | dense conv. (time-weighted) |")
+    print("|---|---|---:|---:|---:|")
+    for run_dir in map(Path, args.run_dirs):
+        cfg, splits, model = load_trained(run_dir, args.device)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        records = [r["flops"] for r in rows if r.get("flops")]
+        if not records:
+            raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no per-epoch FLOPs records (trained before they were saved)")
+        kinds = ("conv",) if any(l["kind"] == "conv" for l in records[-1]["layers"].values()) else ("conv", "linear")
+        times = layer_times(model, torch.zeros(args.batch_size, *splits.input_shape, device=args.device), args.repeats)
+        by_flops = training_speedups(records, kinds)
+        by_time = training_speedups(records, kinds, layer_time=times)
+        write_json(run_dir / "speedup.json", {"layers": list(kinds), "batch_size": args.batch_size, "device": args.device,
+                                              "layer_time": times, "flops_weighted": by_flops, "time_weighted": by_time})
+        print(f"| {run_dir} | {'+'.join(kinds)} | {by_flops['sparse_convolution']:.2f}x | "
+              f"{by_time['sparse_convolution']:.2f}x | {by_time['dense_convolution']:.2f}x |", flush=True)
+    return 0
+
+
 #: ``(name, configure, handler, help)`` of each command, for :func:`sparselearn.cli.add_subcommand`.
 COMMANDS = [
     ("report", configure_report, cmd_report,
@@ -191,6 +226,8 @@ COMMANDS = [
      "class specialization of each run's channels -> specialization.json (Sparse Momentum App. B.1)"),
     ("dense-equivalent", configure_dense_equivalent, cmd_dense_equivalent,
      "the weights a sparse network needs to reach the dense 95% interval, and its speedups (Sparse Momentum Table 3)"),
+    ("speedup", configure_speedup, cmd_speedup,
+     "Section 5.1's speedup estimates weighted by each layer's measured dense time -> speedup.json"),
     ("sensitivity", configure_sensitivity, cmd_sensitivity,
      "test error over the values of one hyperparameter with 95% CIs and a dense control (Sparse Momentum Fig. 4)"),
 ]

@@ -81,3 +81,20 @@ def test_overhead_ratio_of_two_timings():
     assert s.n == 2 and s.mean == pytest.approx(0.95)
     with pytest.raises(ValueError, match="paired"):
         overhead_ratio([1.0], [1.0, 2.0])
+
+
+def test_layer_times_feed_the_speedups():
+    from sparselearn.analysis.flops import layer_times
+
+    model = ConvNet()
+    times = layer_times(model, torch.zeros(2, 2, 6, 6), repeats=2)
+    assert set(times) == {"conv.weight", "grouped.weight", "fc.weight"} and all(t > 0 for t in times.values())
+    counter = FlopCounter(model, torch.zeros(1, 2, 6, 6))
+    mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
+    mask[0] = True  # one filter of four: the conv's time scales to 1/4
+    rec = counter.measure({"conv.weight": mask})
+    sp = training_speedups([rec], layer_time=times)
+    total = sum(times.values())
+    assert sp["sparse_convolution"] == pytest.approx(total / (total - 0.75 * times["conv.weight"]))
+    with pytest.raises(ValueError, match="repeats"):
+        layer_times(model, torch.zeros(1, 2, 6, 6), repeats=0)

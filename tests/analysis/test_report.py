@@ -1,4 +1,5 @@
 """The HTML report of real runs, opened in a real headless browser (Debian's chromium)."""
+import json
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ def report(sweep_dir, tmp_path_factory):
     dense = sweep_dir / "dense" / "seed0"
     assert main(["fgsm", str(run), str(dense), "--epsilons", "0.1"]) == 0
     assert main(["specialization", str(run), str(dense), "--split", "test"]) == 0
+    assert main(["speedup", str(run), "--batch-size", "4", "--repeats", "1"]) == 0
     out = tmp_path_factory.mktemp("report") / "report.html"
     assert main(["report", str(sweep_dir), "-o", str(out), "--title", "digits small CNN"]) == 0
     return out
@@ -36,6 +38,9 @@ def test_report_holds_the_papers_tables(report, sweep_dir):
     sp = run_speedups(sm)
     assert sp["layers"] == "convolutions" and sp["sparse_convolution"] > 5  # 10% density: ~1/0.1 on convs
     assert f"{sp['sparse_convolution']:.2f}x" in text
+    measured = json.loads((sweep_dir / "sparse-momentum-d0.1" / "seed0" / "speedup.json").read_text())
+    assert measured["flops_weighted"]["sparse_convolution"] == pytest.approx(sp["sparse_convolution"])
+    assert f"sparse convolution {measured['time_weighted']['sparse_convolution']:.2f}x" in text
     dense = next(r for r in runs if r.algorithm == "dense")
     assert run_speedups(dense)["sparse_convolution"] == pytest.approx(1.0)
 

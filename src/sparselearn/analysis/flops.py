@@ -164,6 +164,53 @@ class FlopCounter:
         return {**totals, "layers": layers}
 
 
+def layer_times(model: nn.Module, example_input: Tensor, repeats: int = 5) -> dict[str, float]:
+    """Measured dense forward time (seconds, median over ``repeats`` passes) of every convolution
+    and linear layer, keyed like :func:`layer_costs` -- the per-layer runtime that Section 5.1 scales
+    by the FLOPs saved (pass it as ``layer_time`` to :func:`training_speedups`).
+
+    Timed with forward hooks around each layer, in eval mode without gradients; on a GPU the device
+    is synchronised around each layer, which makes the whole pass slower but each layer's share right.
+    """
+    import statistics
+    import time
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = {id(m): n for n, m in model.named_modules()}
+    sync = torch.cuda.synchronize if example_input.is_cuda else (lambda: None)
+    starts: dict[int, float] = {}
+    totals: dict[int, float] = {}
+
+    def pre(module, inputs):
+        sync()
+        starts[id(module)] = time.perf_counter()
+
+    def post(module, inputs, output):
+        sync()
+        totals[id(module)] = totals.get(id(module), 0.0) + time.perf_counter() - starts[id(module)]
+
+    layers = [m for m in model.modules() if isinstance(m, (*_CONV, nn.Linear))]
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    runs: dict[int, list[float]] = {id(m): [] for m in layers}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)  # warm-up: allocations and kernel choice are not the layer's time
+            for _ in range(repeats):
+                totals.clear()
+                model(example_input)
+                for mid, t in totals.items():
+                    runs[mid].append(t)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {(f"{names[mid]}.weight" if names[mid] else "weight"): statistics.median(ts)
+            for mid, ts in runs.items() if ts}
+
+
 def training_speedups(
     epochs: Sequence[Mapping[str, Any]],
     kinds: Iterable[str] = ("conv", "linear"),

@@ -178,6 +178,12 @@ def _run_section(run: RunData, index: int) -> str:
                        f"{sp['sparse_convolution']:.2f}x, dense convolution {sp['dense_convolution']:.2f}x, "
                        f"{100 * sp['flops_fraction']:.1f}% of the dense FLOPs. Estimates from the masks, not "
                        "measured time.</p></details>")
+    if run.speedup:
+        t = run.speedup["time_weighted"]
+        parts.append(f"<p>With each layer's measured dense forward time ({_e(run.speedup['device'])}, batch "
+                     f"{run.speedup['batch_size']}) scaled by its FLOPs saved, as Section 5.1 does: sparse convolution "
+                     f"{t['sparse_convolution']:.2f}x, dense convolution {t['dense_convolution']:.2f}x "
+                     "(<code>sparselearn speedup</code>).</p>")
     if run.metrics and run.metrics[0].get("layer_density"):
         parts.append(_figure(plot_sparsity_over_epochs(run), "Network and per-layer sparsity over epochs"))
         parts.append(_figure(plot_layer_sparsity_bars(run), "Sparsity of each layer at the end of training"))
