@@ -101,7 +101,7 @@ def search(
         level = Level(d, err, ci_overlap(err, dense), _speedups(runs, out))
         levels.append(level)
         log(f"density {d:g}: test error {err.mean:.2f} ± {err.sem:.2f}% (dense {dense.mean:.2f} ± {dense.sem:.2f}%): "
-            + {True: "overlaps dense", False: "below dense", None: "interval undefined"}[level.overlaps_dense])
+            + {True: "overlaps dense", False: "does not reach the dense interval", None: "interval undefined"}[level.overlaps_dense])
         if level.overlaps_dense:
             return dense, levels, d
     return dense, levels, None
