@@ -311,6 +311,12 @@ def build_report(run_dirs: Sequence[str | Path], title: str = "sparselearn repor
     studies = [Path(p) for p in run_dirs if _study_file(Path(p))]
     plain = [p for p in run_dirs if Path(p) not in studies]
     runs, sweeps = discover(plain) if plain else ([], [])
+    for p in studies:  # a dense-equivalent search's runs join the tables (a sensitivity sweep's are too many)
+        if _study_file(p).name == "dense_equivalent.json":
+            try:
+                runs += discover([p])[0]
+            except FileNotFoundError:
+                pass
     body = [f"<h1>{_e(title)}</h1>",
             f"<p class=\"note\">{len(runs)} run(s), generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} by "
             "<code>sparselearn report</code>. Speedups are Sparse Momentum Section 5.1's estimates from the masks "
