@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import weakref
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
@@ -18,18 +18,28 @@ from torch import Tensor, nn
 
 from . import optim_state
 from .distributions import allocate_counts, density_distributions
-from .selection import DEFAULT_SPARSE_TYPES, SparseParam, candidate_parameters, partially_dense_names, _matches, _as_patterns
+from .layer import LayerView
+from .ops import select_k_per_row
+from .selection import (
+    DEFAULT_SPARSE_TYPES, SparseParam, _as_patterns, _matches, candidate_parameters, check_patterns_match,
+    partially_dense_names,
+)
+from .structure import SegmentStructure
 
 log = logging.getLogger(__name__)
 
 
 class Updater(Protocol):
-    """A topology update rule (dynamic prune/grow, gradual pruning, ...).
+    """A topology update rule (prune-regrow, gradual pruning, DEEP-R, a chain of them).
 
-    ``due(step)`` says whether to run after optimizer step number ``step`` (1-based); ``__call__``
-    changes ``sparsifier.masks`` in place (through :meth:`Sparsifier.set_mask`) and returns a dict of
-    statistics for logging.
+    The sparsifier calls ``attach(sparsifier)`` once at construction (after the masks exist),
+    ``due(step)`` after every optimizer step (1-based; exactly once per step) and, when due,
+    ``__call__(sparsifier, step)``, which changes masks only through :meth:`Sparsifier.set_mask`
+    and returns a dict of statistics. ``needs`` (optional) names what the rule reads
+    (``"momentum"``, ``"grad"``), so a missing momentum is reported at construction.
     """
+
+    def attach(self, sparsifier: "Sparsifier") -> None: ...
 
     def due(self, step: int) -> bool: ...
 
@@ -40,37 +50,21 @@ class Updater(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-@dataclass
-class LayerView:
-    """What a strategy may look at for one sparse layer."""
-
-    name: str
-    weight: nn.Parameter
-    mask: Tensor
-    module: nn.Module
-    _momentum: Callable[[], Tensor] = field(repr=False, default=None)
-    survivors: int = 0
-
-    @property
-    def grad(self) -> Optional[Tensor]:
-        return self.weight.grad
-
-    @property
-    def momentum(self) -> Tensor:
-        return self._momentum()
-
-
 def _structure_for(sp: SparseParam, structure, options: dict):
     """The group structure of one layer, or ``None`` where the structure does not apply."""
     if structure is None or structure == "unstructured":
         return None
-    from .patterns import make_structure  # local: patterns is only needed for structured runs
+    from .structure import make_structure
 
     shape = sp.param.shape
     if structure == "kernel" and (len(shape) < 3 or math.prod(shape[2:]) == 1):
         return None
     if structure == "block" and len(shape) != 2:
         return None
+    if structure in ("fanin", "nm") and len(shape) < 2:
+        return None
+    if structure == "nm" and (shape.numel() // shape[0]) % int(options.get("m", 4)):
+        return None  # a fan-in that N:M does not tile (e.g. a first conv of 3x3x3) stays unstructured
     st = make_structure(structure, shape, **options)
     if not st.is_uniform:
         raise ValueError(
@@ -106,8 +100,9 @@ class Sparsifier:
             ``"dense"`` (all masks full; for gradual pruning, which starts dense).
         seed: seed of the sparsifier's own generator.
         momentum_fn: ``(optimizer, param) -> Tensor`` to read momentum from optimizers other than
-            SGD/Adam; only needed by rules that use momentum.
-        needs_momentum: raise at construction if the optimizer's momentum cannot be read.
+            SGD/Adam; only needed by rules that use momentum (``updater.needs``).
+        momentum_signal: ``"buffer"`` (SGD's buffer, Adam's ``exp_avg``) or ``"adam-normalized"``
+            (``exp_avg / (sqrt(exp_avg_sq) + eps)``, the Sparse Momentum reference's signal with Adam).
         flush_subnormal_every: zero subnormal optimizer-state values every this many steps (0: never).
         structure: prune and grow whole groups instead of single weights (Starfire's granularities
             composed with any criterion): ``"kernel"`` (RxS kernels of convolutions with more than
@@ -135,7 +130,7 @@ class Sparsifier:
         init: str = "random",
         seed: int = 0,
         momentum_fn: Optional[optim_state.MomentumFn] = None,
-        needs_momentum: bool = False,
+        momentum_signal: str = "buffer",
         flush_subnormal_every: int = 100,
         structure: str | None = None,
         structure_options: Optional[dict] = None,
@@ -147,6 +142,13 @@ class Sparsifier:
         self.density = check_density(density)
         if init not in ("random", "dense"):
             raise ValueError(f"init must be 'random' or 'dense', got {init!r}")
+        other = getattr(optimizer, "_sparselearn_sparsifier", None)
+        if other is not None and other() is not None and other()._hook is not None:
+            raise ValueError(
+                "this optimizer already has a sparsifier attached; call .remove() on it first (two would fight over the masks)"
+            )
+        # a torch.compile'd model: name parameters as the user's own module does, without "_orig_mod."
+        model = getattr(model, "_orig_mod", model)
         self.model, self.optimizer, self.updater = model, optimizer, updater
         self.flush_subnormal_every = int(flush_subnormal_every)
         self.generator = torch.Generator(device="cpu")
@@ -160,6 +162,7 @@ class Sparsifier:
             dense_names = partially_dense_names(candidates, dense_last)
         else:
             pats = _as_patterns(dense_layers, "dense_layers")
+            check_patterns_match(pats, [sp.name for sp in candidates], "dense_layers")
             dense_names = [sp.name for sp in candidates if _matches(sp.name, pats)]
         dense_count = sum(sp.param.numel() for sp in candidates if sp.name in dense_names)
         if not fully_sparse:
@@ -181,11 +184,12 @@ class Sparsifier:
         self.dense_names = list(dense_names)
 
         self._momentum_fn = None
+        needs = getattr(updater, "needs", frozenset()) if updater is not None else frozenset()
         try:
-            self._momentum_fn = optim_state.resolve_momentum_fn(optimizer, momentum_fn)
-        except (TypeError, ValueError):
-            if needs_momentum:
-                raise
+            self._momentum_fn = optim_state.resolve_momentum_fn(optimizer, momentum_fn, momentum_signal)
+        except (TypeError, ValueError) as e:
+            if "momentum" in needs or momentum_signal != "buffer":
+                raise type(e)(f"this update rule reads momentum: {e}") from None
 
         sizes = [sp.param.numel() for sp in candidates]
         if fully_sparse and dense_count:
@@ -197,35 +201,56 @@ class Sparsifier:
         dist = density_distributions.get(distribution, argument="distribution")
         densities = dist([sp.param.shape for sp in candidates], eff_density)
         counts = allocate_counts(sizes, densities, max(total, len(sizes)))
-        # Per-layer final counts; a dense start (gradual pruning) reaches them at the era's end.
-        self.target_counts: dict[str, int] = {sp.name: k for sp, k in zip(candidates, counts)}
-        self.target_active = sum(counts)
-
         self.structures = {sp.name: _structure_for(sp, structure, structure_options or {}) for sp in candidates}
         self.masks: dict[str, Tensor] = {}
+        # Per-layer final counts (a dense start, as in gradual pruning, reaches them at the era's end).
+        self.target_counts: dict[str, int] = {}
         for sp, k in zip(candidates, counts):
-            n = sp.param.numel()
-            st = self.structures[sp.name]
-            if init == "dense" or k >= n:
+            st, n = self.structures[sp.name], sp.param.numel()
+            m = self._initial_mask(n, k, st)
+            self.target_counts[sp.name] = int(m.sum())
+            if init == "dense":
                 m = torch.ones(n, dtype=torch.bool)
-            elif st is not None:
-                kg = min(max(round(k / st.group_size), 1), st.num_groups)
-                g = torch.zeros(st.num_groups, dtype=torch.bool)
-                g[torch.randperm(st.num_groups, generator=self.generator)[:kg]] = True
-                m = st.expand(g).reshape(-1)
-                self.target_counts[sp.name] = int(m.sum())
-            else:
-                m = torch.zeros(n, dtype=torch.bool)
-                m[torch.randperm(n, generator=self.generator)[:k]] = True
             self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
-        self.target_active = sum(self.target_counts.values())
-        if init == "dense":
-            self.target_active = sum(sizes)
         self._refresh_apply_cache()
         self.apply_masks()
-        for sp in candidates:
-            optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
+        if init != "dense":
+            for sp in candidates:
+                optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
         self._hook = optimizer.register_step_post_hook(self._after_step)
+        optimizer._sparselearn_sparsifier = weakref.ref(self)
+        if updater is not None and hasattr(updater, "attach"):
+            updater.attach(self)
+
+    def _initial_mask(self, n: int, k: int, st) -> Tensor:
+        """``k`` of ``n`` entries drawn from the generator (whole groups, or equal per segment)."""
+        if k >= n:
+            return torch.ones(n, dtype=torch.bool)
+        if isinstance(st, SegmentStructure):
+            scores = torch.rand(st.num_segments, st.segment_size, generator=self.generator)
+            everything = torch.ones_like(scores, dtype=torch.bool)
+            return select_k_per_row(scores, everything, st.per_segment(k)).reshape(-1)
+        if st is not None:
+            kg = min(max(round(k / st.group_size), 1), st.num_groups)
+            g = torch.zeros(st.num_groups, dtype=torch.bool)
+            g[torch.randperm(st.num_groups, generator=self.generator)[:kg]] = True
+            return st.expand(g).reshape(-1)
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.randperm(n, generator=self.generator)[:k]] = True
+        return m
+
+    @property
+    def budget(self) -> int:
+        """The number of active sparse weights the run keeps (after a pruning era, for a dense start).
+
+        Fixed at construction; the update rules restore it, they never redefine it.
+        """
+        return sum(self.target_counts.values())
+
+    @property
+    def active(self) -> int:
+        """Active sparse weights now."""
+        return sum(int(m.sum()) for m in self.masks.values())
 
     # ------------------------------------------------------------------ access
     @property
@@ -247,9 +272,10 @@ class Sparsifier:
         return torch.zeros_like(param) if m is None else m.detach()
 
     def layers(self) -> list[LayerView]:
-        """A :class:`LayerView` per sparse parameter, in model order."""
+        """A read-only :class:`LayerView` per sparse parameter, in model order."""
         return [
-            LayerView(sp.name, sp.param, self.masks[sp.name], sp.module, (lambda p=sp.param: self.momentum(p)))
+            LayerView(sp.name, sp.param, self.masks[sp.name], sp.module, self.generator, self.structures[sp.name],
+                      (lambda p=sp.param: self.momentum(p)))
             for sp in self._params
         ]
 
@@ -258,27 +284,43 @@ class Sparsifier:
         # Masks in the weight's dtype make the per-step apply a single fused foreach multiply (the
         # fastest form measured on this CPU); the bool masks stay the source of truth.
         self._weights = [sp.param for sp in self._params]
+        self._index = {sp.name: i for i, sp in enumerate(self._params)}
         self._apply = [self.masks[sp.name].to(sp.param.dtype) for sp in self._params]
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Multiplies every sparse weight by its mask (pruned weights become exactly zero)."""
+        """Zeroes every masked weight.
+
+        One fused multiply by the masks in the weight's dtype (the fastest form measured on this
+        CPU); ``inf * 0`` would leave NaN, so when any weight is not finite the masked entries are
+        overwritten with ``masked_fill`` instead: a masked weight is exactly 0 whatever the
+        optimizer wrote there.
+        """
         torch._foreach_mul_(self._weights, self._apply)
+        norms = torch._foreach_norm(self._weights)
+        if not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+            for w, m in zip(self._weights, self._apply):
+                w.masked_fill_(m == 0, 0)
 
     @torch.no_grad()
-    def set_mask(self, name: str, new_mask: Tensor, reset_state: bool = True) -> None:
-        """Replaces a mask in place; entries that changed get zero weight and fresh optimizer state."""
+    def set_mask(self, name: str, new_mask: Tensor, reset: Optional[Tensor] = None) -> None:
+        """Replaces a mask in place.
+
+        Entries that become active start at weight 0 (so do entries that become inactive, by the
+        mask). ``reset``: entries whose per-entry optimizer state (momentum, moments) is set to zero;
+        ``None`` keeps all state, as the Sparse Momentum reference does.
+        """
         mask = self.masks[name]
         if new_mask.shape != mask.shape or new_mask.dtype != torch.bool:
             raise ValueError(f"mask for {name} must be bool of shape {tuple(mask.shape)}")
         changed = new_mask ^ mask
         mask.copy_(new_mask)
-        i = self.names.index(name)
+        i = self._index[name]
         self._apply[i].copy_(mask)
         param = self._params[i].param
         param.masked_fill_(changed, 0)
-        if reset_state:
-            optim_state.reset_entries(self.optimizer, param, changed)
+        if reset is not None:
+            optim_state.reset_entries(self.optimizer, param, reset)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.step_count += 1
@@ -313,7 +355,9 @@ class Sparsifier:
 
     def remove(self) -> None:
         """Detaches the sparsifier from the optimizer (masks stay applied to the weights)."""
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     # ------------------------------------------------------------------ reporting
     def density_report(self) -> dict[str, Any]:
@@ -357,7 +401,6 @@ class Sparsifier:
             "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
             "step_count": self.step_count,
             "generator": self.generator.get_state(),
-            "target_active": self.target_active,
             "updater": self.updater.state_dict() if self.updater is not None else {},
             "last_update": dict(self.last_update),
         }
@@ -376,7 +419,6 @@ class Sparsifier:
             self.masks[name].copy_(m.to(torch.bool))
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator"])
-        self.target_active = int(state.get("target_active", self.target_active))
         if self.updater is not None:
             self.updater.load_state_dict(state.get("updater", {}))
         self.last_update = dict(state.get("last_update", {}))
