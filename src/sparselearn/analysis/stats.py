@@ -6,7 +6,9 @@ errors"; Table 1 marks results whose "95% confidence intervals overlap with dens
 a 95% confidence interval of the dense performance". Appendix A.1 tests the momentum sensitivity
 with the Wilcoxon signed-rank test, Appendix B.1 the class specialization with Kruskal-Wallis.
 
-The quantiles and tests come from ``scipy.stats``; nothing here is a hand-written table.
+The quantiles and tests come from ``scipy.stats``; nothing here is a hand-written table. scipy is
+imported where a quantile or a test is needed, not with this module: ``scipy.stats`` takes seconds
+to import, and every ``sparselearn train`` process reaches this module.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy import stats as _st
 
 
 def t_quantile(df: int, confidence: float = 0.95) -> float:
@@ -29,7 +30,9 @@ def t_quantile(df: int, confidence: float = 0.95) -> float:
         raise ValueError(f"degrees of freedom must be an integer >= 1, got {df!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    return float(_st.t.ppf(0.5 + confidence / 2.0, df))
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2.0, df))
 
 
 def t_quantile_975(df: int) -> float:
@@ -46,7 +49,7 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
     mean = float(vals.mean())
     if vals.size < 2:
         return mean, None
-    return mean, float(_st.sem(vals, ddof=1))
+    return mean, float(vals.std(ddof=1) / math.sqrt(vals.size))
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,9 @@ def wilcoxon(x: Sequence[float], y: Optional[Sequence[float]] = None) -> TestRes
         raise ValueError(f"wilcoxon needs paired samples of one length, got {len(xa)} and {len(y)}")
     if xa.size < 1:
         raise ValueError("wilcoxon needs at least one pair")
-    res = _st.wilcoxon(xa) if y is None else _st.wilcoxon(xa, np.asarray(y, dtype=np.float64))
+    from scipy import stats
+
+    res = stats.wilcoxon(xa) if y is None else stats.wilcoxon(xa, np.asarray(y, dtype=np.float64))
     return TestResult(float(res.statistic), float(res.pvalue), int(xa.size), "W")
 
 
@@ -137,5 +142,7 @@ def kruskal(*groups: Sequence[float]) -> TestResult:
     arrays = [np.asarray(g, dtype=np.float64) for g in groups]
     if any(a.size == 0 for a in arrays):
         raise ValueError("kruskal got an empty group")
-    res = _st.kruskal(*arrays)
+    from scipy import stats
+
+    res = stats.kruskal(*arrays)
     return TestResult(float(res.statistic), float(res.pvalue), int(sum(a.size for a in arrays)), "H")
