@@ -66,3 +66,11 @@ def test_mask_picture_shows_kernels_and_empty_channels():
     assert img[3, 0] == pytest.approx(0.35)    # the grey separator
     lin = P.plot_mask(torch.eye(4, dtype=torch.bool), "fc").axes[0].get_images()[0].get_array()
     assert lin.shape == (4, 4) and lin.trace() == 4
+
+
+def test_large_linear_masks_are_drawn_in_density_blocks():
+    mask = torch.zeros(1000, 300, dtype=torch.bool)
+    mask[:, :150] = True                     # left half active
+    img = P.plot_mask(mask, "fc", max_entries=100).axes[0].get_images()[0].get_array()
+    assert img.shape == (100, 30)            # blocks of 10x10
+    assert np.all(img[:, :15] == 1.0) and np.all(img[:, 15:] == 0.0)

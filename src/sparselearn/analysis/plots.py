@@ -168,13 +168,13 @@ def plot_topology(records: Sequence[Mapping], max_layers: int = 10) -> Figure:
     return fig
 
 
-def plot_mask(mask, name: str = "", max_channels: int = 64) -> Figure:
+def plot_mask(mask, name: str = "", max_channels: int = 64, max_entries: int = 512) -> Figure:
     """A picture of one layer's mask (white: active weight).
 
     A convolution ``[out, in, kh, kw]`` is drawn as a grid with one cell per (output, input) channel
     pair holding its ``kh x kw`` kernel, so empty kernels and empty channels show as dark rows,
     columns and cells; at most ``max_channels`` channels each way are drawn. A linear layer is its
-    ``[out, in]`` matrix.
+    ``[out, in]`` matrix, in blocks shaded by their density when a side exceeds ``max_entries``.
     """
     m = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask, dtype=bool)
     title = name
@@ -189,9 +189,19 @@ def plot_mask(mask, name: str = "", max_channels: int = 64) -> Figure:
         title += f"  ({o}x{i} kernels of {kh}x{kw}" + (", first shown)" if (o2, i2) != (o, i) else ")")
         xlabel, ylabel = "input channel (one cell per kernel)", "output channel"
     else:
-        img = m.reshape(m.shape[0], -1).astype(float)
+        img = m.reshape(m.shape[0], -1)
         title += f"  ({img.shape[0]}x{img.shape[1]})"
         xlabel, ylabel = "input", "output"
+        # A large matrix (VGG's 25088x4096) is drawn in blocks shaded by their density, so the
+        # picture stays a few hundred kilobytes and its structure (empty rows/columns) still shows.
+        block = max(1, math.ceil(max(img.shape) / max_entries))
+        if block > 1:
+            h, w = (math.ceil(d / block) * block for d in img.shape)
+            padded = np.zeros((h, w))
+            padded[: img.shape[0], : img.shape[1]] = img
+            img = padded.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+            title += f", blocks of {block}x{block} shaded by density"
+        img = img.astype(float)
     h, w = img.shape
     scale = 7.0 / max(h, w)  # inches per mask entry: the longer side gets 7 inches
     fig = Figure(figsize=(max(3.5, w * scale + 1.2), max(2.5, h * scale + 1.0)))
