@@ -30,14 +30,13 @@ callables it is given.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
 
+from sparselearn.analysis.stats import mean_stderr
 from sparselearn.experiments import config as C
 
 
@@ -177,17 +176,6 @@ class ProgressBar:
             self._shown = 0
 
 
-def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean and standard error (sample standard deviation / sqrt(n)) of ``values``, as the papers'
-    tables report repeats; the standard error is ``None`` for a single value."""
-    if not values:
-        return math.nan, None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, statistics.stdev(values) / math.sqrt(len(values))
-
-
 SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
 
 
@@ -261,6 +249,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
                    help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>)")
     r.add_argument("--resume", action="store_true",
                    help="continue each run from its last checkpoint (runs without one start afresh)")
+    r.add_argument("--report", nargs="?", const="", default=None, metavar="HTML",
+                   help="write the HTML report of the runs at the end (default <out>/report.html)")
 
 
 def run_base(config: dict, out: str | None) -> Path:
@@ -290,6 +280,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_json(base / "summary.json", summary)
         echo(format_summary(summary))
         echo(f"summary written to {base / 'summary.json'}")
+    if args.report is not None:
+        echo(f"report written to {cli_analysis.report_for_runs(base, args.report)}")
     return 0
 
 
@@ -406,24 +398,16 @@ def cmd_fgsm(args: argparse.Namespace) -> int:
     import torch
 
     from sparselearn.analysis.fgsm import fgsm_accuracy
-    from sparselearn.experiments.checkpoint import load_checkpoint, write_json
-    from sparselearn.experiments.data import load_dataset, make_loader
+    from sparselearn.cli_analysis import load_trained
+    from sparselearn.experiments.checkpoint import write_json
+    from sparselearn.experiments.data import make_loader
     from sparselearn.experiments.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-    from sparselearn.experiments.models import create_model
 
     epsilons = [0.0, *[e for e in args.epsilons if e != 0.0]]
     rows = []
     for run_dir in map(Path, args.run_dirs):
-        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml (is it a finished run folder?)")
-        cfg = C.load_config(run_dir / "config.yaml", check_names=False)
+        cfg, splits, model = load_trained(run_dir, args.device)
         data = cfg["data"]
-        splits = load_dataset(data["name"], root=data["root"], download=data["download"],
-                              val_fraction=data["val_fraction"], seed=data["split_seed"], augment=False)
-        model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
-                             **C.model_options(cfg))
-        model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
-        model.to(args.device)
         mean, std = getattr(splits.test, "mean", None), getattr(splits.test, "std", None)
         if mean is None and data["name"] in ("imagenet", "tiny-imagenet"):
             mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
@@ -447,6 +431,9 @@ add_subcommand("fgsm", configure_fgsm, cmd_fgsm,
                help="test accuracy of trained runs on their own FGSM adversarial examples (Starfire Table 3)")
 add_subcommand("compare", configure_compare, cmd_compare,
                help="algorithms x densities x seeds on one recipe -> a paper-style table (Markdown and CSV)")
+from sparselearn import cli_analysis  # noqa: E402  (report, specialization, dense-equivalent)
+for _command in cli_analysis.COMMANDS:
+    add_subcommand(*_command)
 
 
 # ------------------------------------------------------------------------------------------------

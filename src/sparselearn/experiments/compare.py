@@ -121,7 +121,7 @@ class Row:
     density: float
     weights_pct: float
     error: Summary
-    overlaps_dense: Optional[bool]
+    overlaps_dense: Optional[bool]  # None: no dense baseline, or an interval is undefined
 
 
 def table_rows(groups: dict[tuple[str, float], list[dict]]) -> list[Row]:
@@ -141,12 +141,13 @@ def table_rows(groups: dict[tuple[str, float], list[dict]]) -> list[Row]:
 def to_markdown(rows: Sequence[Row], title: str = "") -> str:
     """The paper-style table; ``*`` marks a 95% CI that overlaps the dense baseline's."""
     lines = [f"**{title}**", ""] if title else []
+    has_dense = any(r.algorithm == DENSE for r in rows)
     lines += ["| Algorithm | Weights (%) | Test error (%) | n |", "|---|---:|---:|---:|"]
     for r in rows:
-        star = "*" if r.overlaps_dense else ""
+        star = {True: "*", False: ""}.get(r.overlaps_dense, "?" if r.algorithm != DENSE and has_dense else "")
         lines.append(f"| {r.algorithm} | {r.weights_pct:.2f} | {r.error.mean:.2f} ± {r.error.sem:.2f}{star} | {r.error.n} |")
     lines += ["", "Mean ± standard error over seeds; * = 95% confidence interval (Student's t) overlaps the dense "
-              "baseline's."]
+              "baseline's; ? = undefined (an interval needs two seeds and a spread)."]
     return "\n".join(lines)
 
 
@@ -156,7 +157,7 @@ def to_csv(rows: Sequence[Row]) -> str:
     w.writerow(["algorithm", "density", "weights_pct", "test_error_mean", "test_error_sem", "n", "ci95_low",
                 "ci95_high", "overlaps_dense"])
     for r in rows:
-        lo, hi = r.error.ci95
+        lo, hi = r.error.ci95 or (float("nan"), float("nan"))
         w.writerow([r.algorithm, r.density, f"{r.weights_pct:.4f}", f"{r.error.mean:.4f}", f"{r.error.sem:.4f}",
                     r.error.n, f"{lo:.4f}", f"{hi:.4f}", "" if r.overlaps_dense is None else int(r.overlaps_dense)])
     return buf.getvalue()

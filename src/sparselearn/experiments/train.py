@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselearn.analysis.flops import FlopCounter
 from sparselearn.core.algorithms import algorithms
 from sparselearn.experiments.checkpoint import (
     CHECKPOINT, json_line, load_checkpoint, save_checkpoint, write_json, write_text,
@@ -158,6 +159,7 @@ def _train(cfg, run_dir, device, checkpoint, log, progress, on_epoch_end) -> dic
     # ---- the sparsifier: masks after every step, topology updates on its own schedule ----------
     sparsifier = build_sparsifier(model, optimizer, sparsity_cfg, seed, steps_per_epoch, epochs,
                                   criterion, splits.train, batch_size, device)
+    flops = FlopCounter(model, torch.zeros(1, *splits.input_shape, device=device))  # Sec. 5.1 estimates
 
     # ---- resume: every piece of state that the rest of the run depends on ----------------------
     start_epoch, step, history, elapsed = 0, 0, [], 0.0
@@ -216,6 +218,7 @@ def _train(cfg, run_dir, device, checkpoint, log, progress, on_epoch_end) -> dic
         if epoch + 1 == epochs:
             row.update(evaluate(model, test_loader, device, prefix="test_"))
         row.update(density_metrics(sparsifier, model, step, steps_per_epoch))
+        row["flops"] = flops.measure({} if sparsifier is None else sparsifier.masks)
         row["epoch_time"] = time.perf_counter() - t0
         elapsed += row["epoch_time"]
         row["elapsed"] = elapsed
