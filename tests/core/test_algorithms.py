@@ -124,3 +124,37 @@ def test_kernel_granular_sparse_momentum_keeps_whole_kernels():
     assert moved
     # the Linear layer (no kernels) stays unstructured
     assert sp.structures["6.weight"] is None
+
+
+def test_chain_a_pruning_era_then_sparse_momentum():
+    from sparselearn.core.updaters import GradualUpdater, chain
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rule = chain(GradualUpdater(start_step=0, end_step=6, update_every=2, keep_one_input=False),
+                 sparselearn.sparse_momentum_rule(update_every=4, start_step=6, total_steps=30))
+    sp = sparselearn.Sparsifier(model, opt, density=0.2, init="dense", updater=rule)
+    seen = []
+    for s in range(1, 31):
+        before = {k: v.clone() for k, v in sp.masks.items()}
+        _step(model, opt, seed=s)
+        if s <= 6:
+            assert all(bool((sp.masks[k] & ~before[k]).sum() == 0) for k in before)  # the era only prunes
+        else:
+            assert sp.active == sp.budget
+        if sp.last_update.get("step") == s:
+            seen.append((s, sorted(k for k in sp.last_update if k != "step")))
+    assert seen[:3] == [(2, ["0"]), (4, ["0"]), (6, ["0"])] and (10, ["1"]) in seen and (26, ["1"]) in seen
+
+
+def test_snip_then_rigl():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 10, generator=g), torch.randint(0, 5, (16,), generator=g))
+    sp = sparselearn.snip(model, opt, density=0.3, batch=batch, loss_fn=nn.functional.cross_entropy,
+                          updater=sparselearn.rigl_rule(total_steps=40, update_every=5))
+    first = {k: v.clone() for k, v in sp.masks.items()}
+    for s in range(10):
+        _step(model, opt, seed=s)
+    assert sp.active == sp.budget and not all(torch.equal(first[k], sp.masks[k]) for k in first)

@@ -242,3 +242,18 @@ def test_pointwise_convs_under_ck_rank_per_input_channel(pattern):
     for c in range(8):  # the survivors of each input channel are its largest weights
         col, keep = w[:, c], sp.masks["1.weight"].reshape(10, 8)[:, c]
         assert col[keep].min() >= col[~keep].max()
+
+
+def test_inter_reaches_the_target_on_3x3_and_1x1_convs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = sparselearn.starfire(model, opt, density=0.4, pattern="inter", steps_per_epoch=10, epochs=1,
+                              era_start_epoch=0, era_end_epoch=1)
+    for _ in range(10):
+        opt.step()
+    for name in ("0.weight", "1.weight", "2.weight"):
+        s = 1 - sp.masks[name].float().mean().item()
+        target = 1 - sp.target_counts[name] / sp.masks[name].numel()
+        assert target - 1e-6 <= s <= target + 1 / 9 + 1e-6, (name, s)  # at the target, at most a window step above

@@ -26,6 +26,7 @@ from .registry import Registry
 from .schedules import Schedule, make_prune_rate_schedule
 from .sparsifier import Sparsifier, check_density
 from .triggers import Every, every_or_adaptive
+
 from .updaters.chain import chain
 from .updaters.deepr import DeepRUpdater
 from .updaters.gradual import GradualUpdater
@@ -70,6 +71,7 @@ def dynamic_rule(
     epochs: Optional[int] = None,
     total_steps: Optional[int] = None,
     update_every: Optional[int] = None,
+    start_step: int = 0,
     stop_step: Optional[int] = None,
     prune: str | Callable = "magnitude",
     grow: str | Callable = "momentum",
@@ -88,6 +90,8 @@ def dynamic_rule(
         steps_per_epoch, epochs / total_steps: the length of training; by default one update per
             epoch, none at or after the last step (``stop_step``).
         update_every: optimizer steps between updates, or a callable ``step -> steps to the next``.
+        start_step: updates are counted from this step (e.g. the end of a pruning era this rule
+            follows in a :func:`chain`).
         prune: ``"magnitude"`` (smallest ``|w|`` per layer), ``"set"`` (SET's per-sign fraction),
             ``"threshold"`` (DSR's global adaptive threshold) or a drop-score callable of a layer.
         grow, redistribute: names (:data:`~sparselearn.core.scores.grow_scores`,
@@ -98,7 +102,8 @@ def dynamic_rule(
     """
     check_rate(prune_rate)
     T = _total_steps(steps_per_epoch, epochs, total_steps)
-    trigger = every_or_adaptive(_period(update_every, steps_per_epoch), stop_step if stop_step is not None else T)
+    period, stop = _period(update_every, steps_per_epoch), stop_step if stop_step is not None else T
+    trigger = Every(period, start=start_step, stop=stop) if not callable(period) else every_or_adaptive(period, stop)
     score = "magnitude"
     if prune == "set":
         drop = PerSignDrop(make_prune_rate_schedule(prune_rate_decay, prune_rate, T))

@@ -125,9 +125,10 @@ class GradualUpdater:
         if pattern == "inter":
             ck_end = self.start_step + self.inter_split * (self.end_step - self.start_step)
             pattern = "kernel" if step <= ck_end else "window"
-            if pattern == "window":
+            if pattern == "window" and _spatial_kernel(layer.module):
                 # the window phase prunes what the CK phase left: whole zero kernels already count
-                # towards the layer's sparsity, so live windows only make up the rest
+                # towards the layer's sparsity, so live windows only make up the rest (a 1x1 layer's
+                # window phase is fine pruning, which counts the existing zeros itself)
                 dead = float((~layer.mask.reshape(*layer.mask.shape[:2], -1).any(-1)).float().mean())
                 sparsity = 0.0 if dead >= 1.0 else max(0.0, (sparsity - dead) / (1.0 - dead))
         if not _spatial_kernel(layer.module):
