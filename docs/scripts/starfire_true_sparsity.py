@@ -2,7 +2,7 @@
 
 Usage: ``python3 docs/scripts/starfire_true_sparsity.py > table.md`` (ResNet-50 v1.5, random init).
 The counts depend only on the shapes and the pattern rules, not on trained values (ties aside), so
-no training is needed. Every mask comes from the library's own pruning era (one era of 20 steps,
+no training is needed. Every mask comes from the library's own pruning era (one era of 4 steps,
 ``update_every=1``), i.e. the same code path a training run takes.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ def masks_for(pattern: str, target: float) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = create_model("resnet50-v1.5", num_classes=1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    sp = sparselearn.starfire(model, opt, density=1 - target, pattern=pattern, steps_per_epoch=20, epochs=1,
+    sp = sparselearn.starfire(model, opt, density=1 - target, pattern=pattern, steps_per_epoch=4, epochs=1,
                               era_start_epoch=0, era_end_epoch=1)
-    for _ in range(20):
+    for _ in range(4):
         opt.step()  # lr 0, no gradients: the weights stay, the era's updates run in the step hook
     return sp.masks, sp.parameters()
 

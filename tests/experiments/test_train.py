@@ -37,7 +37,7 @@ def test_defaults_are_the_papers_optimizer_on_digits():
     cfg = C.resolve_config()
     assert cfg["model"] == {"name": "lenet300-100"}
     assert cfg["data"]["name"] == "digits" and cfg["data"]["batch_size"] == 100
-    assert cfg["sparsity"] == {"algorithm": "sparse-momentum", "density": 0.05}
+    assert cfg["sparsity"] == {"algorithm": "sparse-momentum", "density": 0.05, "init_scale": "active-fan-in"}
     o = cfg["optim"]
     assert (o["name"], o["lr"], o["momentum"], o["nesterov"], o["weight_decay"]) == ("sgd", 0.1, 0.9, True, 5e-4)
     assert cfg["lr_schedule"]["kind"] == "step" and cfg["lr_schedule"]["step_size"] == 25000
