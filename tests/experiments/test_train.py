@@ -378,8 +378,9 @@ def test_an_algorithm_that_needs_a_batch_gets_one_without_changing_the_data_orde
 
     snip_like.needs_batch = True
     monkeypatch.setitem(algorithms._entries, "test-needs-batch", snip_like)
-    a = T.train(_config(**{"sparsity.algorithm": "test-needs-batch", "train.epochs": 1}), tmp_path / "b", log=lambda s: None)
-    b = T.train(_config(**{"train.epochs": 1}), tmp_path / "c", log=lambda s: None)
+    same = {"train.epochs": 1, "sparsity.init_scale": "dense"}  # after the switch, so both runs have it
+    a = T.train(_config(**{"sparsity.algorithm": "test-needs-batch", **same}), tmp_path / "b", log=lambda s: None)
+    b = T.train(_config(**same), tmp_path / "c", log=lambda s: None)
     assert seen["shape"] == (100, 1, 8, 8) and math.isfinite(seen["loss"])
     assert _strip_times(a["metrics"]) == _strip_times(b["metrics"])
 
