@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TextIO
 
 from sparselearn.experiments import config as C
+from sparselearn.experiments.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -131,50 +132,10 @@ def echo(line: str = "") -> None:
     print(line, flush=True)
 
 
-class ProgressBar:
-    """The position inside an epoch: on a terminal, one line redrawn in place on ``stream`` and
-    erased at the epoch's end; otherwise (a log file, CI) a plain line every ``every`` steps.
-
-    Called as ``bar(epoch, step, steps_per_epoch, running_loss)`` (the ``progress`` argument of
-    :func:`sparselearn.experiments.train.train`).
-    """
-
-    def __init__(self, stream: TextIO | None = None, every: int = 100, width: int = 24, interval: float = 0.1):
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every, self.width, self.interval = max(int(every), 1), width, interval
-        self._last_draw = 0.0
-        self._epoch_start = 0.0
-        self._shown = 0
-
-    def __call__(self, epoch: int, step: int, total: int, loss) -> None:
-        now = time.monotonic()
-        if step == 1:
-            self._epoch_start = now
-        if not self.tty:
-            if step % self.every == 0 and step < total:
-                print(f"  epoch {epoch} step {step}/{total} loss {float(loss):.4f}", file=self.stream, flush=True)
-            return
-        if step == total:
-            self._erase()
-            return
-        if now - self._last_draw < self.interval:
-            return
-        self._last_draw = now
-        done = int(self.width * step / total)
-        rate = step / max(now - self._epoch_start, 1e-9)
-        eta = (total - step) / rate
-        line = (f"epoch {epoch} [{'#' * done}{'.' * (self.width - done)}] {step}/{total} "
-                f"loss {float(loss):.4f} {rate:.1f} it/s eta {eta:.0f}s")
-        self.stream.write("\r" + line.ljust(self._shown))
-        self.stream.flush()
-        self._shown = len(line)
-
-    def _erase(self) -> None:
-        if self._shown:
-            self.stream.write("\r" + " " * self._shown + "\r")
-            self.stream.flush()
-            self._shown = 0
+def error_line(command: str, e: BaseException) -> str:
+    """The one stderr line of a user error: ``sparselearn <command>: error: <message>``."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    return f"sparselearn {command}: error: {message}"
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
@@ -247,6 +208,11 @@ lr, momentum, beta2, nesterov, weight_decay, label_smoothing), lr_schedule (kind
 gamma, warmup_epochs, min_lr), sparsity (algorithm, density, + algorithm options), train (epochs,
 seed, device, out_dir, log_every). Each run folder gets config.yaml, metrics.jsonl, result.json,
 checkpoint.pt (and TensorBoard events when tensorboard is installed).
+
+A run folder belongs to one config: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>-<hash>,
+the hash covering every key that changes the result. A finished or partly trained run is never
+replaced unless --overwrite is given; --resume continues it. A run that meets a non-finite loss
+stops with exit code 3 and leaves diverged.json instead of result.json.
 """
 
 
@@ -258,9 +224,11 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="train one run per seed (into <out>/seed<k>) and report mean ± standard error")
     r.add_argument("--out", metavar="DIR",
-                   help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>)")
+                   help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>-<hash>)")
     r.add_argument("--resume", action="store_true",
-                   help="continue each run from its last checkpoint (runs without one start afresh)")
+                   help="continue each run of this config from its last checkpoint (an error if none was started)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the runs in the folder (only once the new run's config, data and model are built)")
 
 
 def run_base(config: dict, out: str | None) -> Path:
@@ -272,15 +240,22 @@ def run_base(config: dict, out: str | None) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from sparselearn.experiments import train as train_module
 
+    from sparselearn.experiments.callbacks import Progress
+    from sparselearn.experiments.runs import folder_state
+
     config = config_from_args(args)
     seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [config["train"]["seed"]]
     base = run_base(config, args.out)
+    if args.resume and all(folder_state(base / f"seed{s}").status == "absent" for s in seeds):
+        raise UserError(f"--resume: no run of this config in {base} to continue; drop --resume to start it "
+                        f"(a changed flag such as --density or --lr is another config, in another folder)")
     results = []
     for seed in seeds:
         run_config = C.validate({**config, "train": {**config["train"], "seed": seed}}, check_names=False)
         run_dir = base / f"seed{seed}"
-        bar = ProgressBar(sys.stderr, every=config["train"]["log_every"])
-        result = train_module.train(run_config, run_dir, resume=args.resume, log=echo, progress=bar)
+        progress = Progress(sys.stderr, every=config["train"]["log_every"])
+        result = train_module.train(run_config, run_dir, resume=args.resume, overwrite=args.overwrite,
+                                    log=progress.write, callbacks=[progress])
         results.append(result)
         echo(_format_result(result))
     if len(results) > 1:
@@ -350,19 +325,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in args.algorithms:
         if name != K.DENSE and name not in algorithms:
             raise C.ConfigError(f"unknown algorithm {name!r} in --algorithms; valid: dense, {', '.join(algorithms.names())}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (runs in parallel), got {args.jobs}")
     densities = args.densities or [config["sparsity"]["density"]]
     runs = K.plan(args.algorithms, densities, args.seeds)
     out = Path(args.out) if args.out else Path(config["train"]["out_dir"]) / (
-        f"compare-{config.get('recipe') or 'default'}-{config['model']['name']}")
-    train_args = _passthrough_train_args(args)
-    per_algorithm: dict[str, list[str]] = {}
+        f"compare-{config.get('recipe') or config['data']['name']}-{config['model']['name']}-{C.config_hash(config)[:8]}")
+    per_algorithm: dict[str, list[tuple[str, Any]]] = {}
     for text in args.algorithm_options:
         algo, sep, assignment = text.partition(":")
         if not sep or algo not in args.algorithms:
             raise C.ConfigError(f"--option {text!r}: expected ALGO:KEY=VALUE with ALGO one of {args.algorithms}")
-        C.parse_assignment(assignment)  # fail early on a malformed assignment
-        per_algorithm.setdefault(algo, []).extend(["--set", assignment])
-    failed = K.run_sweep(runs, out, train_args, jobs=args.jobs, log=echo, extra_args=per_algorithm)
+        per_algorithm.setdefault(algo, []).append(C.parse_assignment(assignment))
+    # Every run's config, resolved (and so validated) before the first run starts: the sweep's
+    # flags, then the run's algorithm and density (before --set, so options survive the switch),
+    # then --set, then the algorithm's own --option.
+    shortcuts, sets = _compare_overrides(args)
+    configs = {}
+    for r in runs:
+        pairs = [*shortcuts, *K.run_overrides(r), *sets, *per_algorithm.get(r.algorithm, []), ("train.seed", r.seed)]
+        configs[r] = C.resolve_config(getattr(args, "recipe", None), pairs)
+    failed = K.run_sweep(runs, out, configs, jobs=args.jobs, log=echo)
     rows = K.table_rows(K.collect(runs, out))
     title = args.title or f"{config.get('recipe') or 'default'}: {config['model']['name']} on {config['data']['name']}"
     md, csv_path = K.write_tables(rows, out, title)
@@ -374,20 +357,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _passthrough_train_args(args: argparse.Namespace) -> list[str]:
-    """The config flags of a compare command, handed to each ``sparselearn train`` process."""
-    out: list[str] = []
-    if getattr(args, "recipe", None):
-        out += ["--recipe", args.recipe]
-    for flag, key in SHORTCUTS.items():
-        value = getattr(args, flag, None)
-        if value is not None and key not in ("sparsity.algorithm", "sparsity.density"):
-            out += ["--set", f"{key}={value}"]
-    if getattr(args, "download", None):
-        out += ["--download"]
-    for text in getattr(args, "overrides", []):
-        out += ["--set", text]
-    return out
+def _compare_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """A compare command's config flags: the shortcuts (but the algorithm and density, which each run
+    sets) and ``--download``, then the ``--set`` assignments."""
+    pairs = [(key, value) for key, value in config_overrides(args)]
+    sets = [C.parse_assignment(text) for text in getattr(args, "overrides", [])]
+    shortcuts = pairs[: len(pairs) - len(sets)]
+    return [(k, v) for k, v in shortcuts if k not in ("sparsity.algorithm", "sparsity.density")], sets
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,12 +428,20 @@ add_subcommand("compare", configure_compare, cmd_compare,
 # ------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparselearn",
         description="Train sparse neural networks: Sparse Momentum and structured pruning, the papers' settings.",
         epilog="start with: sparselearn train",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=command.help.replace("%", "%%"), description=command.help)
@@ -475,12 +459,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
-    except (C.ConfigError, FileNotFoundError, ImportError) as e:
-        print(f"sparselearn {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError, OSError, ImportError) as e:
+        # User errors (bad arguments and config values, files, folders, the network) are one line;
+        # an OSError or ValueError that got this far is reported the same way, as it names its file.
+        if args.debug:
+            raise
+        print(error_line(args.command, e), file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("\ninterrupted; continue the run with the same command and --resume", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"\ninterrupted; {INTERRUPT_ADVICE.get(args.command, 'nothing was lost')}", file=sys.stderr)
         return 130
+
+
+#: What to do after Ctrl-C, per command (only flags that command takes).
+INTERRUPT_ADVICE = {
+    "train": "continue the run with the same command and --resume",
+    "compare": "run the same command again: finished runs are kept and unfinished ones resume",
+}
 
 
 if __name__ == "__main__":

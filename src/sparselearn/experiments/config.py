@@ -41,10 +41,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
+from sparselearn.experiments.errors import UserError
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key is unknown or has a bad value; the message names the key."""
 
 
@@ -550,12 +552,17 @@ def changed_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 
 def run_name(config: Mapping[str, Any]) -> str:
-    """``<recipe or default>-<model>-<algorithm>-d<density>`` (``...-dense`` for dense runs): the
-    deterministic folder name under ``train.out_dir``, so ``--resume`` finds an earlier run."""
-    recipe = config.get("recipe") or "default"
+    """``<recipe or data set>-<model>-<algorithm>-d<density>-<hash>`` (``...-dense-<hash>`` for
+    dense runs): the folder under ``train.out_dir`` of this config's runs.
+
+    The readable part is for people; the hash (the first 8 digits of :func:`config_hash`) covers
+    every key that changes the result -- data set, learning rate, epochs, every option -- so two
+    configs never share a folder, and the same config (whatever the seed, device or output
+    settings) always finds its folder again for ``--resume``."""
+    head = config.get("recipe") or config["data"]["name"]
     algorithm = config["sparsity"]["algorithm"]
     tail = "dense" if algorithm == "dense" else f"{algorithm}-d{config['sparsity']['density']:g}"
-    return f"{recipe}-{config['model']['name']}-{tail}"
+    return f"{head}-{config['model']['name']}-{tail}-{config_hash(config)[:8]}"
 
 
 def to_yaml(config: Mapping[str, Any]) -> str:
