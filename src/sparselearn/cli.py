@@ -320,6 +320,7 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sparselearn.core.algorithms import algorithms
     from sparselearn.experiments import compare as K
+    from sparselearn.experiments.train import check_option_types
 
     config = config_from_args(args)  # validates the recipe and the overrides once, up front
     for name in args.algorithms:
@@ -345,6 +346,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for r in runs:
         pairs = [*shortcuts, *K.run_overrides(r), *sets, *per_algorithm.get(r.algorithm, []), ("train.seed", r.seed)]
         configs[r] = C.resolve_config(getattr(args, "recipe", None), pairs)
+        check_option_types(configs[r])
     failed = K.run_sweep(runs, out, configs, jobs=args.jobs, log=echo)
     rows = K.table_rows(K.collect(runs, out))
     title = args.title or f"{config.get('recipe') or 'default'}: {config['model']['name']} on {config['data']['name']}"
@@ -383,19 +385,32 @@ def cmd_fgsm(args: argparse.Namespace) -> int:
 
     from sparselearn.analysis.fgsm import fgsm_accuracy
     from sparselearn.experiments.checkpoint import load_checkpoint, write_json
-    from sparselearn.experiments.data import load_dataset, make_loader
+    from sparselearn.experiments.data import make_loader
     from sparselearn.experiments.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
     from sparselearn.experiments.models import create_model
 
+    from sparselearn.experiments.runs import folder_state
+    from sparselearn.experiments.train import load_data
+
+    for e in args.epsilons:
+        if not 0.0 <= e <= 1.0:
+            raise UserError(f"--epsilons: {e:g} is not in [0, 1] (a perturbation size in pixel units)")
     epsilons = [0.0, *[e for e in args.epsilons if e != 0.0]]
+    for run_dir in map(Path, args.run_dirs):  # every folder checked before the first evaluation
+        state = folder_state(run_dir).status
+        if state == "absent" or not (run_dir / "checkpoint.pt").exists():
+            raise UserError(f"{run_dir}: not a run folder (no config.yaml and checkpoint.pt); pass a folder such as "
+                            f"runs/<run>/seed0")
+        if state == "diverged":
+            raise UserError(f"{run_dir}: the run diverged (see diverged.json); there is no trained model to attack")
+        if state != "finished":
+            raise UserError(f"{run_dir}: the run is unfinished (no result.json); finish it with the same "
+                            f"`sparselearn train ... --resume` first")
     rows = []
     for run_dir in map(Path, args.run_dirs):
-        if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml (is it a finished run folder?)")
         cfg = C.load_config(run_dir / "config.yaml", check_names=False)
         data = cfg["data"]
-        splits = load_dataset(data["name"], root=data["root"], download=data["download"],
-                              val_fraction=data["val_fraction"], seed=data["split_seed"], augment=False)
+        splits = load_data({**data, "augment": False})
         model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
                              **C.model_options(cfg))
         model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])

@@ -225,3 +225,49 @@ def test_temporaries_of_a_killed_save_are_removed_by_the_next_run(tmp_path):
     T.train(cfg, folder, resume=True, log=lambda s: None)
     assert not stale.exists()
     assert not list(folder.glob(".*.tmp"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (dead, not yet reaped by its parent) is no writer
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_sweep_resumed_has_one_writer_per_run(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sparselearn", "compare", "--algorithms", "static", "set", "--seeds", "0",
+           "--epochs", 20, "--jobs", 2, "--out", out]
+    sweep = subprocess.Popen([str(c) for c in cmd], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    folders = [out / "static-d0.05" / "seed0", out / "set-d0.05" / "seed0"]
+    t0, workers = time.monotonic(), {}
+    while len(workers) < 2 and time.monotonic() - t0 < 90:
+        for f in folders:
+            pid = runs.lock_holder(f)
+            if pid and (f / "checkpoint.pt").exists():
+                workers[f] = pid
+        assert sweep.poll() is None, sweep.communicate()
+        time.sleep(0.05)
+    assert len(workers) == 2 and sweep.pid not in workers.values()
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    t0 = time.monotonic()
+    while any(_alive(p) for p in workers.values()) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers.values()), "the sweep's workers outlived it"
+    assert all(runs.lock_holder(f) is None for f in folders)
+
+    again = subprocess.run([str(c) for c in cmd], env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "0 of 2 runs already done" in again.stdout
+    for f in folders:
+        epochs = [json.loads(l)["epoch"] for l in (f / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(1, 21))  # one writer: every epoch once, in order
+        log = (f / "train.log").read_text()
+        assert f"taking over {f} from process {workers[f]}" in log and "resumed from epoch" in log
+        assert json.loads((f / "result.json").read_text())["epochs"] == 20

@@ -581,7 +581,11 @@ _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,20
 
 def load_config(path: str | Path, check_names: bool = True) -> dict:
     """Reads and validates a saved ``config.yaml`` (a run folder's resolved config)."""
-    body = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        body = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({type(e).__name__}); restore it, or start "
+                          f"the run over with --overwrite") from None
     if not isinstance(body, dict):
         raise ConfigError(f"{path}: must be a mapping of sections")
     return validate(body, check_names=check_names)

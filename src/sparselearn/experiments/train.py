@@ -481,6 +481,16 @@ def checked_options(factory: Callable, options: Mapping[str, Any], section: str)
     return out
 
 
+def check_option_types(cfg: Mapping[str, Any]) -> None:
+    """:func:`checked_options` for a config's model and algorithm options, without building anything
+    (a sweep checks all its runs' configs before the first run starts)."""
+    from sparselearn.experiments.models.registry import MODELS
+
+    checked_options(MODELS.get(cfg["model"]["name"]), model_options(cfg), "model")
+    if cfg["sparsity"]["algorithm"] != "dense":
+        checked_options(algorithms.get(cfg["sparsity"]["algorithm"]), sparsity_options(cfg), "sparsity")
+
+
 def _option_error(section: str, name: str, err: TypeError) -> Exception:
     m = re.search(r"unexpected keyword argument '(\w+)'", str(err))
     if m is None:
