@@ -202,12 +202,7 @@ TRAIN_EXAMPLES = """examples:
   sparselearn train --recipe cifar10-wrn-28-2 --density 0.05 --set optim.lr=0.05 --set sparsity.prune_rate=0.3
   sparselearn train --recipe cifar10-vgg16-d --algorithm dense --resume
 
-config sections and keys (--set SECTION.KEY=VALUE): model (name, + model options), data (name, root,
-download, batch_size, eval_batch_size, val_fraction, split_seed, augment, num_workers), optim (name,
-lr, momentum, beta2, nesterov, weight_decay, label_smoothing), lr_schedule (kind, step_size, milestones,
-gamma, warmup_epochs, min_lr), sparsity (algorithm, density, + algorithm options), train (epochs,
-seed, device, out_dir, log_every). Each run folder gets config.yaml, metrics.jsonl, result.json,
-checkpoint.pt (and TensorBoard events when tensorboard is installed).
+{schema}
 
 A run folder belongs to one config: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>-<hash>,
 the hash covering every key that changes the result. A finished or partly trained run is never
@@ -216,8 +211,23 @@ stops with exit code 3 and leaves diverged.json instead of result.json.
 """
 
 
+def _schema_keys() -> str:
+    """``model (name, + options), data (name, root, ...)``: the sections and keys of the schema."""
+    sections: dict[str, list[str]] = {}
+    for key in C.FIELDS:
+        section, name = key.split(".")
+        sections.setdefault(section, []).append(name)
+    return ", ".join(f"{s} ({', '.join(names)}{', + options' if s in C.OPEN_SECTIONS else ''})"
+                     for s, names in sections.items())
+
+
 def configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = TRAIN_EXAMPLES
+    import textwrap
+
+    schema = (f"config sections and keys (--set SECTION.KEY=VALUE): {_schema_keys()}. Each run folder gets "
+              f"config.yaml, metrics.jsonl, result.json, checkpoint.pt (and TensorBoard events when tensorboard "
+              f"is installed).")
+    parser.epilog = TRAIN_EXAMPLES.replace("{schema}", textwrap.fill(schema, 100))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_arguments(parser)
     r = parser.add_argument_group("runs")

@@ -467,3 +467,20 @@ def test_digits_run_without_a_terminal_prints_progress_lines(tmp_path):
     T.train(_config(**{"train.log_every": 10}), tmp_path / "p", log=lambda l: None, callbacks=[Progress(s, every=10)])
     lines = s.getvalue().splitlines()
     assert len(lines) == 3 and lines[0].startswith("  step 10/39 (epoch 1/3)")  # 3 epochs x 13 steps
+
+
+# ------------------------------------------------------------------------------------------------
+# the one schema
+
+
+def test_the_defaults_come_from_the_one_schema_and_validate():
+    assert C.resolve_config() == C.validate(C.DEFAULTS)
+    for key, field in C.FIELDS.items():
+        assert C.get_key(C.DEFAULTS, key) == field.default, key
+
+
+@pytest.mark.parametrize("key", [k for k in C.FIELDS if k.split(".")[0] not in C.OPEN_SECTIONS])
+def test_a_typo_of_every_closed_key_gets_a_did_you_mean(key):
+    typo = key[:-1] + key[-1] * 2  # optim.lr -> optim.lrr
+    with pytest.raises(C.ConfigError, match=f"did you mean '{key}'"):
+        C.resolve_config(overrides={typo: 1})
