@@ -271,3 +271,88 @@ def test_a_killed_sweep_resumed_has_one_writer_per_run(tmp_path):
         log = (f / "train.log").read_text()
         assert f"taking over {f} from process {workers[f]}" in log and "resumed from epoch" in log
         assert json.loads((f / "result.json").read_text())["epochs"] == 20
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. kill -9 at random moments, resume: bitwise the uninterrupted run
+
+
+def _same_state(a: dict, b: dict) -> None:
+    for section in ("model",):
+        for k in a[section]:
+            assert torch.equal(a[section][k], b[section][k]), k
+    for k in a["sparsifier"]["masks"]:
+        assert torch.equal(a["sparsifier"]["masks"][k], b["sparsifier"]["masks"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+    assert torch.equal(a["data_generator"], b["data_generator"])
+
+
+def test_kill_9_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
+    import random
+
+    rng = random.Random(9)
+    epochs = 12
+    full = T.train(C.resolve_config(overrides={"train.epochs": epochs}), tmp_path / "full" / "seed0",
+                   log=lambda s: None)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sparselearn", "train", "--epochs", str(epochs), "--out", str(out)]
+    kills = 0
+    for attempt in range(8):
+        argv = cmd + (["--resume"] if attempt else [])
+        p = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t0 = time.monotonic()
+        while runs.lock_holder(out / "seed0") != p.pid and p.poll() is None and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+        if attempt < 3:  # the last tries run to the end
+            time.sleep(rng.uniform(0.0, 0.6))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = p.communicate(timeout=120)
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, err.decode()
+    assert p.returncode == 0 and kills >= 2
+    resumed = json.loads((out / "seed0" / "result.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
+    assert strip(resumed["metrics"]) == strip(full["metrics"])
+    _same_state(CK.load_checkpoint(tmp_path / "full" / "seed0" / "checkpoint.pt"),
+                CK.load_checkpoint(out / "seed0" / "checkpoint.pt"))
+    assert not list((out / "seed0").glob(".*.tmp"))
+
+
+def test_interrupted_mid_epoch_at_random_steps_resumes_bitwise(tmp_path):
+    """Ten stops at random optimizer steps (not only at epoch ends), each resumed from the last
+    checkpoint: the same weights, masks, momentum and data order as the uninterrupted run."""
+    import random
+
+    from sparselearn.experiments.callbacks import Callback
+
+    rng = random.Random(11)
+    cfg = C.resolve_config(overrides={"train.epochs": 4, "sparsity.density": 0.1})
+    full = T.train(cfg, tmp_path / "full", log=lambda s: None)
+
+    class StopAfter(Callback):
+        def __init__(self, steps):
+            self.steps = steps
+
+        def on_fit_start(self, run):  # ``None``: run to the end; else stop before it, always
+            self.target = None if self.steps is None else min(run.step + self.steps, run.total_steps - 1)
+
+        def on_step_end(self, run, loss):
+            if run.step == self.target:
+                raise KeyboardInterrupt
+
+    stops, done = 0, None
+    while done is None:
+        after = rng.randint(1, 20) if stops < 10 else None
+        try:
+            done = T.train(cfg, tmp_path / "part", resume=stops > 0, log=lambda s: None, callbacks=[StopAfter(after)])
+        except KeyboardInterrupt:
+            stops += 1
+    assert stops == 10
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
+    assert strip(done["metrics"]) == strip(full["metrics"])
+    _same_state(CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
+                CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt"))
