@@ -24,8 +24,10 @@ arguments to an ``argparse`` parser and a handler ``(args) -> exit code``::
 
     add_subcommand("compare", configure, run, help="algorithm x density x seed sweeps")
 
-This module owns the console: the experiment code reports through the ``log`` and ``progress``
-callables it is given.
+This module owns the console: the experiment code reports through the ``log`` callable and the
+:class:`~sparselearn.experiments.callbacks.Progress` callback it is given. User errors
+(:class:`~sparselearn.experiments.errors.UserError`, ``ValueError``, ``OSError``) are caught once, in
+:func:`main`, and printed as one line with exit code 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -33,10 +35,9 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence
 
 from sparselearn.experiments import config as C
 from sparselearn.experiments.errors import UserError
@@ -330,7 +331,6 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sparselearn.core.algorithms import algorithms
     from sparselearn.experiments import compare as K
-    from sparselearn.experiments.train import check_option_types
 
     config = config_from_args(args)  # validates the recipe and the overrides once, up front
     for name in args.algorithms:
@@ -348,15 +348,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not sep or algo not in args.algorithms:
             raise C.ConfigError(f"--option {text!r}: expected ALGO:KEY=VALUE with ALGO one of {args.algorithms}")
         per_algorithm.setdefault(algo, []).append(C.parse_assignment(assignment))
-    # Every run's config, resolved (and so validated) before the first run starts: the sweep's
-    # flags, then the run's algorithm and density (before --set, so options survive the switch),
-    # then --set, then the algorithm's own --option.
     shortcuts, sets = _compare_overrides(args)
-    configs = {}
-    for r in runs:
-        pairs = [*shortcuts, *K.run_overrides(r), *sets, *per_algorithm.get(r.algorithm, []), ("train.seed", r.seed)]
-        configs[r] = C.resolve_config(getattr(args, "recipe", None), pairs)
-        check_option_types(configs[r])
+    configs = K.sweep_configs(runs, getattr(args, "recipe", None), shortcuts, sets, per_algorithm)
     failed = K.run_sweep(runs, out, configs, jobs=args.jobs, log=echo)
     rows = K.table_rows(K.collect(runs, out))
     title = args.title or f"{config.get('recipe') or 'default'}: {config['model']['name']} on {config['data']['name']}"

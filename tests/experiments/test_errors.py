@@ -184,17 +184,27 @@ def test_a_full_disk_names_the_file_and_the_remedy(files, capsys, monkeypatch):
     assert not list((files / "full" / "seed0").glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("argv, named, debug", [
-    (["train", "--epochs", "1", "--set", "sparsity.prune_rat=0.3"], "sparsity.prune_rat", False),
-    (["compare", "--algorithms", "static", "--jobs", "0"], "--jobs", True),
-])
-def test_a_real_process_prints_one_line_and_exits_2(tmp_path, argv, named, debug):
+def test_a_real_process_prints_one_line_and_exits_2_and_debug_shows_the_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "SPARSELEARN_DATA": str(tmp_path / "cache")}
+    argv = ["train", "--epochs", "1", "--set", "sparsity.prune_rat=0.3"]
     p = subprocess.run([sys.executable, "-m", "sparselearn", *argv], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2
-    assert len(p.stderr.strip().splitlines()) == 1 and named in p.stderr and "Traceback" not in p.stderr
-    if debug:
-        d = subprocess.run([sys.executable, "-m", "sparselearn", "--debug", *argv], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
-        assert d.returncode != 0 and "Traceback" in d.stderr  # --debug shows where it came from
+    assert len(p.stderr.strip().splitlines()) == 1 and "sparsity.prune_rat" in p.stderr and "Traceback" not in p.stderr
+    d = subprocess.run([sys.executable, "-m", "sparselearn", "--debug", "compare", "--algorithms", "static", "--jobs",
+                        "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert d.returncode != 0 and "Traceback" in d.stderr and "--jobs" in d.stderr  # where it came from
+
+
+@pytest.mark.parametrize("command, advice", [("compare", "run the same command again"), ("train", "--resume")])
+def test_ctrl_c_advises_only_what_the_command_takes(monkeypatch, capsys, command, advice):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+    sub = cli.SUBCOMMANDS[command]
+    cli.SUBCOMMANDS[command] = cli.Subcommand(sub.configure, interrupted, sub.help)
+    argv = [command] + (["--algorithms", "static"] if command == "compare" else [])
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert advice in err and (command == "train" or "--resume" not in err)

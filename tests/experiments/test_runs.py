@@ -150,16 +150,18 @@ def _wait_for_lock(folder: Path, proc: subprocess.Popen, timeout: float = 60) ->
     raise AssertionError("the training process never took its lock")
 
 
-def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path):
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "busy"
-    cmd = [sys.executable, "-m", "sparselearn", "train", "--epochs", 2000, "--out", out]
-    first = subprocess.Popen([str(c) for c in cmd], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-m", "sparselearn", "train", "--epochs", "2000", "--out", str(out)]
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         pid = _wait_for_lock(out / "seed0", first)
-        second = subprocess.run([str(c) for c in cmd + ["--resume"]], env=_env(), capture_output=True, text=True,
-                                timeout=120)
-        line = one_line(second.stderr)
-        assert second.returncode == 2 and f"in use by process {pid}" in line
+        before = (out / "seed0" / "config.yaml").read_bytes()
+        # a second writer (this process) on the folder the running one holds
+        code, _, err = main(["train", "--epochs", 2000, "--out", out, "--resume"], capsys)
+        line = one_line(err)
+        assert code == 2 and f"in use by process {pid}" in line
+        assert (out / "seed0" / "config.yaml").read_bytes() == before and first.poll() is None
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -239,21 +241,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_killed_sweep_resumed_has_one_writer_per_run(tmp_path):
+def test_a_killed_sweep_resumed_has_one_writer_per_run(tmp_path, capsys):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sparselearn", "compare", "--algorithms", "static", "set", "--seeds", "0",
-           "--epochs", 20, "--jobs", 2, "--out", out]
+           "--epochs", 8, "--jobs", 1, "--out", out]  # one worker: the cheapest sweep that shows it
     sweep = subprocess.Popen([str(c) for c in cmd], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     folders = [out / "static-d0.05" / "seed0", out / "set-d0.05" / "seed0"]
     t0, workers = time.monotonic(), {}
-    while len(workers) < 2 and time.monotonic() - t0 < 90:
+    # kill -9 the sweep once its worker is training a run (has written a checkpoint)
+    while time.monotonic() - t0 < 90:
         for f in folders:
             pid = runs.lock_holder(f)
             if pid and (f / "checkpoint.pt").exists():
                 workers[f] = pid
+        if workers:
+            break
         assert sweep.poll() is None, sweep.communicate()
-        time.sleep(0.05)
-    assert len(workers) == 2 and sweep.pid not in workers.values()
+        time.sleep(0.02)
+    assert workers and sweep.pid not in workers.values()
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
     t0 = time.monotonic()
@@ -261,16 +266,20 @@ def test_a_killed_sweep_resumed_has_one_writer_per_run(tmp_path):
         time.sleep(0.05)
     assert not any(_alive(p) for p in workers.values()), "the sweep's workers outlived it"
     assert all(runs.lock_holder(f) is None for f in folders)
+    killed = {f: pid for f, pid in workers.items() if not (f / "result.json").exists()}
+    assert killed, "no run was killed mid-way"
 
-    again = subprocess.run([str(c) for c in cmd], env=_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert "0 of 2 runs already done" in again.stdout
+    done_before = sum((f / "result.json").exists() for f in folders)
+    code, stdout, err = main(cmd[3:], capsys)  # the same sweep again (its workers: real processes)
+    assert code == 0, err
+    assert f"{done_before} of 2 runs already done" in stdout
     for f in folders:
         epochs = [json.loads(l)["epoch"] for l in (f / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == list(range(1, 21))  # one writer: every epoch once, in order
-        log = (f / "train.log").read_text()
-        assert f"taking over {f} from process {workers[f]}" in log and "resumed from epoch" in log
-        assert json.loads((f / "result.json").read_text())["epochs"] == 20
+        assert epochs == list(range(1, 9))  # one writer: every epoch once, in order
+        if f in killed:
+            log = (f / "train.log").read_text()
+            assert f"taking over {f} from process {killed[f]}" in log and "resumed from epoch" in log
+        assert json.loads((f / "result.json").read_text())["epochs"] == 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,22 +307,20 @@ def test_kill_9_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(t
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sparselearn", "train", "--epochs", str(epochs), "--out", str(out)]
     kills = 0
-    for attempt in range(8):
-        argv = cmd + (["--resume"] if attempt else [])
-        p = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for attempt in range(2):  # two real processes, each killed at a random moment of its training
+        p = subprocess.Popen(cmd + (["--resume"] if attempt else []), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
         t0 = time.monotonic()
         while runs.lock_holder(out / "seed0") != p.pid and p.poll() is None and time.monotonic() - t0 < 60:
             time.sleep(0.01)
-        if attempt < 3:  # the last tries run to the end
-            time.sleep(rng.uniform(0.0, 0.6))
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                kills += 1
+        time.sleep(rng.uniform(0.0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
         _, err = p.communicate(timeout=120)
-        if p.returncode == 0:
-            break
-        assert p.returncode == -signal.SIGKILL, err.decode()
-    assert p.returncode == 0 and kills >= 2
+        assert p.returncode in (0, -signal.SIGKILL), err.decode()
+    assert kills == 2
+    T.train(C.resolve_config(overrides={"train.epochs": epochs}), out / "seed0", resume=True, log=lambda s: None)
     resumed = json.loads((out / "seed0" / "result.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
     assert strip(resumed["metrics"]) == strip(full["metrics"])

@@ -80,6 +80,34 @@ def run_overrides(run: Run) -> list[tuple[str, Any]]:
     return pairs
 
 
+def sweep_configs(
+    runs: Sequence[Run],
+    recipe: Optional[str] = None,
+    shortcuts: Sequence[tuple[str, Any]] = (),
+    sets: Sequence[tuple[str, Any]] = (),
+    per_algorithm: Optional[Mapping[str, Sequence[tuple[str, Any]]]] = None,
+) -> dict[Run, dict]:
+    """Every run's resolved config, validated before the first run starts.
+
+    Applied in order: the recipe, the sweep's ``shortcuts`` (flags such as ``--lr``), the run's
+    algorithm and density (before ``sets``, so options given with ``--set`` survive the switch),
+    ``sets``, the algorithm's own ``per_algorithm`` overrides, the seed.
+
+    Raises:
+        ConfigError: a bad key or value in any run's config (the message names it).
+    """
+    from sparselearn.experiments.config import resolve_config
+    from sparselearn.experiments.train import check_option_types
+
+    configs = {}
+    for r in runs:
+        pairs = [*shortcuts, *run_overrides(r), *sets, *(per_algorithm or {}).get(r.algorithm, ()),
+                 ("train.seed", r.seed)]
+        configs[r] = resolve_config(recipe, pairs)
+        check_option_types(configs[r])
+    return configs
+
+
 #: ``runner(config, run_dir) -> {"status": "finished"|"diverged"|"failed", "error": str}``.
 Runner = Callable[[dict, Path], dict]
 
