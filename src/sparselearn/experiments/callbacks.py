@@ -25,6 +25,7 @@ A callback that raises stops the run at that point (as a kill would: the last ch
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Mapping, Optional, TextIO
@@ -168,8 +169,13 @@ class Progress(Callback):
         if self.tty:
             from tqdm import tqdm
 
+            try:  # a pseudo-terminal may report a 0x0 size: tqdm would then hide the bar
+                size = os.get_terminal_size(self.stream.fileno())
+                shape = dict(dynamic_ncols=True) if size.columns and size.lines else dict(ncols=100, nrows=24)
+            except (AttributeError, OSError, ValueError):
+                shape = dict(ncols=100, nrows=24)
             self.bar = tqdm(total=run.total_steps, initial=run.step, file=self.stream, unit="step",
-                            dynamic_ncols=True, leave=False, smoothing=0.05,
+                            **shape, leave=False, smoothing=0.05,
                             mininterval=self.interval, miniters=1 if self.interval == 0 else None)
 
     def on_step_end(self, run, loss) -> None:
