@@ -474,9 +474,10 @@ def test_digits_run_without_a_terminal_prints_progress_lines(tmp_path):
 
 
 def test_the_defaults_come_from_the_one_schema_and_validate():
-    assert C.resolve_config() == C.validate(C.DEFAULTS)
+    validated, resolved = C.validate(C.DEFAULTS), C.resolve_config()
     for key, field in C.FIELDS.items():
         assert C.get_key(C.DEFAULTS, key) == field.default, key
+        assert C.get_key(validated, key) == C.get_key(resolved, key) == field.default, key
 
 
 @pytest.mark.parametrize("key", [k for k in C.FIELDS if k.split(".")[0] not in C.OPEN_SECTIONS])
