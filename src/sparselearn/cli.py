@@ -32,13 +32,12 @@ This module owns the console: the experiment code reports through the ``log`` ca
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from sparselearn.analysis.stats import mean_stderr
 from sparselearn.experiments import config as C
 from sparselearn.experiments.errors import UserError
 
@@ -139,17 +138,6 @@ def error_line(command: str, e: BaseException) -> str:
     return f"sparselearn {command}: error: {message}"
 
 
-def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean and standard error (sample standard deviation / sqrt(n)) of ``values``, as the papers'
-    tables report repeats; the standard error is ``None`` for a single value."""
-    if not values:
-        return math.nan, None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, statistics.stdev(values) / math.sqrt(len(values))
-
-
 SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
 
 
@@ -240,6 +228,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
                    help="continue each run of this config from its last checkpoint (an error if none was started)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the runs in the folder (only once the new run's config, data and model are built)")
+    r.add_argument("--report", nargs="?", const="", default=None, metavar="HTML",
+                   help="write the HTML report of the runs at the end (default <out>/report.html)")
 
 
 def run_base(config: dict, out: str | None) -> Path:
@@ -276,6 +266,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_json(base / "summary.json", summary)
         echo(format_summary(summary))
         echo(f"summary written to {base / 'summary.json'}")
+    if args.report is not None:
+        echo(f"report written to {cli_analysis.report_for_runs(base, args.report)}")
     return 0
 
 
@@ -326,6 +318,23 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--title", default="", help="table title")
     c.add_argument("--option", dest="algorithm_options", action="append", default=[], metavar="ALGO:KEY=VALUE",
                    help="a config override for one algorithm's runs only, e.g. deepr:sparsity.temperature=1e-8")
+
+
+def _passthrough_train_args(args: argparse.Namespace) -> list[str]:
+    """The config flags of a sweep command as ``sparselearn train`` arguments (``--recipe``,
+    ``--set``, ``--download``), for sweeps that pass them on (see ``compare.configs_from_train_args``)."""
+    out: list[str] = []
+    if getattr(args, "recipe", None):
+        out += ["--recipe", args.recipe]
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None and key not in ("sparsity.algorithm", "sparsity.density"):
+            out += ["--set", f"{key}={value}"]
+    if getattr(args, "download", None):
+        out += ["--download"]
+    for text in getattr(args, "overrides", []):
+        out += ["--set", text]
+    return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -387,13 +396,11 @@ def cmd_fgsm(args: argparse.Namespace) -> int:
     import torch
 
     from sparselearn.analysis.fgsm import fgsm_accuracy
-    from sparselearn.experiments.checkpoint import load_checkpoint, write_json
+    from sparselearn.cli_analysis import load_trained
+    from sparselearn.experiments.checkpoint import write_json
     from sparselearn.experiments.data import make_loader
     from sparselearn.experiments.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-    from sparselearn.experiments.models import create_model
-
     from sparselearn.experiments.runs import folder_state
-    from sparselearn.experiments.train import load_data
 
     for e in args.epsilons:
         if not 0.0 <= e <= 1.0:
@@ -411,13 +418,8 @@ def cmd_fgsm(args: argparse.Namespace) -> int:
                             f"`sparselearn train ... --resume` first")
     rows = []
     for run_dir in map(Path, args.run_dirs):
-        cfg = C.load_config(run_dir / "config.yaml", check_names=False)
+        cfg, splits, model = load_trained(run_dir, args.device)
         data = cfg["data"]
-        splits = load_data({**data, "augment": False})
-        model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
-                             **C.model_options(cfg))
-        model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
-        model.to(args.device)
         mean, std = getattr(splits.test, "mean", None), getattr(splits.test, "std", None)
         if mean is None and data["name"] in ("imagenet", "tiny-imagenet"):
             mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
@@ -441,6 +443,9 @@ add_subcommand("fgsm", configure_fgsm, cmd_fgsm,
                help="test accuracy of trained runs on their own FGSM adversarial examples (Starfire Table 3)")
 add_subcommand("compare", configure_compare, cmd_compare,
                help="algorithms x densities x seeds on one recipe -> a paper-style table (Markdown and CSV)")
+from sparselearn import cli_analysis  # noqa: E402  (report, specialization, dense-equivalent)
+for _command in cli_analysis.COMMANDS:
+    add_subcommand(*_command)
 
 
 # ------------------------------------------------------------------------------------------------

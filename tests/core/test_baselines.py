@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparselearn.core import baselines
+from sparselearn.core.updaters import prune_regrow
 from sparselearn.core.algorithms import algorithms
-from sparselearn.core.baselines import deepr, dsr, snip, uniform_pick
+from sparselearn.core.algorithms import deepr, dsr, snip
+from sparselearn.core.ops import uniform_pick
 
 
 def mlp(seed=0, dims=(12, 16, 10, 4)):
@@ -37,9 +38,9 @@ def counts(sp):
 
 
 def test_registered_with_the_uniform_factory_signature():
-    assert algorithms.get("dsr") is dsr and algorithms.get("deepr") is deepr and algorithms.get("snip") is snip
-    assert snip.needs_batch is True
-    assert not getattr(dsr, "needs_batch", False) and not getattr(deepr, "needs_batch", False)
+    assert algorithms.get("dsr").factory is dsr and algorithms.get("deepr").factory is deepr
+    assert algorithms.get("snip").factory is snip and algorithms.get("snip").needs_batch is True
+    assert not algorithms.get("dsr").needs_batch and not algorithms.get("deepr").needs_batch
 
 
 # ================================================================================================ DSR
@@ -52,7 +53,7 @@ def test_dsr_prunes_exactly_the_active_weights_below_H_and_reallocates_by_surviv
     model = _two_layer()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = dsr(model, opt, density=0.25, update_every=1, target_pruned=5, initial_threshold=0.1, seed=0)
-    assert counts(sp) == [20, 12] and sp.target_active == 32
+    assert counts(sp) == [20, 12] and sp.budget == 32
     w0, w1 = model[0].weight, model[1].weight
     with torch.no_grad():  # active magnitudes: 0.5 everywhere except the hand-set small ones
         for w, m in ((w0, sp.masks["0.weight"]), (w1, sp.masks["1.weight"])):
@@ -73,10 +74,10 @@ def test_dsr_prunes_exactly_the_active_weights_below_H_and_reallocates_by_surviv
     stats = sp.last_update
     assert stats["threshold"] == 0.1 and stats["removed"] == 8
     # K = 8 > (1 + 0.1) * N_p = 5.5: H halves for the next update
-    assert stats["next_threshold"] == 0.05 and sp.updater.threshold == 0.05
+    assert stats["next_threshold"] == 0.05 and sp.updater.drop.threshold == 0.05
     # survivors 14 and 10: 8 * 14/24 = 4.67, 8 * 10/24 = 3.33 -> floors 4, 3; the leftover unit to 0.67
-    assert stats["regrown"] == {"0.weight": 5, "1.weight": 3}
-    assert counts(sp) == [19, 13] and sum(counts(sp)) == sp.target_active == 32
+    assert {n: l["grown"] for n, l in stats["layers"].items()} == {"0.weight": 5, "1.weight": 3}
+    assert counts(sp) == [19, 13] and sum(counts(sp)) == sp.budget == 32
     for name, small, n_grown in (("0.weight", small0, 5), ("1.weight", small1, 3)):
         old_mask, old_w = before[name]
         mask, w = sp.masks[name].flatten(), sp.parameters()[name].detach().flatten()
@@ -88,6 +89,7 @@ def test_dsr_prunes_exactly_the_active_weights_below_H_and_reallocates_by_surviv
         assert bool(mask[kept].all())
         grown = mask & ~kept
         assert int(grown.sum()) == n_grown and bool((w[grown] == 0).all())  # regrown at zero
+        assert not bool((grown & removed).any())  # DSR: the weights just pruned do not come back at once
         assert bool((w[~mask] == 0).all())
 
 
@@ -105,7 +107,7 @@ def test_dsr_weight_pruned_and_regrown_at_once_restarts_from_zero_with_fresh_sta
         w.view(-1)[[3, 7, 11]] = torch.tensor([0.01, -0.02, 0.03])
     w.grad = None
     opt.step()  # the update: 3 below H, the only free places are those 3 -> regrown there
-    assert sp.last_update["removed"] == 3 and sp.last_update["regrown"] == {"0.weight": 3}
+    assert sp.last_update["removed"] == 3 and sp.last_update["layers"]["0.weight"]["pruned"] == 0
     assert bool(sp.masks["0.weight"].all())
     buf = opt.state[w]["momentum_buffer"].flatten()
     assert bool((w.detach().flatten()[[3, 7, 11]] == 0).all()) and bool((buf[[3, 7, 11]] == 0).all())
@@ -113,10 +115,10 @@ def test_dsr_weight_pruned_and_regrown_at_once_restarts_from_zero_with_fresh_sta
 
 
 def test_dsr_threshold_doubles_or_halves_by_the_tolerance_band():
-    u = baselines.DSRUpdater(update_every=1, target_pruned=100, initial_threshold=1.0)
+    u = prune_regrow.ThresholdDrop(target_pruned=100, initial_threshold=1.0)
     for removed, factor in ((89, 2.0), (90, 1.0), (100, 1.0), (110, 1.0), (111, 0.5), (0, 2.0), (500, 0.5)):
         u.threshold = 1.0
-        assert u.adapt_threshold(removed) == factor, removed
+        assert u.adapt(removed) == factor, removed
     # in a run: nothing below H -> K = 0 < 0.9 N_p -> H doubles, and nothing moves
     model = _two_layer()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -128,7 +130,7 @@ def test_dsr_threshold_doubles_or_halves_by_the_tolerance_band():
     opt.step()
     assert sp.last_update == {}  # not due at step 1
     opt.step()
-    assert sp.last_update["removed"] == 0 and sp.updater.threshold == 2e-6
+    assert sp.last_update["removed"] == 0 and sp.updater.drop.threshold == 2e-6
     assert all(torch.equal(masks[n], sp.masks[n]) for n in masks)
 
 
@@ -137,12 +139,12 @@ def test_dsr_default_target_and_period_and_errors():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sp = dsr(model, opt, density=0.2, steps_per_epoch=7, epochs=3)
     u = sp.updater
-    assert u.target_pruned == round(0.1 * sp.target_active) and u.next_step == 7 and u.stop_step == 21
+    assert u.drop.target_pruned == round(0.1 * sp.budget) and u.trigger.n == 7 and u.trigger.stop == 21
     assert u.due(7) and not u.due(6) and not u.due(21)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         dsr(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), density=0.2)
     with pytest.raises(ValueError, match="tolerance"):
-        baselines.DSRUpdater(update_every=1, tolerance=1.5)
+        dsr(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), density=0.2, update_every=1, tolerance=1.5)
 
 
 def test_dsr_schedule_callable_period():
@@ -193,11 +195,10 @@ def _resume_equal(factory, n1=6, n2=6, **kw):
 
 def test_dsr_threshold_survives_state_dict_round_trip():
     saved, sp = _resume_equal(dsr, update_every=2, target_pruned=3, initial_threshold=0.05, density=0.3)
-    assert saved["updater"]["threshold"] != 0.05  # it adapted before the checkpoint ...
-    u = baselines.DSRUpdater(update_every=2)
-    u.load_state_dict(saved["updater"])  # ... and comes back exactly
-    assert u.threshold == saved["updater"]["threshold"] and u.next_step == saved["updater"]["next_step"]
-    assert u.target_pruned == 3
+    assert saved["updater"]["drop"]["threshold"] != 0.05  # it adapted before the checkpoint ...
+    u = prune_regrow.ThresholdDrop()
+    u.load_state_dict(saved["updater"]["drop"])  # ... and comes back exactly
+    assert u.threshold == saved["updater"]["drop"]["threshold"] and u.target_pruned == 3
 
 
 # ============================================================================================= DEEP-R
@@ -248,7 +249,27 @@ def test_deepr_weight_crossing_zero_dies_and_one_dormant_is_reborn():
         assert sp.last_update["died"] == 0 and torch.equal(sp.masks["0.weight"].flatten(), mask)
 
 
-def test_deepr_just_died_connection_is_dormant_too():
+def test_deepr_just_died_connection_is_not_revived_in_the_same_step():
+    # Bellec et al.'s code draws the reborn among the connections dormant before the step
+    for seed in range(5):
+        model = _one_layer()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = deepr(model, opt, density=0.75, l1=0.0, temperature=0.0, seed=seed)
+        w, s = model[0].weight, sp.updater.signs["0.weight"]
+        old = sp.masks["0.weight"].clone()
+        i0 = int(old.flatten().nonzero()[0])
+        sign = 1.0 if bool(s.flatten()[i0]) else -1.0
+        with torch.no_grad():
+            w.view(-1)[i0] = 0.001 * sign
+        w.grad = torch.zeros_like(w)
+        w.grad.view(-1)[i0] = sign
+        opt.step()
+        mask = sp.masks["0.weight"].flatten()
+        assert sp.last_update["died"] == 1 and not bool(mask[i0]) and int(mask.sum()) == int(old.sum())
+        assert int((mask & ~old.flatten()).sum()) == 1
+
+
+def test_deepr_full_layer_revives_the_died_in_place():
     model = _one_layer()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sp = deepr(model, opt, density=1.0, l1=0.0, temperature=0.0, seed=0)
@@ -383,7 +404,7 @@ def test_snip_keeps_exactly_the_top_sensitivity_connections(start_mode, cut):
 
     got = torch.cat([sp.masks[n].flatten() for n in names])
     assert torch.equal(got, expected)
-    assert sum(counts(sp)) == sp.target_active == k
+    assert sum(counts(sp)) == sp.budget == k
     # the model: pruned weights zero, everything else as it was, no gradients, mode and RNG untouched
     after = model.state_dict()
     for key, v in saved.items():
@@ -404,7 +425,7 @@ def test_snip_global_count_exact_and_mask_fixed_during_training():
     sp = algorithms.get("snip")(model, opt, density=0.1, batch=data[0], loss_fn=nn.functional.cross_entropy,
                                 steps_per_epoch=5, epochs=5, seed=0)
     total = sum(m.numel() for m in sp.masks.values())
-    assert sp.target_active == round(0.1 * total) == sum(counts(sp))
+    assert sp.budget == round(0.1 * total) == sum(counts(sp))
     assert len(set(round(c / m.numel(), 3) for c, m in zip(counts(sp), sp.masks.values()))) > 1  # global, not per layer
     fixed = {n: m.clone() for n, m in sp.masks.items()}
     for x, y in data[1:]:
@@ -428,7 +449,7 @@ def test_no_global_rng_use(name):
     for x, y in data:
         step(model, opt, x, y)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert sum(counts(sp)) == sp.target_active
+    assert sum(counts(sp)) == sp.budget
 
 
 # ====================================================================================== end to end
@@ -453,7 +474,7 @@ def test_digits_end_to_end(name, digits_split):
         opts = {"distribution": "erk"} if name != "snip" else \
             {"batch": (X[tr[:256]], y[tr[:256]]), "loss_fn": nn.functional.cross_entropy}
         sp = algorithms.get(name)(model, opt, density=0.05, steps_per_epoch=spe, epochs=epochs, seed=seed, **opts)
-        assert sp.target_active == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10))
+        assert sp.budget == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10))
         start = counts(sp)
         g = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
@@ -461,7 +482,7 @@ def test_digits_end_to_end(name, digits_split):
             for i in range(0, len(order), bs):
                 b = order[i:i + bs]
                 step(model, opt, X[b], y[b])
-                assert sum(counts(sp)) == sp.target_active
+                assert sum(counts(sp)) == sp.budget
         with torch.no_grad():
             accs.append((model(X[te]).argmax(1) == y[te]).float().mean().item())
         if name == "dsr":

@@ -47,7 +47,7 @@ def test_sparse_momentum_digits_5_percent_beats_static_and_holds_density(digits_
     static = [_train(digits_split, "static", s)[0] for s in (0, 1)]
     accs = [a for a, _, _ in sm]
     for acc, active, sp in sm:
-        assert all(n == sp.target_active == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10)) for n in active)
+        assert all(n == sp.budget == round(0.05 * (64 * 300 + 300 * 100 + 100 * 10)) for n in active)
         assert acc >= 0.94, accs
     assert sum(accs) / 2 - sum(static) / 2 >= 0.02, (accs, static)
     # the topology really changed: redistribution moved weights between layers

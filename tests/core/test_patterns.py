@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sparselearn.core import patterns as P
+from sparselearn.core.structure import BlockStructure, make_structure, structures
 from sparselearn.core.patterns import (
-    BlockStructure,
     block_mask,
     compute_mask,
     dead_output_channels,
@@ -17,9 +17,7 @@ from sparselearn.core.patterns import (
     intra_mask,
     keep_one_input_per_neuron,
     kernel_mask,
-    make_structure,
     mask_patterns,
-    structures,
     window_mask,
 )
 
@@ -47,7 +45,7 @@ def ref_fine(w, s):
 
 def ref_window(w, s):
     rs = math.prod(w.shape[2:])
-    n = math.floor(P._snap(rs * s))
+    n = math.ceil(P._snap(rs * s))
     return ~ref_prune_rows(w.abs().reshape(-1, rs), n).reshape(w.shape)
 
 
@@ -55,7 +53,7 @@ def ref_kernel(w, s, group):
     k_out, c_in = w.shape[:2]
     scores = w.abs().reshape(k_out, c_in, -1).amax(2)
     rows = scores.t() if group == "input" else scores.reshape(1, -1)
-    n = math.floor(P._snap(rows.shape[1] * s))
+    n = math.ceil(P._snap(rows.shape[1] * s))
     prune = ref_prune_rows(rows, n)
     prune = prune.t() if group == "input" else prune.reshape(k_out, c_in)
     return (~prune).reshape(k_out, c_in, *[1] * (w.dim() - 2)).expand(w.shape)
@@ -101,7 +99,7 @@ def n_zero(mask):
 
 def test_registries_names():
     assert mask_patterns.names() == ["block", "fine", "intra", "kernel", "window"]
-    assert structures.names() == ["block", "channel", "kernel", "unstructured"]
+    assert structures.names() == ["block", "channel", "fanin", "kernel", "nm", "unstructured"]
 
 
 def test_unknown_pattern_lists_valid_names():
@@ -170,25 +168,27 @@ def test_window_exact_entries_per_window():
             [[0.1, 0.9, 0.2], [0.8, 0.3, 0.7], [0.4, 0.6, 0.5]],  # smallest 4: .1 .2 .3 .4
         ]
     ).reshape(2, 1, 3, 3)
-    m = window_mask(w, 0.5)  # n = floor(9 * 0.5) = 4 per window
-    assert torch.equal(m[0, 0], T([1, 1, 1], [1, 1, 0], [0, 0, 0]))
-    assert torch.equal(m[1, 0], T([0, 1, 0], [1, 0, 1], [0, 1, 1]))
+    m = window_mask(w, 0.5)  # n = ceil(9 * 0.5) = 5 per window: at least the target
+    assert torch.equal(m[0, 0], T([1, 1, 1], [1, 0, 0], [0, 0, 0]))
+    assert torch.equal(m[1, 0], T([0, 1, 0], [1, 0, 1], [0, 1, 0]))
+    assert (m.reshape(2, 9).sum(1) == 4).all()
+    m = window_mask(w, 4 / 9)  # exactly 4 of 9: no overshoot
     assert (m.reshape(2, 9).sum(1) == 5).all()
 
 
 def test_window_max_nonzero():
     w = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)
-    m = window_mask(w, 0.2, max_nonzero=2)  # n = max(floor(1.8)=1, 9 - 2) = 7
+    m = window_mask(w, 0.2, max_nonzero=2)  # n = max(ceil(1.8)=2, 9 - 2) = 7
     assert torch.equal(m.reshape(-1), torch.tensor([False] * 7 + [True] * 2))
-    m = window_mask(w, 0.5, max_nonzero=9)  # cap does not bind: n = 4
-    assert n_zero(m) == 4
+    m = window_mask(w, 0.5, max_nonzero=9)  # cap does not bind: n = ceil(4.5) = 5
+    assert n_zero(m) == 5
     assert not window_mask(w, 0.0, max_nonzero=0).any()
 
 
 def test_window_ties_lowest_index_first():
     w = torch.ones(2, 2, 3, 3)
     m = window_mask(w, 0.5)
-    expected = torch.tensor([False] * 4 + [True] * 5)
+    expected = torch.tensor([False] * 5 + [True] * 4)
     assert all(torch.equal(m[k, c].reshape(-1), expected) for k in range(2) for c in range(2))
     # a tie straddling the threshold in only some windows exercises the per-row tie resolution
     w = torch.tensor([[1.0, 2, 2, 2], [4, 3, 2, 1], [2, 2, 1, 1]]).reshape(3, 1, 2, 2)
@@ -198,7 +198,7 @@ def test_window_ties_lowest_index_first():
 
 def test_window_non_square_kernel():
     w = torch.arange(15.0, 0.0, -1.0).reshape(1, 1, 5, 3)  # values 15..1
-    m = window_mask(w, 0.4)  # n = floor(15 * 0.4) = 6: the last six (values 6..1)
+    m = window_mask(w, 0.4)  # n = ceil(15 * 0.4) = 6: the last six (values 6..1)
     assert torch.equal(m.reshape(-1), torch.tensor([True] * 9 + [False] * 6))
 
 
@@ -213,7 +213,7 @@ def test_window_conv1d_and_depthwise():
     w = torch.tensor([[[1.0, 3.0, 2.0, 0.5]]])  # Conv1d [1, 1, 4]
     assert torch.equal(window_mask(w, 0.5).reshape(-1), T(False, True, True, False))
     dw = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(2))
-    assert (window_mask(dw, 0.6).reshape(8, 9).sum(1) == 9 - 5).all()
+    assert (window_mask(dw, 0.6).reshape(8, 9).sum(1) == 9 - 6).all()  # ceil(5.4) = 6
 
 
 @pytest.mark.parametrize("pattern", ["window", "kernel", "intra"])
@@ -237,14 +237,16 @@ def _ck_weight():
 
 
 def test_kernel_per_input_channel():
-    m = kernel_mask(_ck_weight(), 0.5)  # floor(3 * 0.5) = 1 kernel per input channel
+    m = kernel_mask(_ck_weight(), 0.5)  # ceil(3 * 0.5) = 2 kernels per input channel
     alive = m.reshape(3, 2, 4).all(2)
     assert torch.equal(m.reshape(3, 2, 4).any(2), alive)  # whole kernels only
-    assert torch.equal(alive, T([1, 0], [0, 1], [1, 1]))
+    assert torch.equal(alive, T([1, 0], [0, 1], [0, 0]))
+    m = kernel_mask(_ck_weight(), 1 / 3)  # exactly 1 of 3: the smallest per input channel
+    assert torch.equal(m.reshape(3, 2, 4).all(2), T([1, 0], [0, 1], [1, 1]))
 
 
 def test_kernel_layer_grouping():
-    m = kernel_mask(_ck_weight(), 0.5, group="layer")  # floor(6 * 0.5) = 3: maxima 1, 2, 3
+    m = kernel_mask(_ck_weight(), 0.5, group="layer")  # ceil(6 * 0.5) = 3: maxima 1, 2, 3
     assert torch.equal(m.reshape(3, 2, 4).all(2), T([1, 0], [0, 1], [0, 1]))
 
 
@@ -261,7 +263,7 @@ def test_kernel_max_nonzero_kernels_and_ties():
     m = kernel_mask(w, 0.0, max_nonzero_kernels=1)  # prune 3 - 1 = 2 per input channel
     assert torch.equal(m.reshape(3, 2, 4).all(2), T([1, 0], [0, 1], [0, 0]))
     ones = torch.ones(3, 2, 3, 3)
-    assert torch.equal(kernel_mask(ones, 0.5).reshape(3, 2, 9).all(2), T([0, 0], [1, 1], [1, 1]))
+    assert torch.equal(kernel_mask(ones, 0.5).reshape(3, 2, 9).all(2), T([0, 0], [0, 0], [1, 1]))
     # layer grouping: flat kernel index k * C + c, lowest first -> (0,0), (0,1), (1,0)
     assert torch.equal(
         kernel_mask(ones, 0.5, group="layer").reshape(3, 2, 9).all(2), T([0, 0], [0, 1], [1, 1])
@@ -277,7 +279,7 @@ def test_kernel_count_snaps_float_noise():
 def test_kernel_can_kill_output_channel_and_depthwise():
     w = torch.ones(3, 4, 3, 3)
     w[1] = 0.1  # output channel 1 is the weakest for every input channel
-    m = kernel_mask(w, 0.34)  # floor(3 * 0.34) = 1 per input channel
+    m = kernel_mask(w, 0.33)  # ceil(3 * 0.33) = 1 per input channel
     assert torch.equal(dead_output_channels(m), T(False, True, False))
     dw = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(4))
     assert torch.equal(kernel_mask(dw, 0.5), kernel_mask(dw, 0.5, group="layer"))
@@ -295,7 +297,7 @@ def test_kernel_1x1_conv_ranks_per_input_channel():
 
 def test_intra_hand_example():
     w = torch.tensor([[4.0, 3.0, 2.0, 1.0], [5.0, 0.1, 0.2, 0.3]]).reshape(2, 1, 2, 2)
-    # window stage at 0.25: floor(4 * .25) = 1 per window -> drops 1.0 and 0.1
+    # window stage at 0.25: ceil(4 * .25) = 1 per window -> drops 1.0 and 0.1
     # CK stage: target ceil(0.5 * 8) = 4, window zeros 2, need 2 more; scores 4 (k0) < 5 (k1)
     # -> prune kernel 0 (3 remaining entries) -> 5 zeros >= 4
     m = intra_mask(w, 0.5)
@@ -304,12 +306,15 @@ def test_intra_hand_example():
 
 def test_intra_counts_only_remaining_entries():
     w = torch.tensor([[4.0, 3.0, 2.0, 1.0], [5.0, 6.0, 7.0, 8.0]]).reshape(2, 1, 2, 2)
-    # window 0.45 * 1.0 -> floor(1.8) = 1 per window ; target ceil(.45 * 8) = 4 ; need 2 ;
-    # kernel 0 has 3 remaining -> 5 zeros; kernel 1 untouched by CK.
-    m = intra_mask(w, 0.45, window_fraction=1.0)
+    # window 0.2 * 1.0 -> ceil(0.8) = 1 per window ; target ceil(.2 * 8) = 2 ; need 0 more
+    m = intra_mask(w, 0.2, window_fraction=1.0)
+    assert n_zero(m) == 2 and m.reshape(2, 4).any(1).all()
+    # window 0.3 * 0.5 -> ceil(0.6) = 1 per window ; target ceil(.3 * 8) = 3 ; need 1: kernel 0
+    # (3 remaining entries, smaller max) goes -> 5 zeros; kernel 1 untouched by CK.
+    m = intra_mask(w, 0.3, window_fraction=0.5)
     assert n_zero(m) == 5 and not m[0].any()
     # window_fraction=1 with the window already reaching the target: no kernel removed
-    m = intra_mask(w, 0.5, window_fraction=1.0)  # floor(4 * .5) = 2 per window = 4 zeros
+    m = intra_mask(w, 0.5, window_fraction=1.0)  # ceil(4 * .5) = 2 per window = 4 zeros
     assert n_zero(m) == 4 and m.reshape(2, 4).any(1).all()
 
 
@@ -569,7 +574,7 @@ def test_structure_errors():
         make_structure("block", (2, 3, 3, 3))
     with pytest.raises(ValueError, match="block_size"):
         make_structure("block", (8, 8), block_size=0)
-    with pytest.raises(ValueError, match="structure.*valid names: block, channel, kernel, unstructured"):
+    with pytest.raises(ValueError, match="structure.*valid names: block, channel, fanin, kernel, nm, unstructured"):
         make_structure("filter", (8, 8))
     st = make_structure("channel", (8, 8))
     with pytest.raises(ValueError, match=r"how.*'max', 'sum', 'mean'"):

@@ -10,7 +10,6 @@ from torch import nn
 
 import sparselearn
 from sparselearn import Sparsifier, sparse_momentum
-from sparselearn.core.dynamic import DynamicUpdater
 
 
 def mlp(seed=0):
@@ -57,7 +56,7 @@ def _assert_masked(sp):
         w = params[name]
         assert mask.dtype == torch.bool
         assert torch.all(w[~mask] == 0), f"{name}: pruned weights moved"
-    assert sp.density_report()["active"] == sp.target_active
+    assert sp.density_report()["active"] == sp.budget
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
@@ -80,47 +79,58 @@ def test_pruned_weights_exactly_zero_after_every_step(opt_name, make_model, shap
     assert len(updates) == 9  # steps 3, 6, ..., 27 (none at the end of training)
     assert sum(u["removed"] for u in updates) > 0
     # the masks really moved: the topology changed somewhere
-    assert any(sum(u["regrown"].values()) for u in updates)
+    assert any(sum(l["grown"] for l in u["layers"].values()) for u in updates)
 
 
-def test_prune_and_grow_disjoint_and_state_fresh():
+def test_sparse_momentum_update_new_weights_zero_survivors_and_state_untouched():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sp = sparse_momentum(model, opt, density=0.3, update_every=1000, total_steps=2000)
     train(model, opt, batches(5))
     before = {k: v.clone() for k, v in sp.masks.items()}
     weights_before = {k: p.detach().clone() for k, p in sp.parameters().items()}
+    state_before = {k: opt.state[p]["momentum_buffer"].clone() for k, p in sp.parameters().items()}
     stats = sp.updater(sp, 1000)
     for name, p in sp.parameters().items():
         old, new = before[name], sp.masks[name]
         pruned, grown = old & ~new, new & ~old
-        assert not (pruned & grown).any()
-        assert int(new.sum()) == int(old.sum()) + stats["regrown"][name] - int(pruned.sum())
-        assert torch.all(p[pruned | grown] == 0)  # pruned zeroed; regrown start at zero
-        buf = opt.state[p]["momentum_buffer"]
-        assert torch.all(buf[pruned | grown] == 0)  # fresh optimizer state
+        assert int(new.sum()) == int(old.sum()) + stats["layers"][name]["grown"] - stats["layers"][name]["pruned"]
+        assert torch.all(p[pruned | grown] == 0)  # pruned zeroed; new weights start at zero
+        # the reference never resets optimizer state: momentum of every entry is untouched
+        assert torch.equal(opt.state[p]["momentum_buffer"], state_before[name])
         kept = old & new
         assert torch.equal(p[kept], weights_before[name][kept])
-    assert sum(int(m.sum()) for m in sp.masks.values()) == sp.target_active
+    assert sum(int(m.sum()) for m in sp.masks.values()) == sp.budget
 
 
-def test_momentum_growth_picks_largest_missing_momentum():
+def _momentum_case(**kwargs):
     lin = nn.Linear(4, 3, bias=False)
     model = nn.Sequential(lin)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sp = sparse_momentum(model, opt, density=0.5, update_every=1, total_steps=100, prune_rate=0.3)
-    name = "0.weight"
+    sp = sparse_momentum(model, opt, density=0.5, update_every=1, total_steps=100, prune_rate=0.3, **kwargs)
     with torch.no_grad():
         mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
-        sp.set_mask(name, mask)
+        sp.set_mask("0.weight", mask)
         lin.weight.copy_(torch.tensor([[0.1, 0.9, 0, 0], [0.8, 0.7, 0, 0], [0.6, 0.05, 0, 0]]))
         opt.state[lin.weight]["momentum_buffer"] = torch.tensor(
             [[9.0, 9.0, 0.1, 5.0], [9.0, 9.0, 3.0, -7.0], [9.0, 9.0, 0.2, 0.3]])
+    before = lin.weight.detach().clone()
     sp.updater(sp, 1)
-    # prune round(0.3 * 6) = 2 smallest active: 0.05 (2,1) and 0.1 (0,0); regrow 2 by |momentum| of
-    # missing weights: -7.0 (1,3) and 5.0 (0,3) -- never the just-pruned entries with momentum 9.
-    want = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(sp.masks[name], want)
+    return sp.masks["0.weight"], lin.weight.detach(), before
+
+
+def test_momentum_growth_ranks_every_weight_zero_after_pruning():
+    # Algorithm 2 (c): prune round(0.3 * 6) = 2 smallest active, 0.05 (2,1) and 0.1 (0,0); regrowth
+    # ranks |M| of every weight that is zero after pruning: the two just pruned (|M| = 9) win, so they
+    # are simply kept, with their values (the reference code's behaviour).
+    mask, w, before = _momentum_case()
+    assert torch.equal(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool))
+    assert torch.equal(w, before)
+    # with the grow pool restricted to weights missing before the update (DSR/DEEP-R's rule) the
+    # largest missing momenta -7.0 (1,3) and 5.0 (0,3) are grown instead
+    mask, w, _ = _momentum_case(grow_pool="missing")
+    assert torch.equal(mask, torch.tensor([[0, 1, 0, 1], [1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool))
+    assert w[0, 3] == 0 and w[1, 3] == 0
 
 
 def test_dense_layer_prune_rate_edge_case():
@@ -145,7 +155,7 @@ def test_exact_target_and_uniform_density():
     sp = sparse_momentum(model, opt, density=0.1, steps_per_epoch=5, epochs=2)
     rep = sp.density_report()
     sizes = {r["name"]: r["total"] for r in rep["layers"]}
-    assert rep["active"] == round(0.1 * sum(sizes.values())) == sp.target_active
+    assert rep["active"] == round(0.1 * sum(sizes.values())) == sp.budget
     for r in rep["layers"]:
         assert abs(r["active"] - 0.1 * r["total"]) <= 1
     # biases and batch-norm weights are dense and untouched
@@ -163,7 +173,7 @@ def test_partially_dense_and_fully_sparse_settings():
     sp2 = sparse_momentum(model2, opt2, density=0.1, steps_per_epoch=5, epochs=2, dense_layers="partial", fully_sparse=True)
     sizes = {r["name"]: r["total"] for r in sp2.density_report()["layers"]}
     dense = sizes["0.weight"] + sizes["3.weight"]
-    assert sp2.target_active == round(0.1 * (sum(sizes.values()) - dense)) + dense
+    assert sp2.budget == round(0.1 * (sum(sizes.values()) - dense)) + dense
     assert len(sp2.names) == 4
 
 
@@ -281,7 +291,7 @@ def test_errors_name_argument_and_range():
         sparse_momentum(model, torch.optim.SGD(mlp().parameters(), lr=0.1, momentum=0.9), steps_per_epoch=1, epochs=1)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         sparse_momentum(model, opt)
-    with pytest.raises(ValueError, match="unknown grow 'momentm'"):
+    with pytest.raises(ValueError, match="unknown grow score 'momentm'"):
         sparse_momentum(model, opt, grow="momentm", steps_per_epoch=1, epochs=1)
     # static masks need no momentum: plain SGD and Adagrad are fine
     sparselearn.static_sparse(model, torch.optim.Adagrad(model.parameters()), density=0.5)
@@ -292,7 +302,7 @@ def test_custom_optimizer_with_momentum_fn_and_callables():
     opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
     seen = []
 
-    def my_grow(layer, generator):
+    def my_grow(layer):
         seen.append(layer.name)
         return layer.momentum.abs()
 
@@ -384,3 +394,50 @@ def test_update_hook_sees_new_masks_and_can_be_removed():
     opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
     opt.zero_grad(); model(torch.randn(5, 8)).sum().backward(); opt.step()
     assert len(seen) == 2
+
+
+def test_active_fan_in_init_keeps_each_units_input_variance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 50))
+    w0 = model[0].weight.detach().clone()
+    sp = Sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.1, init_scale="active-fan-in")
+    m = sp.masks["0.weight"]
+    scale = (400 / m.sum(1).float()).sqrt()
+    assert torch.allclose(model[0].weight.detach(), w0 * m * scale[:, None])
+    # the sum of squares per unit is that of the dense unit, in expectation: within 20% here
+    ratio = (model[0].weight.detach() ** 2).sum(1) / (w0 ** 2).sum(1)
+    assert 0.8 < float(ratio.mean()) < 1.2
+    with pytest.raises(ValueError, match="init_scale must be"):
+        lin = nn.Linear(4, 4)
+        Sparsifier(lin, torch.optim.SGD(lin.parameters(), lr=0.1), init_scale="he")
+
+
+def test_param_groups_set_density_structure_and_pattern_per_name():
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = sparse_momentum(model, opt, density=0.1, steps_per_epoch=5, epochs=2,
+                         groups=[{"params": "9.*", "density": 0.5}, {"params": ["0.*", "5.*"], "structure": "kernel"}])
+    rep = {r["name"]: r for r in sp.density_report()["layers"]}
+    assert rep["9.weight"]["active"] == round(0.5 * rep["9.weight"]["total"])  # its own budget
+    assert sp.structures["0.weight"] is not None and sp.structures["3.weight"] is None  # 3.weight: default
+    assert set(sp.masks["5.weight"].reshape(-1, 9).sum(1).tolist()) <= {0, 9}
+    others = rep["0.weight"]["total"] + rep["3.weight"]["total"] + rep["5.weight"]["total"]
+    assert abs(sum(rep[k]["active"] for k in ("0.weight", "3.weight", "5.weight")) - 0.1 * others) <= 9 + 1
+    with pytest.raises(ValueError, match=r"groups\[0\]\['params'\] pattern 'head.\*' matches no parameter"):
+        m = cnn()
+        sparse_momentum(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), steps_per_epoch=1, epochs=1,
+                        groups=[{"params": "head.*"}])
+    with pytest.raises(ValueError, match="unknown keys"):
+        m = cnn()
+        sparse_momentum(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), steps_per_epoch=1, epochs=1,
+                        groups=[{"params": "0.*", "densty": 0.2}])
+
+
+def test_param_groups_give_starfire_a_pattern_per_layer():
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = sparselearn.starfire(model, opt, density=0.4, pattern="window", steps_per_epoch=1, epochs=1,
+                              era_start_epoch=0, era_end_epoch=1, groups=[{"params": "5.*", "pattern": "kernel"}])
+    opt.step()
+    assert set(sp.masks["5.weight"].reshape(-1, 9).sum(1).tolist()) <= {0, 9}  # whole kernels
+    assert int(sp.masks["0.weight"].reshape(-1, 9).sum(1).max()) == 9 - 6  # window: ceil(9 * 0.6) per window

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import sparselearn.core.distributions as D
-from sparselearn.core.dynamic import allocate_regrowth
-from sparselearn.core.grow import grow_strategies
-from sparselearn.core.ops import largest_remainder, select_k
-from sparselearn.core.prune import prune_strategies
-from sparselearn.core.redistribute import redistribute_strategies
+from sparselearn.core.layer import LayerView
+from sparselearn.core.ops import largest_remainder, select_k, select_k_per_row
+from sparselearn.core.redistribute import redistributions
+from sparselearn.core.scores import drop_scores, grow_scores
+from sparselearn.core.updaters.prune_regrow import PerSignDrop, RateDrop, allocate_regrowth
 from sparselearn.core.schedules import make_prune_rate_schedule, ramp
 
 
@@ -39,73 +39,88 @@ def test_select_k_random_matches_stable_sort():
         assert torch.equal(select_k(s, c, k, largest=True), want)
 
 
-def test_magnitude_prune_removes_smallest_active():
+def view(w, mask, mom=None, grad=None, structure=None, gen=None):
+    p = torch.nn.Parameter(w.clone())
+    p.grad = grad
+    return LayerView("l", p, mask, torch.nn.Identity(), gen or torch.Generator().manual_seed(0), structure,
+                     (lambda: mom) if mom is not None else None)
+
+
+def test_rate_drop_removes_smallest_active_magnitudes():
     w = torch.tensor([0.5, -0.1, 0.2, -0.9, 0.05, 0.0])
     mask = torch.tensor([True, True, True, True, False, True])
-    r = prune_strategies.get("magnitude")(w, mask, 3)
-    # active magnitudes: 0.5, 0.1, 0.2, 0.9, 0.0 -> remove 0.0, 0.1, 0.2 ; index 4 is inactive
-    assert r.tolist() == [False, True, True, False, False, True]
+    l = view(w, mask)
+    # 5 active, sparsity 1/6: p_i = min(0.6, 1/6) -> round(5/6) = 1 ... use a dense-enough layer instead
+    r, stats = RateDrop(lambda t: 0.6)([l], [drop_scores.get("magnitude")(l)], step=1)
+    assert int(r[0].sum()) == round(min(0.6, 1 / 6) * 5) == 1 and r[0].tolist() == [False] * 5 + [True]
+    dense = view(w, torch.ones(6, dtype=torch.bool))  # sparsity 0: edge case (2) prunes nothing
+    assert int(RateDrop(lambda t: 0.6)([dense], [dense.weight.abs()], step=1)[0][0].sum()) == 0
 
 
-def test_set_prune_smallest_positive_and_largest_negative():
+def test_rate_drop_reads_the_rate_at_the_previous_update():
+    seen = []
+    sel = RateDrop(lambda t: seen.append(t) or 0.1, at="previous")
+    l = view(torch.randn(100), torch.rand(100) < 0.3)
+    sel([l], [l.weight.abs()], step=10)
+    sel([l], [l.weight.abs()], step=20)
+    assert seen == [0, 10]
+    cur = RateDrop(lambda t: seen.append(t) or 0.1, at="current")
+    cur([l], [l.weight.abs()], step=30)
+    assert seen[-1] == 30
+
+
+def test_set_drops_a_fraction_of_each_sign():
+    # 4 positives, 3 negatives, zeta 0.5: round(2) positives closest to zero, round(1.5)=2 negatives
     w = torch.tensor([0.3, 0.1, 0.7, -0.05, -0.8, -0.2, 0.02])
-    mask = torch.ones(7, dtype=torch.bool)
-    r = prune_strategies.get("set")(w, mask, 4)
-    # two smallest positives (0.02, 0.1) and two largest negatives (-0.05, -0.2)
-    assert r.tolist() == [False, True, False, True, False, True, True]
-    # odd count and a shortage of negatives: the positives make it up, total still exact
-    w2 = torch.tensor([0.3, 0.1, 0.7, -0.05, 0.2])
-    r2 = prune_strategies.get("set")(w2, torch.ones(5, dtype=torch.bool), 3)
-    assert int(r2.sum()) == 3 and r2[3] and r2[1] and r2[4]
+    l = view(w, torch.ones(7, dtype=torch.bool))
+    r, _ = PerSignDrop(lambda t: 0.5)([l], [w.abs()], step=1)
+    assert r[0].tolist() == [False, True, False, True, False, True, True]
+    # not an equal split: 6 positives, 1 negative at zeta 1/3 -> 2 positives and 0 negatives
+    w2 = torch.tensor([0.3, 0.1, 0.7, -0.05, 0.2, 0.9, 0.4])
+    r2, _ = PerSignDrop(lambda t: 1 / 3)([view(w2, torch.ones(7, dtype=torch.bool))], [w2.abs()], step=1)
+    assert r2[0].tolist() == [False, True, False, False, True, False, False]
 
 
-@pytest.mark.parametrize("name", ["magnitude", "set"])
-def test_prune_exact_count_random(name):
-    g = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        w = torch.randn(50, 20, generator=g)
-        mask = torch.rand(50, 20, generator=g) < 0.4
-        k = int(mask.sum()) // 3
-        r = prune_strategies.get(name)(w, mask, k)
-        assert int(r.sum()) == k and not (r & ~mask).any()
-
-
-class _L:
-    def __init__(self, w, mask, mom=None, grad=None, survivors=0):
-        self.weight, self.mask, self.momentum, self.grad, self.survivors = w, mask, mom, grad, survivors
-        self.name = "l"
+def test_select_k_per_row_exact_with_index_ties():
+    s = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    c = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    assert select_k_per_row(s, c, 2).tolist() == [[True, False, True, False], [True, True, False, False]]
+    assert select_k_per_row(s, c, 1, largest=False).tolist() == [[False, False, False, True], [True, False, False, False]]
+    with pytest.raises(ValueError, match="per row"):
+        select_k_per_row(s, c, 4)
 
 
 def test_grow_scores():
     w = torch.zeros(4)
     m = torch.tensor([0.1, -3.0, 2.0, 0.0])
     gr = torch.tensor([-5.0, 1.0, 0.0, 0.2])
-    l = _L(w, torch.zeros(4, dtype=torch.bool), m, gr)
-    assert grow_strategies.get("momentum")(l, None).tolist() == pytest.approx([0.1, 3.0, 2.0, 0.0])
-    assert grow_strategies.get("gradient")(l, None).tolist() == pytest.approx([5.0, 1.0, 0.0, 0.2])
-    g1 = torch.Generator().manual_seed(3)
-    g2 = torch.Generator().manual_seed(3)
-    assert torch.equal(grow_strategies.get("random")(l, g1), grow_strategies.get("random")(l, g2))
-    l.grad = None
+    l = view(w, torch.zeros(4, dtype=torch.bool), m, gr)
+    assert grow_scores.get("momentum")(l).tolist() == pytest.approx([0.1, 3.0, 2.0, 0.0])
+    assert grow_scores.get("gradient")(l).tolist() == pytest.approx([5.0, 1.0, 0.0, 0.2])
+    a = view(w, l.mask, gen=torch.Generator().manual_seed(3))
+    b = view(w, l.mask, gen=torch.Generator().manual_seed(3))
+    assert torch.equal(grow_scores.get("random")(a), grow_scores.get("random")(b))
+    assert grow_scores.get("momentum").needs == {"momentum"} and grow_scores.get("gradient").needs == {"grad"}
     with pytest.raises(RuntimeError, match="grad"):
-        grow_strategies.get("gradient")(l, None)
+        grow_scores.get("gradient")(view(w, l.mask))
 
 
 def test_redistribution_shares():
-    a = _L(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([True, False, True]), torch.tensor([2.0, 100.0, -4.0]), survivors=1)
-    b = _L(torch.tensor([0.5, 0.5]), torch.tensor([True, True]), torch.tensor([1.0, -1.0]), survivors=2)
-    mom = redistribute_strategies.get("momentum")([a, b])
+    a = view(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([True, False, True]), torch.tensor([2.0, 100.0, -4.0]))
+    b = view(torch.tensor([0.5, 0.5]), torch.tensor([True, True]), torch.tensor([1.0, -1.0]))
+    kept = [torch.tensor([True, False, False]), torch.tensor([True, True])]
+    mom = redistributions.get("momentum")([a, b], kept)
     assert mom.tolist() == pytest.approx([3.0, 1.0])  # mean |M| over active only: (2+4)/2, (1+1)/2
-    assert redistribute_strategies.get("magnitude")([a, b]).tolist() == pytest.approx([2.0, 0.5])
-    assert redistribute_strategies.get("nonzero")([a, b]).tolist() == pytest.approx([1.0, 2.0])
-    assert redistribute_strategies.get("none")([a, b]) is None
+    assert redistributions.get("magnitude")([a, b], kept).tolist() == pytest.approx([2.0, 0.5])
+    assert redistributions.get("nonzero")([a, b], kept).tolist() == pytest.approx([1.0, 2.0])  # survivors
+    assert redistributions.get("none")([a, b], kept) is None
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="valid names: magnitude, set"):
-        prune_strategies.get("smallest", argument="prune")
+    with pytest.raises(ValueError, match="valid names: magnitude"):
+        drop_scores.get("smallest", argument="prune")
     with pytest.raises(ValueError, match="gradient, momentum, random"):
-        grow_strategies.get("nope")
+        grow_scores.get("nope")
     with pytest.raises(ValueError, match="er, erk, uniform"):
         D.density_distributions.get("gaussian")
     with pytest.raises(ValueError, match="constant, cosine, linear"):
@@ -120,13 +135,13 @@ def test_largest_remainder_exact():
 
 def test_allocate_regrowth_capacity_overflow_shared_equally():
     # Section 3.1 edge case (1): layer 0 may hold only 10, the excess 90 goes equally to the others.
-    g = allocate_regrowth(torch.tensor([1.0, 0.0, 0.0]), [40, 30, 30], [10, 1000, 1000])
+    g = allocate_regrowth(torch.tensor([1.0, 0.0, 0.0]), 100, [40, 30, 30], [10, 1000, 1000])
     assert g == [10, 45, 45]
     # cascading: the second layer fills up too
-    g = allocate_regrowth(torch.tensor([1.0, 0.0, 0.0]), [40, 30, 30], [10, 20, 1000])
+    g = allocate_regrowth(torch.tensor([1.0, 0.0, 0.0]), 100, [40, 30, 30], [10, 20, 1000])
     assert g == [10, 20, 70]
-    assert allocate_regrowth(None, [3, 4], [5, 5]) == [3, 4]
-    assert allocate_regrowth(torch.zeros(2), [3, 4], [5, 5]) == [3, 4]  # no momentum yet: no redistribution
+    assert allocate_regrowth(None, 7, [3, 4], [5, 5]) == [3, 4]
+    assert allocate_regrowth(torch.zeros(2), 7, [3, 4], [5, 5]) == [3, 4]  # no momentum yet: no redistribution
 
 
 def test_schedules():

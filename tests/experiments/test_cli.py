@@ -86,7 +86,7 @@ def test_train_defaults_writes_run_folder_and_learns(tmp_path, capsys):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["name"] == "lenet300-100"
     assert config["data"]["name"] == "digits"
-    assert config["sparsity"] == {"algorithm": "sparse-momentum", "density": 0.05}
+    assert config["sparsity"] == {"algorithm": "sparse-momentum", "density": 0.05, "init_scale": "active-fan-in"}
     assert config["optim"]["lr"] == 0.1 and config["optim"]["nesterov"] is True
     assert config["data"]["batch_size"] == 100
     assert config["train"]["epochs"] == 12 and config["train"]["seed"] == 0

@@ -23,9 +23,9 @@ def test_summary_statistics():
     assert s.std == pytest.approx(math.sqrt(5 / 3))
     assert s.sem == pytest.approx(math.sqrt(5 / 3) / 2)
     lo, hi = s.ci95
-    assert hi - s.mean == pytest.approx(3.182 * s.sem)
-    assert t_quantile_975(100) == 1.96
-    assert summarize([3.0]).ci95 == (3.0, 3.0)
+    assert hi - s.mean == pytest.approx(3.182 * s.sem, rel=1e-3)
+    assert t_quantile_975(100) == pytest.approx(1.984, abs=1e-3)  # not the normal 1.96 (see tests/analysis)
+    assert summarize([3.0]).ci95 is None
 
 
 def _configs(runs):
@@ -86,7 +86,7 @@ def test_diverged_runs_are_counted_not_averaged(tmp_path):
     assert rows["set"].error.n == 1 and rows["set"].diverged == 1
     md = K.to_markdown(list(rows.values()))
     assert "| rigl | 10.00 (target) | diverged (2 of 2) | 0 |" in md
-    assert "| set | 10.00 | 10.00 ± 0.00* (1 diverged) | 1 |" in md
+    assert "| set | 10.00 | 10.00 ± 0.00? (1 diverged) | 1 |" in md  # one seed: no interval
     assert K.to_csv(list(rows.values())).splitlines()[-1].endswith(",2")
 
 

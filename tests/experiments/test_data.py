@@ -188,7 +188,8 @@ def fake_urlopen(files: dict[str, bytes], calls: list[str]):
 
 
 def test_registry_lists_all_and_rejects_unknown():
-    assert set(list_datasets()) == {"digits", "mnist", "fashion-mnist", "cifar10", "tiny-imagenet", "imagenet"}
+    assert set(list_datasets()) == {"digits", "mnist", "fashion-mnist", "cifar10", "tiny-imagenet", "tiny-imagenet-224",
+                                    "imagenet"}
     with pytest.raises(ValueError, match="valid names: cifar10, digits"):
         load_dataset("svhn")
     with pytest.raises(ValueError, match="val_fraction"):
@@ -706,3 +707,11 @@ def test_imagenet_layout_errors(tmp_path):
     save_image(flat / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3))
     with pytest.raises(ValueError, match="one folder per class"):
         load_dataset("imagenet", root=flat)
+
+
+def test_tiny_imagenet_224_uses_the_imagenet_transforms(tmp_path):
+    # Starfire App. 7.2.1: "We apply the same image transforms as on full Imagenet"
+    make_tiny_tree(tmp_path)
+    s = load_dataset("tiny-imagenet-224", root=tmp_path, seed=0, augment=True)
+    assert s.num_classes == 3 and s.input_shape == (3, 224, 224)
+    assert s.train[0][0].shape == (3, 224, 224) and s.test[0][0].shape == (3, 224, 224)

@@ -1,22 +1,23 @@
 """The sparselearn core: knows torch and nothing else of ours."""
 from .algorithms import (
-    ABLATIONS, algorithms, dynamic_sparse, gmp, gradual_pruning, rigl, set_algorithm, sparse_momentum, starfire,
-    static_sparse,
+    ABLATIONS, AlgorithmSpec, algorithms, deepr, dsr, dsr_rule, dynamic_rule, dynamic_sparse, gmp, gradual_pruning,
+    rigl, rigl_rule, set_algorithm, set_rule, snip, sparse_momentum, sparse_momentum_rule, starfire, static_sparse,
 )
-from .baselines import DSRUpdater, DeepRUpdater, deepr, dsr, snip
-from .gradual import GradualUpdater
 from .distributions import density_distributions
-from .dynamic import DynamicUpdater
-from .grow import grow_strategies
-from .prune import prune_strategies
-from .redistribute import redistribute_strategies
+from .layer import LayerView
+from .redistribute import redistributions
 from .registry import Registry
 from .schedules import prune_rate_schedules
-from .sparsifier import LayerView, Sparsifier
+from .scores import drop_scores, grow_scores
+from .sparsifier import Sparsifier
+from .structure import structures
+from .triggers import Adaptive, Always, Era, Every
+from .updaters import Chain, DeepRUpdater, GradualUpdater, PruneRegrow, chain
 
 __all__ = [
-    "ABLATIONS", "DSRUpdater", "DeepRUpdater", "deepr", "dsr", "snip", "algorithms", "DynamicUpdater", "GradualUpdater", "gmp", "gradual_pruning", "rigl",
-    "set_algorithm", "starfire", "LayerView", "Registry", "Sparsifier", "density_distributions", "dynamic_sparse",
-    "grow_strategies", "prune_rate_schedules", "prune_strategies", "redistribute_strategies", "sparse_momentum",
-    "static_sparse",
+    "ABLATIONS", "Adaptive", "AlgorithmSpec", "Always", "Chain", "DeepRUpdater", "Era", "Every", "GradualUpdater",
+    "LayerView", "PruneRegrow", "Registry", "Sparsifier", "algorithms", "chain", "deepr", "density_distributions",
+    "drop_scores", "dsr", "dsr_rule", "dynamic_rule", "dynamic_sparse", "gmp", "gradual_pruning", "grow_scores",
+    "prune_rate_schedules", "redistributions", "rigl", "rigl_rule", "set_algorithm", "set_rule", "snip",
+    "sparse_momentum", "sparse_momentum_rule", "starfire", "static_sparse", "structures",
 ]

@@ -39,13 +39,37 @@ def _adam_momentum(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> Optiona
     return opt.state.get(p, {}).get("exp_avg")
 
 
-def resolve_momentum_fn(optimizer: torch.optim.Optimizer, momentum_fn: MomentumFn | None) -> MomentumFn | None:
+def _adam_normalized(opt: torch.optim.Optimizer, p: torch.nn.Parameter) -> Optional[Tensor]:
+    state = opt.state.get(p, {})
+    m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+    if m is None or v is None:
+        return m
+    eps = next(g.get("eps", 1e-8) for g in opt.param_groups if any(q is p for q in g["params"]))
+    return m / (v.sqrt() + eps)
+
+
+#: ``momentum_signal`` names: what "momentum" means for the rules that read it.
+MOMENTUM_SIGNALS = ("buffer", "adam-normalized")
+
+
+def resolve_momentum_fn(optimizer: torch.optim.Optimizer, momentum_fn: MomentumFn | None,
+                        signal: str = "buffer") -> MomentumFn | None:
     """Returns how to read the momentum of ``optimizer``, or ``None`` if it has none.
+
+    ``signal="buffer"`` reads SGD's momentum buffer or Adam's ``exp_avg``; ``"adam-normalized"``
+    reads Adam's update direction ``exp_avg / (sqrt(exp_avg_sq) + eps)``, the signal the Sparse
+    Momentum reference code uses with Adam.
 
     Raises:
         TypeError: the optimizer is not SGD/Adam-like and no ``momentum_fn`` was given.
         ValueError: SGD with ``momentum=0`` (it has no momentum buffer).
     """
+    if signal not in MOMENTUM_SIGNALS:
+        raise ValueError(f"momentum_signal must be one of {', '.join(MOMENTUM_SIGNALS)}, got {signal!r}")
+    if signal == "adam-normalized":
+        if momentum_fn is not None or not isinstance(optimizer, _EXP_AVG_OPTIMIZERS):
+            raise ValueError(f"momentum_signal='adam-normalized' needs an Adam-family optimizer, got {type(optimizer).__name__}")
+        return _adam_normalized
     if momentum_fn is not None:
         if not callable(momentum_fn):
             raise TypeError(f"momentum_fn must be callable(optimizer, param) -> Tensor, got {momentum_fn!r}")

@@ -1,4 +1,4 @@
-"""Structured keep-masks for one layer's weight (Starfire) and group structures for dynamic sparsity.
+"""Structured keep-masks for one layer's weight (Starfire Sec. 2.1, Algorithms 1, 3, 4) and its FC rules.
 
 This module implements the mask generators of *Starfire: Regularization Free Adversarially Robust
 Structured Sparse Training* (ICLR 2020 submission, "the paper" below) as pure tensor functions:
@@ -31,11 +31,8 @@ Registries:
 
 * :data:`mask_patterns` (``Registry("pattern")``): ``"fine"``, ``"window"``, ``"kernel"``,
   ``"intra"``, ``"block"``; signature ``fn(weight, sparsity, **options) -> BoolTensor``.
-* :data:`structures` (``Registry("structure")``): ``"unstructured"``, ``"kernel"``, ``"channel"``,
-  ``"block"``; signature ``factory(shape, **options) -> Structure``. Structures let dynamic
-  algorithms (e.g. Sparse Momentum with kernel-granular prune and grow) rank and re-grow whole
-  groups: ``structure.reduce(score, "max")`` gives one score per group and
-  ``structure.expand(group_mask)`` maps a group decision back to the weight's shape.
+Group structures for dynamic sparsity (kernel, channel, block, fan-in, N:M) live in
+:mod:`sparselearn.core.structure`.
 """
 from __future__ import annotations
 
@@ -47,10 +44,10 @@ import torch
 from torch import Tensor
 
 from .registry import Registry
+from .structure import REDUCTIONS, BlockStructure
 
 __all__ = [
     "mask_patterns",
-    "structures",
     "compute_mask",
     "fine_mask",
     "window_mask",
@@ -60,18 +57,10 @@ __all__ = [
     "keep_one_input_per_neuron",
     "fc_mask_from_conv",
     "dead_output_channels",
-    "Structure",
-    "UnstructuredStructure",
-    "KernelStructure",
-    "ChannelStructure",
-    "BlockStructure",
-    "make_structure",
 ]
 
 mask_patterns: Registry = Registry("pattern")
-structures: Registry = Registry("structure")
 
-REDUCTIONS = ("max", "sum", "mean")
 KERNEL_GROUPS = ("input", "layer")
 
 
@@ -297,15 +286,16 @@ def window_mask(weight: Tensor, sparsity: float, *, max_nonzero: int | None = No
     """Window pruning inside every R x S kernel (paper Sec. 2.1.1, Fig. 2a, Algorithm 3).
 
     Every kernel window ``weight[k, c]`` (``R*S`` entries) loses its
-    ``n = max(floor(R*S * sparsity), R*S - max_nonzero)`` smallest-magnitude entries, so each window
+    ``n = max(ceil(R*S * sparsity), R*S - max_nonzero)`` smallest-magnitude entries, so each window
     keeps at most ``max_nonzero`` nonzeros. Algorithm 3 in the PDF reads
     ``n = max(cutoff_index, size - max_non_zero - 1)``, ``cutoff_value = nth largest value`` and
     ``mask = 1 if theta > cutoff_value``; we read the ``- 1`` and "nth largest" as a 0-based index
     into the ascending order of the window, i.e. "zero the n smallest", and we resolve ties at the
     cutoff by index so every window loses exactly ``n`` entries (the PDF's strict ``>`` would also
     zero every entry tied with the cutoff, which may explain why Table 5 reports a "true sparsity"
-    above the target for window pruning). Because of the floor, the realised sparsity of a 3x3 layer
-    is ``floor(9 * sparsity) / 9`` (e.g. 11.1% at a 20% target), never above the target.
+    above the target for window pruning). The realised sparsity of a 3x3 layer is
+    ``ceil(9 * sparsity) / 9`` (e.g. 22.2% at a 20% target): at least the target, at most one
+    window step (1/9) above it, like the paper's "true sparsity" (Table 5).
 
     Kernels of any size work (3x3, 7x7, non-square 5x3, Conv1d/Conv3d windows). A 1x1 kernel has a
     single entry, so per-window pruning degenerates to keep-or-drop each entry with a per-window
@@ -338,8 +328,12 @@ def window_mask(weight: Tensor, sparsity: float, *, max_nonzero: int | None = No
 
 
 def _window_count(sparsity: float, rs: int, max_nonzero: int | None) -> int:
-    """Entries zeroed per window: ``max(floor(rs * sparsity), rs - max_nonzero)`` (Algorithm 3)."""
-    n = _floor_count(sparsity, rs)
+    """Entries zeroed per window: ``max(ceil(rs * sparsity), rs - max_nonzero)`` (Algorithm 3).
+
+    ``ceil``: every window reaches the target, at most one entry above it, as the paper's measured
+    ("true") sparsities are at or above their targets (Table 5).
+    """
+    n = _ceil_count(sparsity, rs)
     return n if max_nonzero is None else max(n, rs - max_nonzero)
 
 
@@ -375,8 +369,8 @@ def kernel_mask(
       ``weight[:, c]`` form a group;
     * ``group="layer"``: all ``K*C`` kernels of the layer form one group.
 
-    Each group of ``size`` kernels loses exactly ``floor(size * sparsity)`` kernels, or
-    ``max(floor(size * sparsity), size - max_nonzero_kernels)`` if that option is given (the
+    Each group of ``size`` kernels loses exactly ``ceil(size * sparsity)`` kernels (at least the
+    target, at most one kernel above it), or ``max(ceil(size * sparsity), size - max_nonzero_kernels)`` if that option is given (the
     ``- 1`` of Algorithm 1 is read as in :func:`window_mask`). Ties are broken by kernel flat index
     ``k * C + c`` (lower pruned first). All kernels of an output channel may be removed; that
     channel is then dead (see :func:`dead_output_channels`), which the paper allows ("can ultimately
@@ -402,7 +396,7 @@ def kernel_mask(
     scores, (k_out, c_in, _) = _kernel_scores(weight, "kernel")
     rows = _group_rows(scores, group)
     size = rows.shape[1]
-    n = _floor_count(s, size)
+    n = _ceil_count(s, size)  # at least the target in every group, at most one kernel above it
     if mnk is not None:
         n = max(n, size - mnk)
     keep = ~_ungroup_rows(_prune_smallest_rows(rows, n), group, k_out, c_in)
@@ -673,290 +667,3 @@ def dead_output_channels(weight_or_mask: Tensor) -> Tensor:
     rows = x.reshape(x.shape[0], -1)
     nonzero = rows if x.dtype == torch.bool else rows != 0
     return ~nonzero.any(dim=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Structures: group partitions for composing patterns with dynamic criteria
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_reduction(how: str) -> str:
-    return _check_choice(how, "how", REDUCTIONS)
-
-
-@dataclass(frozen=True)
-class Structure:
-    """A partition of a weight's entries into groups that are pruned or grown together.
-
-    Subclasses define the grouping; every group has a stable integer index ``0 .. num_groups-1``
-    and ties between group scores are meant to be broken by that index (lower first), matching the
-    mask patterns.
-
-    Attributes:
-        shape: the weight shape the structure was built for.
-    """
-
-    shape: torch.Size
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", torch.Size(self.shape))
-
-    # --- subclass interface ---
-    @property
-    def num_groups(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def group_size(self) -> int:
-        """Entries in a full group (all groups, unless :attr:`is_uniform` is False)."""
-        raise NotImplementedError
-
-    @property
-    def group_sizes(self) -> Tensor:
-        """int64 [num_groups] on the CPU: the exact number of entries of each group."""
-        return torch.full((self.num_groups,), self.group_size, dtype=torch.long)
-
-    @property
-    def is_uniform(self) -> bool:
-        return True
-
-    def _grouped(self, x: Tensor, fill: float) -> Tensor:
-        """``x`` (weight-shaped) as [num_groups, group_size]; padding (if any) uses ``fill``."""
-        raise NotImplementedError
-
-    def _expand(self, group_values: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    # --- shared logic ---
-    def reduce(self, score: Tensor, how: str = "max") -> Tensor:
-        """Reduces an element-wise score (shaped like the weight) to one score per group.
-
-        Args:
-            score: tensor shaped like the weight (bool is treated as 0/1).
-            how: ``"max"``, ``"sum"`` or ``"mean"`` (mean divides by the group's real size).
-
-        Returns:
-            1-D tensor [num_groups].
-        """
-        _check_reduction(how)
-        if score.shape != self.shape:
-            raise ValueError(
-                f"score shape {tuple(score.shape)} does not match structure shape {tuple(self.shape)}"
-            )
-        if score.dtype == torch.bool:
-            score = score.to(torch.int64)
-        if how == "max":
-            fill = torch.finfo(score.dtype).min if score.is_floating_point() else torch.iinfo(score.dtype).min
-            return self._grouped(score, fill).amax(dim=1)
-        total = self._grouped(score, 0).sum(dim=1)
-        if how == "sum":
-            return total
-        if not total.is_floating_point():
-            total = total.double()
-        return total / self.group_sizes.to(device=total.device, dtype=total.dtype)
-
-    def expand(self, group_mask: Tensor) -> Tensor:
-        """Broadcasts one value per group (usually a bool keep/grow decision) to the weight shape.
-
-        Args:
-            group_mask: 1-D tensor [num_groups] (any dtype; bool for masks).
-
-        Returns:
-            Contiguous tensor shaped like the weight, with the same dtype as ``group_mask``.
-        """
-        if group_mask.dim() != 1 or group_mask.numel() != self.num_groups:
-            raise ValueError(
-                f"group_mask must be 1-D with num_groups={self.num_groups} entries, "
-                f"got shape {tuple(group_mask.shape)}"
-            )
-        return self._expand(group_mask).contiguous()
-
-
-@dataclass(frozen=True)
-class UnstructuredStructure(Structure):
-    """Every entry is its own group (flat index order)."""
-
-    @property
-    def num_groups(self) -> int:
-        return self.shape.numel()
-
-    @property
-    def group_size(self) -> int:
-        return 1
-
-    def _grouped(self, x: Tensor, fill: float) -> Tensor:
-        return x.reshape(-1, 1)
-
-    def _expand(self, group_values: Tensor) -> Tensor:
-        return group_values.reshape(self.shape)
-
-
-@dataclass(frozen=True)
-class KernelStructure(Structure):
-    """Group = one kernel ``weight[k, c]`` of a convolution; index ``k * C + c``."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if len(self.shape) < 3:
-            raise ValueError(
-                f"structure 'kernel' needs a convolution weight shape [K, C, R, S] (ndim >= 3), "
-                f"got {tuple(self.shape)}"
-            )
-
-    @property
-    def num_groups(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def group_size(self) -> int:
-        return math.prod(self.shape[2:])
-
-    def _grouped(self, x: Tensor, fill: float) -> Tensor:
-        return x.reshape(self.num_groups, self.group_size)
-
-    def _expand(self, group_values: Tensor) -> Tensor:
-        k, c = self.shape[0], self.shape[1]
-        return group_values.reshape(k, c, *([1] * (len(self.shape) - 2))).expand(self.shape)
-
-
-@dataclass(frozen=True)
-class ChannelStructure(Structure):
-    """Group = one output channel / neuron (``weight[k]``, a row of a Linear weight)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if len(self.shape) < 1:
-            raise ValueError(f"structure 'channel' needs ndim >= 1, got shape {tuple(self.shape)}")
-
-    @property
-    def num_groups(self) -> int:
-        return self.shape[0]
-
-    @property
-    def group_size(self) -> int:
-        return math.prod(self.shape[1:])
-
-    def _grouped(self, x: Tensor, fill: float) -> Tensor:
-        return x.reshape(self.num_groups, self.group_size)
-
-    def _expand(self, group_values: Tensor) -> Tensor:
-        return group_values.reshape(-1, *([1] * (len(self.shape) - 1))).expand(self.shape)
-
-
-@dataclass(frozen=True)
-class BlockStructure(Structure):
-    """Group = one ``n x n`` tile of a 2-D weight; edge tiles at the boundary are smaller.
-
-    Tiles start at the top-left corner and are indexed row-major over the tile grid
-    (``index = block_row * num_block_cols + block_col``). :attr:`group_size` is ``n*n`` (a full
-    tile); :attr:`group_sizes` gives each tile's real size.
-
-    Attributes:
-        block_size: tile side ``n >= 1`` (the *pattern* "block" restricts it to ``n < 5``).
-    """
-
-    block_size: int = 4
-
-    def __post_init__(self):
-        super().__post_init__()
-        n = self.block_size
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"block_size must be a positive int, got {n!r}")
-        if len(self.shape) != 2:
-            raise ValueError(
-                f"structure 'block' needs a 2-D weight shape [out, in], got {tuple(self.shape)}"
-            )
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Number of tile rows and columns (ceil division)."""
-        n = self.block_size
-        return -(-self.shape[0] // n), -(-self.shape[1] // n)
-
-    @property
-    def num_groups(self) -> int:
-        rb, cb = self.grid
-        return rb * cb
-
-    @property
-    def group_size(self) -> int:
-        return self.block_size * self.block_size
-
-    @property
-    def is_uniform(self) -> bool:
-        return self.shape[0] % self.block_size == 0 and self.shape[1] % self.block_size == 0
-
-    @property
-    def group_sizes(self) -> Tensor:
-        n = self.block_size
-        rb, cb = self.grid
-        rows = (self.shape[0] - torch.arange(rb) * n).clamp(max=n)
-        cols = (self.shape[1] - torch.arange(cb) * n).clamp(max=n)
-        return (rows[:, None] * cols[None, :]).reshape(-1)
-
-    def _grouped(self, x: Tensor, fill: float) -> Tensor:
-        n = self.block_size
-        rb, cb = self.grid
-        pad_r, pad_c = rb * n - self.shape[0], cb * n - self.shape[1]
-        if pad_r or pad_c:
-            # Padding with the reduction's identity (0 for sum, dtype-min for max) keeps edge
-            # tiles' scores equal to the reduction over their real entries.
-            x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r), value=fill)
-        return x.reshape(rb, n, cb, n).permute(0, 2, 1, 3).reshape(rb * cb, n * n)
-
-    def _expand(self, group_values: Tensor) -> Tensor:
-        n = self.block_size
-        rb, cb = self.grid
-        full = group_values.reshape(rb, 1, cb, 1).expand(rb, n, cb, n).reshape(rb * n, cb * n)
-        return full[: self.shape[0], : self.shape[1]]
-
-
-@structures.register("unstructured")
-def _unstructured(shape: torch.Size) -> Structure:
-    """Each entry is its own group (any shape)."""
-    return UnstructuredStructure(torch.Size(shape))
-
-
-@structures.register("kernel")
-def _kernel(shape: torch.Size) -> Structure:
-    """One group per R x S kernel of a convolution weight; 2-D shapes raise ValueError."""
-    return KernelStructure(torch.Size(shape))
-
-
-@structures.register("channel")
-def _channel(shape: torch.Size) -> Structure:
-    """One group per output channel (dim 0): conv filters or Linear rows."""
-    return ChannelStructure(torch.Size(shape))
-
-
-@structures.register("block")
-def _block(shape: torch.Size, block_size: int = 4) -> Structure:
-    """``block_size x block_size`` tiles of a 2-D weight, boundary tiles smaller."""
-    return BlockStructure(torch.Size(shape), block_size)
-
-
-def make_structure(
-    name_or_callable: Union[str, Callable[..., Structure], Structure], shape, **options
-) -> Structure:
-    """Builds a :class:`Structure` for ``shape`` from a registered name or factory.
-
-    Args:
-        name_or_callable: a name in :data:`structures`, a factory ``(shape, **options)``, or an
-            existing :class:`Structure` (returned as is after checking its shape; no options).
-        shape: the weight shape.
-        **options: factory options, e.g. ``block_size`` for ``"block"``.
-
-    Raises:
-        ValueError: unknown name (lists valid names), shape mismatch, or a shape the structure
-            does not support.
-    """
-    shape = torch.Size(shape)
-    if isinstance(name_or_callable, Structure):
-        if options:
-            raise ValueError(f"options {sorted(options)} cannot be applied to a built Structure")
-        if name_or_callable.shape != shape:
-            raise ValueError(
-                f"structure shape {tuple(name_or_callable.shape)} does not match {tuple(shape)}"
-            )
-        return name_or_callable
-    return structures.get(name_or_callable, argument="structure")(shape, **options)

@@ -59,6 +59,9 @@ def candidate_parameters(
         exclude: parameter-name patterns kept dense even if selected otherwise.
     """
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    all_names = [n for n, _ in model.named_parameters()]
+    check_patterns_match(inc, all_names, "include")
+    check_patterns_match(exc, all_names, "exclude")
     seen: set[int] = set()
     out: list[SparseParam] = []
     for mod_name, module in model.named_modules():
@@ -70,8 +73,22 @@ def candidate_parameters(
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            if not p.requires_grad:
+                # a frozen parameter cannot regrow what a mask removes: it stays dense
+                if _matches(full, inc):
+                    raise ValueError(f"include={include!r} selects {full}, which is frozen (requires_grad=False)")
+                continue
             out.append(SparseParam(full, p, module))
     return out
+
+
+def check_patterns_match(patterns: Sequence[str], names: Sequence[str], arg: str) -> None:
+    """Raises ``ValueError`` for a name pattern that matches none of ``names`` (a typo, or a
+    ``torch.compile`` prefix), listing a few of the names there are."""
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            shown = ", ".join(list(names)[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"{arg} pattern {pat!r} matches no parameter; the parameters are: {shown}")
 
 
 def is_downsampling_conv(module: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import weakref
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
@@ -18,18 +18,28 @@ from torch import Tensor, nn
 
 from . import optim_state
 from .distributions import allocate_counts, density_distributions
-from .selection import DEFAULT_SPARSE_TYPES, SparseParam, candidate_parameters, partially_dense_names, _matches, _as_patterns
+from .layer import LayerView
+from .ops import select_k_per_row
+from .selection import (
+    DEFAULT_SPARSE_TYPES, SparseParam, _as_patterns, _matches, candidate_parameters, check_patterns_match,
+    partially_dense_names,
+)
+from .structure import SegmentStructure
 
 log = logging.getLogger(__name__)
 
 
 class Updater(Protocol):
-    """A topology update rule (dynamic prune/grow, gradual pruning, ...).
+    """A topology update rule (prune-regrow, gradual pruning, DEEP-R, a chain of them).
 
-    ``due(step)`` says whether to run after optimizer step number ``step`` (1-based); ``__call__``
-    changes ``sparsifier.masks`` in place (through :meth:`Sparsifier.set_mask`) and returns a dict of
-    statistics for logging.
+    The sparsifier calls ``attach(sparsifier)`` once at construction (after the masks exist),
+    ``due(step)`` after every optimizer step (1-based; exactly once per step) and, when due,
+    ``__call__(sparsifier, step)``, which changes masks only through :meth:`Sparsifier.set_mask`
+    and returns a dict of statistics. ``needs`` (optional) names what the rule reads
+    (``"momentum"``, ``"grad"``), so a missing momentum is reported at construction.
     """
+
+    def attach(self, sparsifier: "Sparsifier") -> None: ...
 
     def due(self, step: int) -> bool: ...
 
@@ -40,43 +50,58 @@ class Updater(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-@dataclass
-class LayerView:
-    """What a strategy may look at for one sparse layer."""
-
-    name: str
-    weight: nn.Parameter
-    mask: Tensor
-    module: nn.Module
-    _momentum: Callable[[], Tensor] = field(repr=False, default=None)
-    survivors: int = 0
-
-    @property
-    def grad(self) -> Optional[Tensor]:
-        return self.weight.grad
-
-    @property
-    def momentum(self) -> Tensor:
-        return self._momentum()
-
-
 def _structure_for(sp: SparseParam, structure, options: dict):
     """The group structure of one layer, or ``None`` where the structure does not apply."""
     if structure is None or structure == "unstructured":
         return None
-    from .patterns import make_structure  # local: patterns is only needed for structured runs
+    from .structure import make_structure
 
     shape = sp.param.shape
     if structure == "kernel" and (len(shape) < 3 or math.prod(shape[2:]) == 1):
         return None
     if structure == "block" and len(shape) != 2:
         return None
+    if structure in ("fanin", "nm") and len(shape) < 2:
+        return None
+    if structure == "nm" and (shape.numel() // shape[0]) % int(options.get("m", 4)):
+        return None  # a fan-in that N:M does not tile (e.g. a first conv of 3x3x3) stays unstructured
     st = make_structure(structure, shape, **options)
     if not st.is_uniform:
         raise ValueError(
             f"structure {structure!r} with options {options} does not tile {sp.name} of shape {tuple(shape)} evenly"
         )
     return st
+
+
+_GROUP_KEYS = ("params", "density", "structure", "structure_options", "pattern")
+
+
+def _group_settings(candidates, groups, structure, structure_options) -> dict[str, dict]:
+    """Per-layer settings: the first group whose ``params`` patterns match a layer's name, else the
+    sparsifier's own arguments (like an optimizer's param groups)."""
+    out = {sp.name: {"structure": structure, "structure_options": dict(structure_options or {})} for sp in candidates}
+    if groups is None:
+        return out
+    if isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups):
+        raise TypeError("groups must be a list of dicts like {'params': 'features.*', 'density': 0.1}")
+    names = [sp.name for sp in candidates]
+    for g, spec in enumerate(groups):
+        unknown = set(spec) - set(_GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"groups[{g}] has unknown keys {sorted(unknown)}; valid keys: {', '.join(_GROUP_KEYS)}")
+        if "params" not in spec:
+            raise ValueError(f"groups[{g}] needs 'params': the name patterns of its layers")
+        pats = _as_patterns(spec["params"], f"groups[{g}]['params']")
+        check_patterns_match(pats, names, f"groups[{g}]['params']")
+        for name in names:
+            if "group" not in out[name] and _matches(name, pats):
+                out[name] = {
+                    "group": g,
+                    "structure": spec.get("structure", structure),
+                    "structure_options": dict(spec.get("structure_options", structure_options or {})),
+                    **({"pattern": spec["pattern"]} if "pattern" in spec else {}),
+                }
+    return out
 
 
 def check_density(density: float, arg: str = "density") -> float:
@@ -101,13 +126,23 @@ class Sparsifier:
             conv and downsampling convs dense), or name patterns of layers kept dense.
         dense_last: with ``dense_layers="partial"``, also keep the last Linear layer dense.
         fully_sparse: make the ``dense_layers`` sparse as well but add their weight count to the
-            budget, spread over all layers (the "fully sparse" setting of Section 4).
+            budget, spread over all layers (the "fully sparse" setting of Section 4):
+            ``True`` keeps ``density * (N - D) + D`` weights, the count of the partially dense run
+            with the same ``dense_layers``; a number ``x`` keeps ``(density + x) * N``, the form of
+            the reference's ImageNet scripts (``x = 0.05626087``, "the parameters in the dense
+            layers make up 5.63% of the ResNet-50 network", Sec. 4); no ``dense_layers`` needed.
         init: ``"random"`` (each layer's initial active set drawn uniformly from the generator) or
             ``"dense"`` (all masks full; for gradual pruning, which starts dense).
+        init_scale: ``"dense"`` leaves the model's initialisation as it is (the papers' setting);
+            ``"active-fan-in"`` rescales each unit's active weights by ``sqrt(fan_in / active fan_in)``,
+            so a unit's output variance at initialisation is what its dense initialisation intended
+            (sparsity-aware initialisation, Evci et al. 2022, "Gradient Flow in Sparse Neural
+            Networks and How Lottery Tickets Win", Sec. 4). Units with no active input stay as they are.
         seed: seed of the sparsifier's own generator.
         momentum_fn: ``(optimizer, param) -> Tensor`` to read momentum from optimizers other than
-            SGD/Adam; only needed by rules that use momentum.
-        needs_momentum: raise at construction if the optimizer's momentum cannot be read.
+            SGD/Adam; only needed by rules that use momentum (``updater.needs``).
+        momentum_signal: ``"buffer"`` (SGD's buffer, Adam's ``exp_avg``) or ``"adam-normalized"``
+            (``exp_avg / (sqrt(exp_avg_sq) + eps)``, the Sparse Momentum reference's signal with Adam).
         flush_subnormal_every: zero subnormal optimizer-state values every this many steps (0: never).
         structure: prune and grow whole groups instead of single weights (Starfire's granularities
             composed with any criterion): ``"kernel"`` (RxS kernels of convolutions with more than
@@ -116,6 +151,12 @@ class Sparsifier:
             unstructured. Masks are group-aligned from the start; counts are exact in groups, and the
             global weight count stays within half a group per layer of the target.
         structure_options: options of the structure factory (e.g. ``block_size``).
+        groups: per-layer settings like an optimizer's param groups: a list of dicts with ``params``
+            (name patterns) and any of ``density``, ``structure``, ``structure_options`` and
+            ``pattern`` (Starfire's pattern for those layers); the first group that matches a layer
+            wins, and layers in no group use the arguments above. Each group's density is its own
+            budget, e.g. ``[{"params": "classifier.*", "density": 0.02}, {"params": "features.*",
+            "structure": "kernel"}]``.
     """
 
     def __init__(
@@ -131,14 +172,16 @@ class Sparsifier:
         exclude: str | Sequence[str] | None = None,
         dense_layers: str | Sequence[str] | None = None,
         dense_last: bool = False,
-        fully_sparse: bool = False,
+        fully_sparse: bool | float = False,
         init: str = "random",
+        init_scale: str = "dense",
         seed: int = 0,
         momentum_fn: Optional[optim_state.MomentumFn] = None,
-        needs_momentum: bool = False,
+        momentum_signal: str = "buffer",
         flush_subnormal_every: int = 100,
         structure: str | None = None,
         structure_options: Optional[dict] = None,
+        groups: Optional[Sequence[dict]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -147,6 +190,13 @@ class Sparsifier:
         self.density = check_density(density)
         if init not in ("random", "dense"):
             raise ValueError(f"init must be 'random' or 'dense', got {init!r}")
+        other = getattr(optimizer, "_sparselearn_sparsifier", None)
+        if other is not None and other() is not None and other()._hook is not None:
+            raise ValueError(
+                "this optimizer already has a sparsifier attached; call .remove() on it first (two would fight over the masks)"
+            )
+        # a torch.compile'd model: name parameters as the user's own module does, without "_orig_mod."
+        model = getattr(model, "_orig_mod", model)
         self.model, self.optimizer, self.updater = model, optimizer, updater
         self.flush_subnormal_every = int(flush_subnormal_every)
         self.generator = torch.Generator(device="cpu")
@@ -160,6 +210,7 @@ class Sparsifier:
             dense_names = partially_dense_names(candidates, dense_last)
         else:
             pats = _as_patterns(dense_layers, "dense_layers")
+            check_patterns_match(pats, [sp.name for sp in candidates], "dense_layers")
             dense_names = [sp.name for sp in candidates if _matches(sp.name, pats)]
         dense_count = sum(sp.param.numel() for sp in candidates if sp.name in dense_names)
         if not fully_sparse:
@@ -181,51 +232,110 @@ class Sparsifier:
         self.dense_names = list(dense_names)
 
         self._momentum_fn = None
+        needs = getattr(updater, "needs", frozenset()) if updater is not None else frozenset()
         try:
-            self._momentum_fn = optim_state.resolve_momentum_fn(optimizer, momentum_fn)
-        except (TypeError, ValueError):
-            if needs_momentum:
-                raise
+            self._momentum_fn = optim_state.resolve_momentum_fn(optimizer, momentum_fn, momentum_signal)
+        except (TypeError, ValueError) as e:
+            if "momentum" in needs or momentum_signal != "buffer":
+                raise type(e)(f"this update rule reads momentum: {e}") from None
 
-        sizes = [sp.param.numel() for sp in candidates]
-        if fully_sparse and dense_count:
+        self.settings = _group_settings(candidates, groups, structure, structure_options)
+        default = [i for i, sp in enumerate(candidates) if "group" not in self.settings[sp.name]]
+        sizes = [candidates[i].param.numel() for i in default]
+        share = None
+        if not isinstance(fully_sparse, bool):
+            if not isinstance(fully_sparse, (int, float)) or not 0.0 <= fully_sparse < 1.0:
+                raise ValueError(f"fully_sparse must be True/False or the dense share in [0, 1) added to the "
+                                 f"density, got {fully_sparse!r}")
+            share = float(fully_sparse)
+        if not sizes:
+            total = 0
+        elif share is not None:
+            total = round(min(self.density + share, 1.0) * sum(sizes))
+        elif fully_sparse and dense_count:
             # Section 4: the dense layers' weights are added to the budget and spread over the network.
             total = min(round(self.density * (sum(sizes) - dense_count)) + dense_count, sum(sizes))
         else:
             total = round(self.density * sum(sizes))
-        eff_density = total / sum(sizes)
         dist = density_distributions.get(distribution, argument="distribution")
-        densities = dist([sp.param.shape for sp in candidates], eff_density)
-        counts = allocate_counts(sizes, densities, max(total, len(sizes)))
-        # Per-layer final counts; a dense start (gradual pruning) reaches them at the era's end.
-        self.target_counts: dict[str, int] = {sp.name: k for sp, k in zip(candidates, counts)}
-        self.target_active = sum(counts)
-
-        self.structures = {sp.name: _structure_for(sp, structure, structure_options or {}) for sp in candidates}
+        counts = [0] * len(candidates)
+        parts = [(default, total)] if default else []
+        for g, spec in enumerate(groups or []):
+            members = [i for i, sp in enumerate(candidates) if self.settings[sp.name].get("group") == g]
+            if members:
+                d = check_density(spec.get("density", self.density), f"groups[{g}]['density']")
+                parts.append((members, round(d * sum(candidates[i].param.numel() for i in members))))
+        for members, t in parts:
+            shapes = [candidates[i].param.shape for i in members]
+            n = [candidates[i].param.numel() for i in members]
+            for i, k in zip(members, allocate_counts(n, dist(shapes, t / sum(n)), max(t, len(n)))):
+                counts[i] = k
+        self.structures = {sp.name: _structure_for(sp, self.settings[sp.name]["structure"],
+                                                   self.settings[sp.name]["structure_options"]) for sp in candidates}
         self.masks: dict[str, Tensor] = {}
+        # Per-layer final counts (a dense start, as in gradual pruning, reaches them at the era's end).
+        self.target_counts: dict[str, int] = {}
         for sp, k in zip(candidates, counts):
-            n = sp.param.numel()
-            st = self.structures[sp.name]
-            if init == "dense" or k >= n:
+            st, n = self.structures[sp.name], sp.param.numel()
+            m = self._initial_mask(n, k, st)
+            self.target_counts[sp.name] = int(m.sum())
+            if init == "dense":
                 m = torch.ones(n, dtype=torch.bool)
-            elif st is not None:
-                kg = min(max(round(k / st.group_size), 1), st.num_groups)
-                g = torch.zeros(st.num_groups, dtype=torch.bool)
-                g[torch.randperm(st.num_groups, generator=self.generator)[:kg]] = True
-                m = st.expand(g).reshape(-1)
-                self.target_counts[sp.name] = int(m.sum())
-            else:
-                m = torch.zeros(n, dtype=torch.bool)
-                m[torch.randperm(n, generator=self.generator)[:k]] = True
             self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
-        self.target_active = sum(self.target_counts.values())
-        if init == "dense":
-            self.target_active = sum(sizes)
+        if init_scale not in ("dense", "active-fan-in"):
+            raise ValueError(f"init_scale must be 'dense' or 'active-fan-in', got {init_scale!r}")
+        if init_scale == "active-fan-in" and init != "dense":
+            self._scale_to_active_fan_in()
         self._refresh_apply_cache()
         self.apply_masks()
-        for sp in candidates:
-            optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
+        if init != "dense":
+            for sp in candidates:
+                optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
         self._hook = optimizer.register_step_post_hook(self._after_step)
+        optimizer._sparselearn_sparsifier = weakref.ref(self)
+        if updater is not None and hasattr(updater, "attach"):
+            updater.attach(self)
+
+    def _initial_mask(self, n: int, k: int, st) -> Tensor:
+        """``k`` of ``n`` entries drawn from the generator (whole groups, or equal per segment)."""
+        if k >= n:
+            return torch.ones(n, dtype=torch.bool)
+        if isinstance(st, SegmentStructure):
+            scores = torch.rand(st.num_segments, st.segment_size, generator=self.generator)
+            everything = torch.ones_like(scores, dtype=torch.bool)
+            return select_k_per_row(scores, everything, st.per_segment(k)).reshape(-1)
+        if st is not None:
+            kg = min(max(round(k / st.group_size), 1), st.num_groups)
+            g = torch.zeros(st.num_groups, dtype=torch.bool)
+            g[torch.randperm(st.num_groups, generator=self.generator)[:kg]] = True
+            return st.expand(g).reshape(-1)
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.randperm(n, generator=self.generator)[:k]] = True
+        return m
+
+    @torch.no_grad()
+    def _scale_to_active_fan_in(self) -> None:
+        for sp in self._params:
+            w, m = sp.param, self.masks[sp.name]
+            if w.dim() < 2:
+                continue
+            rows = m.reshape(m.shape[0], -1)
+            fan_in, active = rows.shape[1], rows.sum(1).to(w.dtype)
+            scale = torch.where(active > 0, (fan_in / active.clamp_min(1)).sqrt(), torch.ones_like(active))
+            w.mul_(scale.view(-1, *([1] * (w.dim() - 1))))
+
+    @property
+    def budget(self) -> int:
+        """The number of active sparse weights the run keeps (after a pruning era, for a dense start).
+
+        Fixed at construction; the update rules restore it, they never redefine it.
+        """
+        return sum(self.target_counts.values())
+
+    @property
+    def active(self) -> int:
+        """Active sparse weights now."""
+        return sum(int(m.sum()) for m in self.masks.values())
 
     # ------------------------------------------------------------------ access
     @property
@@ -247,9 +357,10 @@ class Sparsifier:
         return torch.zeros_like(param) if m is None else m.detach()
 
     def layers(self) -> list[LayerView]:
-        """A :class:`LayerView` per sparse parameter, in model order."""
+        """A read-only :class:`LayerView` per sparse parameter, in model order."""
         return [
-            LayerView(sp.name, sp.param, self.masks[sp.name], sp.module, (lambda p=sp.param: self.momentum(p)))
+            LayerView(sp.name, sp.param, self.masks[sp.name], sp.module, self.generator, self.structures[sp.name],
+                      (lambda p=sp.param: self.momentum(p)))
             for sp in self._params
         ]
 
@@ -258,27 +369,43 @@ class Sparsifier:
         # Masks in the weight's dtype make the per-step apply a single fused foreach multiply (the
         # fastest form measured on this CPU); the bool masks stay the source of truth.
         self._weights = [sp.param for sp in self._params]
+        self._index = {sp.name: i for i, sp in enumerate(self._params)}
         self._apply = [self.masks[sp.name].to(sp.param.dtype) for sp in self._params]
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Multiplies every sparse weight by its mask (pruned weights become exactly zero)."""
+        """Zeroes every masked weight.
+
+        One fused multiply by the masks in the weight's dtype (the fastest form measured on this
+        CPU); ``inf * 0`` would leave NaN, so when any weight is not finite the masked entries are
+        overwritten with ``masked_fill`` instead: a masked weight is exactly 0 whatever the
+        optimizer wrote there.
+        """
         torch._foreach_mul_(self._weights, self._apply)
+        norms = torch._foreach_norm(self._weights)
+        if not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+            for w, m in zip(self._weights, self._apply):
+                w.masked_fill_(m == 0, 0)
 
     @torch.no_grad()
-    def set_mask(self, name: str, new_mask: Tensor, reset_state: bool = True) -> None:
-        """Replaces a mask in place; entries that changed get zero weight and fresh optimizer state."""
+    def set_mask(self, name: str, new_mask: Tensor, reset: Optional[Tensor] = None) -> None:
+        """Replaces a mask in place.
+
+        Entries that become active start at weight 0 (so do entries that become inactive, by the
+        mask). ``reset``: entries whose per-entry optimizer state (momentum, moments) is set to zero;
+        ``None`` keeps all state, as the Sparse Momentum reference does.
+        """
         mask = self.masks[name]
         if new_mask.shape != mask.shape or new_mask.dtype != torch.bool:
             raise ValueError(f"mask for {name} must be bool of shape {tuple(mask.shape)}")
         changed = new_mask ^ mask
         mask.copy_(new_mask)
-        i = self.names.index(name)
+        i = self._index[name]
         self._apply[i].copy_(mask)
         param = self._params[i].param
         param.masked_fill_(changed, 0)
-        if reset_state:
-            optim_state.reset_entries(self.optimizer, param, changed)
+        if reset is not None:
+            optim_state.reset_entries(self.optimizer, param, reset)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.step_count += 1
@@ -313,7 +440,9 @@ class Sparsifier:
 
     def remove(self) -> None:
         """Detaches the sparsifier from the optimizer (masks stay applied to the weights)."""
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     # ------------------------------------------------------------------ reporting
     def density_report(self) -> dict[str, Any]:
@@ -357,7 +486,6 @@ class Sparsifier:
             "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
             "step_count": self.step_count,
             "generator": self.generator.get_state(),
-            "target_active": self.target_active,
             "updater": self.updater.state_dict() if self.updater is not None else {},
             "last_update": dict(self.last_update),
         }
@@ -376,7 +504,6 @@ class Sparsifier:
             self.masks[name].copy_(m.to(torch.bool))
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator"])
-        self.target_active = int(state.get("target_active", self.target_active))
         if self.updater is not None:
             self.updater.load_state_dict(state.get("updater", {}))
         self.last_update = dict(state.get("last_update", {}))

@@ -108,6 +108,46 @@ def sweep_configs(
     return configs
 
 
+def configs_from_train_args(
+    runs: Sequence[Run], train_args: Sequence[str], extra_args: Optional[Mapping[str, Sequence[str]]] = None,
+) -> dict[Run, dict]:
+    """:func:`sweep_configs` for sweeps that describe their runs as ``sparselearn train`` arguments:
+    ``--recipe NAME``, ``--set KEY=VALUE`` and ``--download`` (what a sweep passes on), plus
+    ``extra_args[algorithm]`` (``--set`` pairs for that algorithm's runs).
+
+    Raises:
+        ConfigError: another argument, or a bad key or value.
+    """
+    from sparselearn.experiments.config import ConfigError, parse_assignment
+
+    def parse(args: Sequence[str]) -> tuple[Optional[str], list, list]:
+        recipe, shortcuts, sets, it = None, [], [], iter(args)
+        for a in it:
+            if a == "--recipe":
+                recipe = next(it)
+            elif a == "--set":
+                sets.append(parse_assignment(next(it)))
+            elif a == "--download":
+                shortcuts.append(("data.download", True))
+            else:
+                raise ConfigError(f"a sweep passes on --recipe, --set and --download only, got {a!r}")
+        return recipe, shortcuts, sets
+
+    recipe, shortcuts, sets = parse(train_args)
+    per_algorithm = {algo: parse(args)[2] for algo, args in (extra_args or {}).items()}
+    return sweep_configs(runs, recipe, shortcuts, sets, per_algorithm)
+
+
+def train_command(run: Run, out: Path, train_args: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """The ``sparselearn train`` command line equivalent to one run of the sweep (what a
+    command-line ``runner`` receives; the pool itself trains in-process)."""
+    cmd = [sys.executable, "-m", "sparselearn", "train", *train_args, *extra, "--algorithm", run.algorithm,
+           "--seeds", str(run.seed), "--out", str(out / run.group)]
+    if run.algorithm != DENSE:
+        cmd += ["--density", repr(run.density)]
+    return cmd
+
+
 #: ``runner(config, run_dir) -> {"status": "finished"|"diverged"|"failed", "error": str}``.
 Runner = Callable[[dict, Path], dict]
 
@@ -174,23 +214,39 @@ def status_of(folder: Path) -> str:
 def run_sweep(
     runs: Sequence[Run],
     out: Path,
-    configs: Mapping[Run, dict],
+    configs: Mapping[Run, dict] | Sequence[str],
     jobs: int = 1,
     log: Callable[[str], None] = lambda s: None,
-    runner: Optional[Runner] = None,
+    runner: Optional[Callable] = None,
+    extra_args: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> list[Run]:
     """Runs every run that has neither a result nor a divergence marker; returns the runs that failed.
 
     Args:
-        runs: the sweep's runs; ``configs[run]`` is each one's resolved config.
+        runs: the sweep's runs.
         out: the sweep folder.
+        configs: ``configs[run]``, each run's resolved config (see :func:`sweep_configs`); or the
+            ``sparselearn train`` arguments of the sweep (see :func:`configs_from_train_args`, with
+            ``extra_args``).
         jobs: worker processes (>= 1); with more than one each uses one thread.
         log: receives a line per finished run, with the sweep's progress and ETA.
-        runner: ``runner(config, run_dir) -> status dict`` called in this process instead of
-            the worker pool (for tests).
+        runner: called in this process instead of the worker pool (for tests):
+            ``runner(config, run_dir) -> status dict``, or, when ``configs`` are train arguments,
+            ``runner(command_line, run_dir) -> exit code`` (see :func:`train_command`).
     """
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
+    if not isinstance(configs, Mapping):
+        train_args = list(configs)
+        configs = configs_from_train_args(runs, train_args, extra_args)
+        if runner is not None:
+            command_runner = runner
+
+            def runner(config: dict, folder: Path) -> dict:
+                r = next(r for r in runs if r.folder(out) == folder)
+                cmd = train_command(r, out, train_args, (extra_args or {}).get(r.algorithm, ()))
+                ok = command_runner(cmd, folder) == 0 and (folder / R.RESULT_FILE).exists()
+                return {"status": "finished" if ok else "failed", "error": "" if ok else "the run failed"}
     todo = [r for r in runs if status_of(r.folder(out)) == "todo"]
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already done; running {len(todo)} with {jobs} job(s)")
     failed: list[Run] = []
@@ -264,8 +320,8 @@ class Row:
     algorithm: str
     density: float
     weights_pct: Optional[float]
-    error: Optional[Summary]
-    overlaps_dense: Optional[bool]
+    error: Optional[Summary]  # None: every run of the row diverged
+    overlaps_dense: Optional[bool]  # None: no dense baseline, or an interval is undefined
     diverged: int = 0
 
 
@@ -295,17 +351,19 @@ def table_rows(groups: dict[tuple[str, float], list[dict]]) -> list[Row]:
 def to_markdown(rows: Sequence[Row], title: str = "") -> str:
     """The paper-style table; ``*`` marks a 95% CI that overlaps the dense baseline's."""
     lines = [f"**{title}**", ""] if title else []
+    has_dense = any(r.algorithm == DENSE for r in rows)
     lines += ["| Algorithm | Weights (%) | Test error (%) | n |", "|---|---:|---:|---:|"]
     for r in rows:
         if r.error is None:
             lines.append(f"| {r.algorithm} | {100 * r.density:.2f} (target) | diverged ({r.diverged} of {r.diverged}) | 0 |")
             continue
-        star = "*" if r.overlaps_dense else ""
+        star = {True: "*", False: ""}.get(r.overlaps_dense, "?" if r.algorithm != DENSE and has_dense else "")
         note = f" ({r.diverged} diverged)" if r.diverged else ""
         lines.append(f"| {r.algorithm} | {r.weights_pct:.2f} | {r.error.mean:.2f} ± {r.error.sem:.2f}{star}{note} "
                      f"| {r.error.n} |")
     lines += ["", "Mean ± standard error over seeds; * = 95% confidence interval (Student's t) overlaps the dense "
-              "baseline's; diverged runs (non-finite loss) are counted apart."]
+              "baseline's; ? = undefined (an interval needs two seeds and a spread); diverged runs (non-finite "
+              "loss) are counted apart."]
     return "\n".join(lines)
 
 
@@ -318,7 +376,7 @@ def to_csv(rows: Sequence[Row]) -> str:
         if r.error is None:
             w.writerow([r.algorithm, r.density, "", "", "", 0, "", "", "", r.diverged])
             continue
-        lo, hi = r.error.ci95
+        lo, hi = r.error.ci95 or (float("nan"), float("nan"))
         w.writerow([r.algorithm, r.density, f"{r.weights_pct:.4f}", f"{r.error.mean:.4f}", f"{r.error.sem:.4f}",
                     r.error.n, f"{lo:.4f}", f"{hi:.4f}", "" if r.overlaps_dense is None else int(r.overlaps_dense),
                     r.diverged])

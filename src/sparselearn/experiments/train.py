@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselearn.analysis.flops import FlopCounter
 from sparselearn.core.algorithms import algorithms
 from sparselearn.experiments import runs
 from sparselearn.experiments.callbacks import (
@@ -162,6 +163,7 @@ class Run:
     data_generator: torch.Generator
     steps_per_epoch: int
     epochs: int
+    flops: Any = None
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
@@ -246,8 +248,9 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
     # ---- the sparsifier: masks after every step, topology updates on its own schedule ----------
     sparsifier = build_sparsifier(model, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
                                   criterion, splits.train, batch_size, device)
+    flops = FlopCounter(model, torch.zeros(1, *splits.input_shape, device=device))  # Sec. 5.1 estimates
     return Run(cfg, run_dir, device, splits, model, optimizer, sparsifier, criterion, lr_at,
-               train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs)
+               train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops)
 
 
 def load_data(data_cfg: Mapping[str, Any]):
@@ -312,6 +315,8 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
             if epoch + 1 == run.epochs:
                 row.update(evaluate(model, run.test_loader, device, prefix="test_"))
             row.update(density_metrics(run.sparsifier, model, run.step, run.steps_per_epoch))
+            if run.flops is not None:  # Sec. 5.1 estimates (analysis.flops), per epoch
+                row["flops"] = run.flops.measure({} if run.sparsifier is None else run.sparsifier.masks)
             row["epoch_time"] = time.perf_counter() - t0
             run.elapsed += row["epoch_time"]
             row["elapsed"] = run.elapsed

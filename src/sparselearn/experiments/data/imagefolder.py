@@ -255,15 +255,8 @@ def tiny_imagenet_transforms(augment: bool) -> tuple[Transform, Transform]:
     return Compose([Resize(64), RandomCropReflect(4), RandomHorizontalFlip(0.5), norm]), eval_tf
 
 
-@DATASETS.register("tiny-imagenet")
-def load_tiny_imagenet(*, root=None, download: bool = False, val_fraction: float = 0.1, seed: int = 0,
-                       augment: bool = True) -> DataSplits:
-    """Tiny-ImageNet, shape (3, 64, 64), 200 classes (as many as ``wnids.txt`` lists).
-
-    The official validation images (labelled by ``val/val_annotations.txt``) are the test set,
-    since the official test images have no labels; a fixed ``val_fraction`` of the training
-    images is held out for validation (Sparse Momentum paper, Sec. 4). Not downloadable.
-    """
+def _tiny_imagenet(name: str, transforms, shape, root, download: bool, val_fraction: float, seed: int,
+                   augment: bool) -> DataSplits:
     check_val_fraction(val_fraction)
     dirs: list[Path] = []
     if root is not None:
@@ -274,11 +267,36 @@ def load_tiny_imagenet(*, root=None, download: bool = False, val_fraction: float
     dirs = dedupe(dirs)
     folder = first_existing(dirs, _is_tiny)
     if folder is None:
-        raise _not_found("tiny-imagenet", dirs, TINY_LAYOUT, download)
+        raise _not_found(name, dirs, TINY_LAYOUT, download)
     classes, train, test = tiny_imagenet_samples(folder)
-    train_tf, eval_tf = tiny_imagenet_transforms(augment)
-    return _folder_splits("tiny-imagenet", train, test, train_tf, eval_tf, len(classes), (3, 64, 64),
-                          val_fraction, seed, classes)
+    train_tf, eval_tf = transforms(augment)
+    return _folder_splits(name, train, test, train_tf, eval_tf, len(classes), shape, val_fraction, seed, classes)
+
+
+@DATASETS.register("tiny-imagenet")
+def load_tiny_imagenet(*, root=None, download: bool = False, val_fraction: float = 0.1, seed: int = 0,
+                       augment: bool = True) -> DataSplits:
+    """Tiny-ImageNet, shape (3, 64, 64), 200 classes (as many as ``wnids.txt`` lists).
+
+    The official validation images (labelled by ``val/val_annotations.txt``) are the test set,
+    since the official test images have no labels; a fixed ``val_fraction`` of the training
+    images is held out for validation (Sparse Momentum paper, Sec. 4). Not downloadable.
+    """
+    return _tiny_imagenet("tiny-imagenet", tiny_imagenet_transforms, (3, 64, 64), root, download, val_fraction,
+                          seed, augment)
+
+
+@DATASETS.register("tiny-imagenet-224")
+def load_tiny_imagenet_224(*, root=None, download: bool = False, val_fraction: float = 0.1, seed: int = 0,
+                           augment: bool = True) -> DataSplits:
+    """Tiny-ImageNet with the ImageNet transforms, shape (3, 224, 224).
+
+    Starfire App. 7.2.1 trains ResNet-50 on Tiny-ImageNet and says "We apply the same image
+    transforms as on full Imagenet": random-resized crops to 224 and flips for training, resize 256
+    and centre-crop 224 for evaluation (:func:`imagenet_transforms`), so the 64x64 images are upscaled.
+    """
+    return _tiny_imagenet("tiny-imagenet-224", imagenet_transforms, (3, 224, 224), root, download, val_fraction,
+                          seed, augment)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .patterns import dead_output_channels, fc_mask_from_conv, keep_one_input_per_neuron, mask_patterns
-from .schedules import era_progress
+from ..patterns import dead_output_channels, fc_mask_from_conv, keep_one_input_per_neuron, mask_patterns
+from ..schedules import era_progress
+from ..triggers import Era
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,17 @@ class GradualUpdater:
         fc_from_conv: bool = False,
         inter_split: float = 0.5,
     ):
-        if not isinstance(start_step, int) or not isinstance(end_step, int) or start_step < 0 or end_step < start_step:
-            raise ValueError(f"the pruning era must satisfy 0 <= start_step <= end_step, got [{start_step}, {end_step}]")
         if conv_pattern not in CONV_PATTERNS:
             raise ValueError(f"unknown conv_pattern {conv_pattern!r}; valid names: {', '.join(CONV_PATTERNS)}")
         if fc_pattern not in FC_PATTERNS:
             raise ValueError(f"unknown fc_pattern {fc_pattern!r}; valid names: {', '.join(FC_PATTERNS)}")
-        if not isinstance(update_every, int) or update_every <= 0:
-            raise ValueError(f"update_every must be a positive number of optimizer steps, got {update_every!r}")
         if not 0.0 <= inter_split <= 1.0:
             raise ValueError(f"inter_split must be in [0, 1], got {inter_split!r}")
-        self._progress = era_progress(ramp, start_step, end_step)  # validates the ramp name
-        self.start_step, self.end_step, self.ramp = start_step, end_step, ramp
+        self.trigger = Era(start_step, end_step, every=update_every)  # validates the era
+        # steps are 1-based: an era rounded to end at step 0 runs at step 1 (a 1-step run still prunes)
+        self.start_step, self.end_step = self.trigger.start, self.trigger.end
+        self._progress = era_progress(ramp, self.start_step, self.end_step)  # validates the ramp name
+        self.ramp = ramp
         self.update_every = update_every
         self.conv_pattern, self.fc_pattern = conv_pattern, fc_pattern
         self.pattern_options = dict(pattern_options or {})
@@ -102,25 +102,38 @@ class GradualUpdater:
 
     # -------------------------------------------------------------- schedule
     def due(self, step: int) -> bool:
-        if step < self.start_step or step > self.end_step:
-            return False
-        return step == self.end_step or (step - self.start_step) % self.update_every == 0
+        return self.trigger.due(step)
 
     def progress(self, step: int) -> float:
         """Fraction of the final sparsity reached at ``step`` (0 before the era, 1 after it)."""
         return self._progress(step)
 
     # -------------------------------------------------------------- masks
-    def _layer_mask(self, layer, sparsity: float, step: int) -> Tensor:
+    def _layer_mask(self, layer, sparsity: float, step: int, pattern: Optional[str] = None) -> Tensor:
+        """One layer's mask at ``sparsity``; ``pattern`` is the layer's own (a sparsifier group's)."""
         w = layer.weight.detach() * layer.mask  # already-pruned entries rank first (magnitude 0)
-        if isinstance(layer.module, nn.Linear) or not _spatial_kernel(layer.module):
-            if isinstance(layer.module, nn.Linear) and self.fc_pattern == "block" and w.dim() == 2:
+        if not _is_conv(layer.module):
+            fc = pattern or self.fc_pattern
+            if fc not in FC_PATTERNS:
+                raise ValueError(f"pattern {fc!r} of {layer.name} is not an FC pattern; valid: {', '.join(FC_PATTERNS)}")
+            if fc == "block" and w.dim() == 2:
                 return mask_patterns.get("block")(w, sparsity, block_size=self.block_size)
             return mask_patterns.get("fine")(w, sparsity)
-        pattern = self.conv_pattern
+        pattern = pattern or self.conv_pattern
+        if pattern not in CONV_PATTERNS:
+            raise ValueError(f"pattern {pattern!r} of {layer.name} is not a conv pattern; valid: {', '.join(CONV_PATTERNS)}")
         if pattern == "inter":
             ck_end = self.start_step + self.inter_split * (self.end_step - self.start_step)
             pattern = "kernel" if step <= ck_end else "window"
+            if pattern == "window":
+                # the window phase prunes what the CK phase left: whole zero kernels already count
+                # towards the layer's sparsity, so live windows only make up the rest
+                dead = float((~layer.mask.reshape(*layer.mask.shape[:2], -1).any(-1)).float().mean())
+                sparsity = 0.0 if dead >= 1.0 else max(0.0, (sparsity - dead) / (1.0 - dead))
+        if not _spatial_kernel(layer.module):
+            # one tap per kernel: a window is one weight, so window pruning is per-layer fine pruning,
+            # while CK (and intra's CK part) ranks the kernels of each input channel (Algorithm 1)
+            pattern = "fine" if pattern == "window" else "kernel"
         opts = {k: v for k, v in self.pattern_options.items() if self._accepts(pattern, k)}
         return mask_patterns.get(pattern)(w, sparsity, **opts)
 
@@ -175,14 +188,14 @@ class GradualUpdater:
 
     @torch.no_grad()
     def __call__(self, sparsifier, step: int) -> dict:
-        self.attach(sparsifier)
         u = self.progress(step)
         layers = sparsifier.layers()
         masks: dict[str, Tensor] = {}
         for layer in layers:
             final = 1.0 - sparsifier.target_counts[layer.name] / layer.mask.numel()
             s = min(max(u * final, 0.0), 0.999999)
-            masks[layer.name] = self._layer_mask(layer, s, step) & layer.mask
+            own = getattr(sparsifier, "settings", {}).get(layer.name, {}).get("pattern")
+            masks[layer.name] = self._layer_mask(layer, s, step, own) & layer.mask
         if self.keep_one_input:
             for layer in layers:
                 if isinstance(layer.module, nn.Linear):
@@ -192,10 +205,11 @@ class GradualUpdater:
         # After the one-input rule: inputs removed here are constant, folded into the bias, so a row
         # left without inputs still computes exactly what it did.
         from_conv = self._prune_fc_from_conv(sparsifier, layers, masks) if self.fc_from_conv else 0
+        per_layer = {}
         for layer in layers:
-            sparsifier.set_mask(layer.name, masks[layer.name])
-        sparsifier.target_active = sum(int(m.sum()) for m in sparsifier.masks.values())
-        return {"progress": u, "active": sparsifier.target_active, "fc_from_conv": from_conv}
+            per_layer[layer.name] = {"pruned": int((layer.mask & ~masks[layer.name]).sum()), "grown": 0}
+            sparsifier.set_mask(layer.name, masks[layer.name], reset=layer.mask & ~masks[layer.name])
+        return {"progress": u, "active": sparsifier.active, "fc_from_conv": from_conv, "layers": per_layer}
 
     def state_dict(self) -> dict:
         return {}
