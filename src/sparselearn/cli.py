@@ -24,20 +24,22 @@ arguments to an ``argparse`` parser and a handler ``(args) -> exit code``::
 
     add_subcommand("compare", configure, run, help="algorithm x density x seed sweeps")
 
-This module owns the console: the experiment code reports through the ``log`` and ``progress``
-callables it is given.
+This module owns the console: the experiment code reports through the ``log`` callable and the
+:class:`~sparselearn.experiments.callbacks.Progress` callback it is given. User errors
+(:class:`~sparselearn.experiments.errors.UserError`, ``ValueError``, ``OSError``) are caught once, in
+:func:`main`, and printed as one line with exit code 2 (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence
 
 from sparselearn.analysis.stats import mean_stderr
 from sparselearn.experiments import config as C
+from sparselearn.experiments.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -130,50 +132,10 @@ def echo(line: str = "") -> None:
     print(line, flush=True)
 
 
-class ProgressBar:
-    """The position inside an epoch: on a terminal, one line redrawn in place on ``stream`` and
-    erased at the epoch's end; otherwise (a log file, CI) a plain line every ``every`` steps.
-
-    Called as ``bar(epoch, step, steps_per_epoch, running_loss)`` (the ``progress`` argument of
-    :func:`sparselearn.experiments.train.train`).
-    """
-
-    def __init__(self, stream: TextIO | None = None, every: int = 100, width: int = 24, interval: float = 0.1):
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every, self.width, self.interval = max(int(every), 1), width, interval
-        self._last_draw = 0.0
-        self._epoch_start = 0.0
-        self._shown = 0
-
-    def __call__(self, epoch: int, step: int, total: int, loss) -> None:
-        now = time.monotonic()
-        if step == 1:
-            self._epoch_start = now
-        if not self.tty:
-            if step % self.every == 0 and step < total:
-                print(f"  epoch {epoch} step {step}/{total} loss {float(loss):.4f}", file=self.stream, flush=True)
-            return
-        if step == total:
-            self._erase()
-            return
-        if now - self._last_draw < self.interval:
-            return
-        self._last_draw = now
-        done = int(self.width * step / total)
-        rate = step / max(now - self._epoch_start, 1e-9)
-        eta = (total - step) / rate
-        line = (f"epoch {epoch} [{'#' * done}{'.' * (self.width - done)}] {step}/{total} "
-                f"loss {float(loss):.4f} {rate:.1f} it/s eta {eta:.0f}s")
-        self.stream.write("\r" + line.ljust(self._shown))
-        self.stream.flush()
-        self._shown = len(line)
-
-    def _erase(self) -> None:
-        if self._shown:
-            self.stream.write("\r" + " " * self._shown + "\r")
-            self.stream.flush()
-            self._shown = 0
+def error_line(command: str, e: BaseException) -> str:
+    """The one stderr line of a user error: ``sparselearn <command>: error: <message>``."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    return f"sparselearn {command}: error: {message}"
 
 
 SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
@@ -229,26 +191,43 @@ TRAIN_EXAMPLES = """examples:
   sparselearn train --recipe cifar10-wrn-28-2 --density 0.05 --set optim.lr=0.05 --set sparsity.prune_rate=0.3
   sparselearn train --recipe cifar10-vgg16-d --algorithm dense --resume
 
-config sections and keys (--set SECTION.KEY=VALUE): model (name, + model options), data (name, root,
-download, batch_size, eval_batch_size, val_fraction, split_seed, augment, num_workers), optim (name,
-lr, momentum, beta2, nesterov, weight_decay, label_smoothing), lr_schedule (kind, step_size, milestones,
-gamma, warmup_epochs, min_lr), sparsity (algorithm, density, + algorithm options), train (epochs,
-seed, device, out_dir, log_every). Each run folder gets config.yaml, metrics.jsonl, result.json,
-checkpoint.pt (and TensorBoard events when tensorboard is installed).
+{schema}
+
+A run folder belongs to one config: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>-<hash>,
+the hash covering every key that changes the result. A finished or partly trained run is never
+replaced unless --overwrite is given; --resume continues it. A run that meets a non-finite loss
+stops with exit code 3 and leaves diverged.json instead of result.json.
 """
 
 
+def _schema_keys() -> str:
+    """``model (name, + options), data (name, root, ...)``: the sections and keys of the schema."""
+    sections: dict[str, list[str]] = {}
+    for key in C.FIELDS:
+        section, name = key.split(".")
+        sections.setdefault(section, []).append(name)
+    return ", ".join(f"{s} ({', '.join(names)}{', + options' if s in C.OPEN_SECTIONS else ''})"
+                     for s, names in sections.items())
+
+
 def configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = TRAIN_EXAMPLES
+    import textwrap
+
+    schema = (f"config sections and keys (--set SECTION.KEY=VALUE): {_schema_keys()}. Each run folder gets "
+              f"config.yaml, metrics.jsonl, result.json, checkpoint.pt (and TensorBoard events when tensorboard "
+              f"is installed).")
+    parser.epilog = TRAIN_EXAMPLES.replace("{schema}", textwrap.fill(schema, 100))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_arguments(parser)
     r = parser.add_argument_group("runs")
     r.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="train one run per seed (into <out>/seed<k>) and report mean ± standard error")
     r.add_argument("--out", metavar="DIR",
-                   help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>)")
+                   help="folder of this setting's runs (default: <train.out_dir>/<recipe>-<model>-<algorithm>-d<density>-<hash>)")
     r.add_argument("--resume", action="store_true",
-                   help="continue each run from its last checkpoint (runs without one start afresh)")
+                   help="continue each run of this config from its last checkpoint (an error if none was started)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the runs in the folder (only once the new run's config, data and model are built)")
     r.add_argument("--report", nargs="?", const="", default=None, metavar="HTML",
                    help="write the HTML report of the runs at the end (default <out>/report.html)")
 
@@ -262,15 +241,22 @@ def run_base(config: dict, out: str | None) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from sparselearn.experiments import train as train_module
 
+    from sparselearn.experiments.callbacks import Progress
+    from sparselearn.experiments.runs import folder_state
+
     config = config_from_args(args)
     seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [config["train"]["seed"]]
     base = run_base(config, args.out)
+    if args.resume and all(folder_state(base / f"seed{s}").status == "absent" for s in seeds):
+        raise UserError(f"--resume: no run of this config in {base} to continue; drop --resume to start it "
+                        f"(a changed flag such as --density or --lr is another config, in another folder)")
     results = []
     for seed in seeds:
         run_config = C.validate({**config, "train": {**config["train"], "seed": seed}}, check_names=False)
         run_dir = base / f"seed{seed}"
-        bar = ProgressBar(sys.stderr, every=config["train"]["log_every"])
-        result = train_module.train(run_config, run_dir, resume=args.resume, log=echo, progress=bar)
+        progress = Progress(sys.stderr, every=config["train"]["log_every"])
+        result = train_module.train(run_config, run_dir, resume=args.resume, overwrite=args.overwrite,
+                                    log=progress.write, callbacks=[progress])
         results.append(result)
         echo(_format_result(result))
     if len(results) > 1:
@@ -334,40 +320,9 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
                    help="a config override for one algorithm's runs only, e.g. deepr:sparsity.temperature=1e-8")
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from sparselearn.core.algorithms import algorithms
-    from sparselearn.experiments import compare as K
-
-    config = config_from_args(args)  # validates the recipe and the overrides once, up front
-    for name in args.algorithms:
-        if name != K.DENSE and name not in algorithms:
-            raise C.ConfigError(f"unknown algorithm {name!r} in --algorithms; valid: dense, {', '.join(algorithms.names())}")
-    densities = args.densities or [config["sparsity"]["density"]]
-    runs = K.plan(args.algorithms, densities, args.seeds)
-    out = Path(args.out) if args.out else Path(config["train"]["out_dir"]) / (
-        f"compare-{config.get('recipe') or 'default'}-{config['model']['name']}")
-    train_args = _passthrough_train_args(args)
-    per_algorithm: dict[str, list[str]] = {}
-    for text in args.algorithm_options:
-        algo, sep, assignment = text.partition(":")
-        if not sep or algo not in args.algorithms:
-            raise C.ConfigError(f"--option {text!r}: expected ALGO:KEY=VALUE with ALGO one of {args.algorithms}")
-        C.parse_assignment(assignment)  # fail early on a malformed assignment
-        per_algorithm.setdefault(algo, []).extend(["--set", assignment])
-    failed = K.run_sweep(runs, out, train_args, jobs=args.jobs, log=echo, extra_args=per_algorithm)
-    rows = K.table_rows(K.collect(runs, out))
-    title = args.title or f"{config.get('recipe') or 'default'}: {config['model']['name']} on {config['data']['name']}"
-    md, csv_path = K.write_tables(rows, out, title)
-    echo(K.to_markdown(rows, title))
-    echo(f"\ntables written to {md} and {csv_path}")
-    if failed:
-        echo(f"{len(failed)} run(s) failed; see train.log in their folders. Run the same command to retry.")
-        return 1
-    return 0
-
-
 def _passthrough_train_args(args: argparse.Namespace) -> list[str]:
-    """The config flags of a compare command, handed to each ``sparselearn train`` process."""
+    """The config flags of a sweep command as ``sparselearn train`` arguments (``--recipe``,
+    ``--set``, ``--download``), for sweeps that pass them on (see ``compare.configs_from_train_args``)."""
     out: list[str] = []
     if getattr(args, "recipe", None):
         out += ["--recipe", args.recipe]
@@ -380,6 +335,49 @@ def _passthrough_train_args(args: argparse.Namespace) -> list[str]:
     for text in getattr(args, "overrides", []):
         out += ["--set", text]
     return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sparselearn.core.algorithms import algorithms
+    from sparselearn.experiments import compare as K
+
+    config = config_from_args(args)  # validates the recipe and the overrides once, up front
+    for name in args.algorithms:
+        if name != K.DENSE and name not in algorithms:
+            raise C.ConfigError(f"unknown algorithm {name!r} in --algorithms; valid: dense, {', '.join(algorithms.names())}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (runs in parallel), got {args.jobs}")
+    densities = args.densities or [config["sparsity"]["density"]]
+    runs = K.plan(args.algorithms, densities, args.seeds)
+    out = Path(args.out) if args.out else Path(config["train"]["out_dir"]) / (
+        f"compare-{config.get('recipe') or config['data']['name']}-{config['model']['name']}-{C.config_hash(config)[:8]}")
+    per_algorithm: dict[str, list[tuple[str, Any]]] = {}
+    for text in args.algorithm_options:
+        algo, sep, assignment = text.partition(":")
+        if not sep or algo not in args.algorithms:
+            raise C.ConfigError(f"--option {text!r}: expected ALGO:KEY=VALUE with ALGO one of {args.algorithms}")
+        per_algorithm.setdefault(algo, []).append(C.parse_assignment(assignment))
+    shortcuts, sets = _compare_overrides(args)
+    configs = K.sweep_configs(runs, getattr(args, "recipe", None), shortcuts, sets, per_algorithm)
+    failed = K.run_sweep(runs, out, configs, jobs=args.jobs, log=echo)
+    rows = K.table_rows(K.collect(runs, out))
+    title = args.title or f"{config.get('recipe') or 'default'}: {config['model']['name']} on {config['data']['name']}"
+    md, csv_path = K.write_tables(rows, out, title)
+    echo(K.to_markdown(rows, title))
+    echo(f"\ntables written to {md} and {csv_path}")
+    if failed:
+        echo(f"{len(failed)} run(s) failed; see train.log in their folders. Run the same command to retry.")
+        return 1
+    return 0
+
+
+def _compare_overrides(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """A compare command's config flags: the shortcuts (but the algorithm and density, which each run
+    sets) and ``--download``, then the ``--set`` assignments."""
+    pairs = [(key, value) for key, value in config_overrides(args)]
+    sets = [C.parse_assignment(text) for text in getattr(args, "overrides", [])]
+    shortcuts = pairs[: len(pairs) - len(sets)]
+    return [(k, v) for k, v in shortcuts if k not in ("sparsity.algorithm", "sparsity.density")], sets
 
 
 # ------------------------------------------------------------------------------------------------
@@ -402,8 +400,22 @@ def cmd_fgsm(args: argparse.Namespace) -> int:
     from sparselearn.experiments.checkpoint import write_json
     from sparselearn.experiments.data import make_loader
     from sparselearn.experiments.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+    from sparselearn.experiments.runs import folder_state
 
+    for e in args.epsilons:
+        if not 0.0 <= e <= 1.0:
+            raise UserError(f"--epsilons: {e:g} is not in [0, 1] (a perturbation size in pixel units)")
     epsilons = [0.0, *[e for e in args.epsilons if e != 0.0]]
+    for run_dir in map(Path, args.run_dirs):  # every folder checked before the first evaluation
+        state = folder_state(run_dir).status
+        if state == "absent" or not (run_dir / "checkpoint.pt").exists():
+            raise UserError(f"{run_dir}: not a run folder (no config.yaml and checkpoint.pt); pass a folder such as "
+                            f"runs/<run>/seed0")
+        if state == "diverged":
+            raise UserError(f"{run_dir}: the run diverged (see diverged.json); there is no trained model to attack")
+        if state != "finished":
+            raise UserError(f"{run_dir}: the run is unfinished (no result.json); finish it with the same "
+                            f"`sparselearn train ... --resume` first")
     rows = []
     for run_dir in map(Path, args.run_dirs):
         cfg, splits, model = load_trained(run_dir, args.device)
@@ -439,12 +451,20 @@ for _command in cli_analysis.COMMANDS:
 # ------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparselearn",
         description="Train sparse neural networks: Sparse Momentum and structured pruning, the papers' settings.",
         epilog="start with: sparselearn train",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=command.help.replace("%", "%%"), description=command.help)
@@ -462,12 +482,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
-    except (C.ConfigError, FileNotFoundError, ImportError) as e:
-        print(f"sparselearn {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError, OSError, ImportError) as e:
+        # User errors (bad arguments and config values, files, folders, the network) are one line;
+        # an OSError or ValueError that got this far is reported the same way, as it names its file.
+        if args.debug:
+            raise
+        print(error_line(args.command, e), file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("\ninterrupted; continue the run with the same command and --resume", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"\ninterrupted; {INTERRUPT_ADVICE.get(args.command, 'nothing was lost')}", file=sys.stderr)
         return 130
+
+
+#: What to do after Ctrl-C, per command (only flags that command takes).
+INTERRUPT_ADVICE = {
+    "train": "continue the run with the same command and --resume",
+    "compare": "run the same command again: finished runs are kept and unfinished ones resume",
+}
 
 
 if __name__ == "__main__":

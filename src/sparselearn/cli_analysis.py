@@ -61,15 +61,14 @@ def load_trained(run_dir: Path, device: str = "cpu"):
     from ``checkpoint.pt``, the data set as configured but without augmentation."""
     from sparselearn.experiments import config as C
     from sparselearn.experiments.checkpoint import load_checkpoint
-    from sparselearn.experiments.data import load_dataset
     from sparselearn.experiments.models import create_model
+    from sparselearn.experiments.train import load_data
 
     if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml (is it a finished run folder?)")
     cfg = C.load_config(run_dir / "config.yaml", check_names=False)
     data = cfg["data"]
-    splits = load_dataset(data["name"], root=data["root"], download=data["download"],
-                          val_fraction=data["val_fraction"], seed=data["split_seed"], augment=False)
+    splits = load_data({**data, "augment": False})  # missing or corrupt files: one-line user errors
     model = create_model(cfg["model"]["name"], num_classes=splits.num_classes, input_shape=splits.input_shape,
                          **C.model_options(cfg))
     model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])

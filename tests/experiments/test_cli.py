@@ -188,10 +188,16 @@ def test_seeds_write_one_run_each_and_a_mean_stderr_summary(tmp_path, capsys):
 def test_default_run_folder_is_deterministic(tmp_path):
     code, _, _ = run(["train", "--epochs", 1, "--density", 0.1])
     assert code == 0
-    assert (tmp_path / "runs" / "default-lenet300-100-sparse-momentum-d0.1" / "seed0" / "result.json").is_file()
+    [folder] = (tmp_path / "runs").iterdir()
+    assert folder.name.startswith("digits-lenet300-100-sparse-momentum-d0.1-")
+    assert (folder / "seed0" / "result.json").is_file()
+    code, _, _ = run(["train", "--epochs", 1, "--density", 0.1, "--resume", "--device", "cpu"])
+    assert code == 0 and [folder] == list((tmp_path / "runs").iterdir())  # --resume finds it again
     code, _, _ = run(["train", "--epochs", 1, "--algorithm", "dense", "--set", "train.out_dir=elsewhere"])
     assert code == 0
-    result = json.loads((tmp_path / "elsewhere" / "default-lenet300-100-dense" / "seed0" / "result.json").read_text())
+    [dense] = (tmp_path / "elsewhere").iterdir()
+    assert dense.name.startswith("digits-lenet300-100-dense-")
+    result = json.loads((dense / "seed0" / "result.json").read_text())
     assert result["density"] == 1.0 and result["model_density"] == 1.0
 
 
@@ -406,12 +412,12 @@ def test_add_subcommand_is_the_extension_point(capsys, monkeypatch):
     assert seen["config"]["optim"]["lr"] == 0.05 and seen["config"]["recipe"] == "mnist-lenet300-100"
 
 
-def test_a_fresh_run_replaces_an_earlier_one(tmp_path, capsys, monkeypatch):
+def test_overwrite_replaces_an_earlier_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "again"
     assert run(["train", "--epochs", 2, "--density", 0.2, "--out", out])[0] == 0
     _kill_after(monkeypatch, 1)
-    code, stdout, _ = run(["train", "--epochs", 2, "--density", 0.2, "--out", out], capsys)
-    assert code == 130 and "replacing the earlier run" in stdout
+    code, stdout, _ = run(["train", "--epochs", 2, "--density", 0.2, "--out", out, "--overwrite"], capsys)
+    assert code == 130
     # the killed run left its own checkpoint, and no result of the earlier run to mistake for its own
     assert not (out / "seed0" / "result.json").exists()
     assert len(read_jsonl(out / "seed0" / "metrics.jsonl")) == 1

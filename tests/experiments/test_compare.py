@@ -13,7 +13,7 @@ def test_plan_runs_dense_once_per_seed():
     runs = K.plan(["dense", "sparse-momentum", "set"], [0.05, 0.02], [0, 1])
     assert len(runs) == 2 + 2 * 2 * 2
     assert {r.group for r in runs} == {"dense", "sparse-momentum-d0.05", "sparse-momentum-d0.02", "set-d0.05", "set-d0.02"}
-    with pytest.raises(ValueError, match="densities"):
+    with pytest.raises(K.UserError, match="--densities"):
         K.plan(["set"], [1.5], [0])
 
 
@@ -28,27 +28,30 @@ def test_summary_statistics():
     assert summarize([3.0]).ci95 is None
 
 
+def _configs(runs):
+    return {r: {"algorithm": r.algorithm, "density": 1.0 if r.algorithm == "dense" else r.density, "seed": r.seed}
+            for r in runs}
+
+
 def _fake_runner(accuracies, calls):
-    def run(cmd, folder):
-        calls.append(cmd)
-        algo = cmd[cmd.index("--algorithm") + 1]
-        seed = int(cmd[cmd.index("--seeds") + 1])
-        density = float(cmd[cmd.index("--density") + 1]) if "--density" in cmd else 1.0
+    def run(config, folder):
+        calls.append(config)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "result.json").write_text(json.dumps({"test_acc": accuracies[algo][seed], "density": density}))
-        return 0
+        (folder / "result.json").write_text(json.dumps({"test_acc": accuracies[config["algorithm"]][config["seed"]],
+                                                        "density": config["density"]}))
+        return {"status": "finished", "error": "", "seconds": 0.5}
     return run
 
 
 def test_sweep_skips_finished_runs_and_marks_ci_overlap(tmp_path):
     acc = {"dense": [0.90, 0.91, 0.92], "close": [0.905, 0.915, 0.91], "far": [0.80, 0.81, 0.79]}
     runs = K.plan(["dense", "close", "far"], [0.1], [0, 1, 2])
-    calls = []
-    assert K.run_sweep(runs, tmp_path, ["--recipe", "x"], runner=_fake_runner(acc, calls)) == []
+    calls, lines = [], []
+    assert K.run_sweep(runs, tmp_path, _configs(runs), runner=_fake_runner(acc, calls), log=lines.append) == []
     assert len(calls) == 9
-    assert all("--resume" in c and "--recipe" in c for c in calls)
+    assert lines[1].startswith("[1/9] done: dense seed 0 in 0.5s, eta ") and lines[-1].startswith("[9/9] done: far")
     calls.clear()
-    K.run_sweep(runs, tmp_path, [], runner=_fake_runner(acc, calls))
+    K.run_sweep(runs, tmp_path, _configs(runs), runner=_fake_runner(acc, calls))
     assert calls == []  # everything done: a rerun skips it all
     rows = {r.algorithm: r for r in K.table_rows(K.collect(runs, tmp_path))}
     assert rows["dense"].error.mean == pytest.approx(9.0)
@@ -64,8 +67,27 @@ def test_sweep_skips_finished_runs_and_marks_ci_overlap(tmp_path):
 
 def test_failed_run_is_reported(tmp_path):
     runs = K.plan(["set"], [0.1], [0])
-    failed = K.run_sweep(runs, tmp_path, [], runner=lambda cmd, folder: 1)
+    failed = K.run_sweep(runs, tmp_path, _configs(runs), runner=lambda c, f: {"status": "failed", "error": "x"})
     assert failed == runs
+
+
+def test_diverged_runs_are_counted_not_averaged(tmp_path):
+    runs = K.plan(["dense", "set", "rigl"], [0.1], [0, 1])
+    for r in runs:
+        f = r.folder(tmp_path)
+        f.mkdir(parents=True)
+        if r.algorithm == "rigl" or (r.algorithm == "set" and r.seed == 1):
+            (f / "diverged.json").write_text(json.dumps({"step": 3, "loss": "nan", "lr": 1e6}))
+        else:
+            (f / "result.json").write_text(json.dumps({"test_acc": 0.9, "density": r.density}))
+    assert [r for r in runs if K.status_of(r.folder(tmp_path)) == "todo"] == []  # diverged: done, not retried
+    rows = {r.algorithm: r for r in K.table_rows(K.collect(runs, tmp_path))}
+    assert rows["rigl"].error is None and rows["rigl"].diverged == 2
+    assert rows["set"].error.n == 1 and rows["set"].diverged == 1
+    md = K.to_markdown(list(rows.values()))
+    assert "| rigl | 10.00 (target) | diverged (2 of 2) | 0 |" in md
+    assert "| set | 10.00 | 10.00 ± 0.00? (1 diverged) | 1 |" in md  # one seed: no interval
+    assert K.to_csv(list(rows.values())).splitlines()[-1].endswith(",2")
 
 
 def test_compare_command_end_to_end(tmp_path, capsys):

@@ -333,8 +333,16 @@ def test_mnist_missing_says_where_and_how(tmp_path, _isolated_cache):
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("mnist", root=tmp_path / "nowhere")
     msg = str(e.value)
-    assert "download=True" in msg
-    assert str(tmp_path / "nowhere") in msg and str(_isolated_cache / "mnist") in msg
+    assert "--download" in msg and "--data-root" in msg and "\n" not in msg
+    assert str(tmp_path / "nowhere") in msg and str(_isolated_cache) not in msg  # only the given root
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("mnist")
+    assert str(_isolated_cache / "mnist") in str(e.value)
+
+
+def test_a_data_root_without_the_files_never_falls_back_to_the_system_copy(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fashion-mnist: .* not in --data-root"):
+        load_dataset("fashion-mnist", root=tmp_path / "empty")
 
 
 def test_mnist_download_verifies_md5(tmp_path, monkeypatch, _isolated_cache):
@@ -375,7 +383,7 @@ def test_download_url_atomic_on_error(tmp_path, monkeypatch):
             return chunk
 
     monkeypatch.setattr(DL, "urlopen", lambda url, timeout=None: Broken(b"0123456789"))
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(OSError, match="cannot download http://example.invalid/f.bin .connection dropped.; check the network"):
         DL.download_url("http://example.invalid/f.bin", tmp_path / "f.bin")
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(DL, "urlopen", lambda url, timeout=None: FakeResponse(b"abc"))

@@ -37,6 +37,7 @@ def test_defaults_are_the_papers_optimizer_on_digits():
     cfg = C.resolve_config()
     assert cfg["model"] == {"name": "lenet300-100"}
     assert cfg["data"]["name"] == "digits" and cfg["data"]["batch_size"] == 100
+    # the quick start (no recipe) uses the sparsity-aware initialisation (Evci et al. 2022)
     assert cfg["sparsity"] == {"algorithm": "sparse-momentum", "density": 0.05, "init_scale": "active-fan-in"}
     o = cfg["optim"]
     assert (o["name"], o["lr"], o["momentum"], o["nesterov"], o["weight_decay"]) == ("sgd", 0.1, 0.9, True, 5e-4)
@@ -114,7 +115,9 @@ def test_saved_config_round_trips_and_hash_ignores_seed_and_bookkeeping(tmp_path
     assert C.config_hash(cfg) == C.config_hash(other)
     assert C.changed_keys(cfg, other) == ["train.seed"]
     assert C.config_hash(cfg) != C.config_hash(C.resolve_config("cifar10-wrn-28-2", {"optim.lr": 0.05}))
-    assert C.run_name(cfg) == "cifar10-wrn-28-2-wrn-28-2-sparse-momentum-d0.1"
+    assert C.run_name(cfg) == f"cifar10-wrn-28-2-wrn-28-2-sparse-momentum-d0.1-{C.config_hash(cfg)[:8]}"
+    assert C.run_name(other) == C.run_name(cfg)  # seed, device, workers: the same folder
+    assert C.run_name(C.resolve_config()).startswith("digits-lenet300-100-sparse-momentum-d0.05-")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,7 +426,7 @@ def test_cuda_run_and_resume(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the progress bar (cli.ProgressBar)
+# the console progress (callbacks.Progress)
 
 
 class _Stream(io.StringIO):
@@ -435,23 +438,68 @@ class _Stream(io.StringIO):
         return self._tty
 
 
-def test_progress_bar_on_a_terminal_redraws_one_line_and_erases_it():
-    from sparselearn.cli import ProgressBar
+class _FakeRun:
+    def __init__(self, epochs=3, steps_per_epoch=10, step=0):
+        self.epochs, self.steps_per_epoch, self.step, self.epoch = epochs, steps_per_epoch, step, step // steps_per_epoch
+        self.total_steps, self.step_in_epoch = epochs * steps_per_epoch, 0
+
+    def advance(self):
+        self.step += 1
+        self.step_in_epoch = (self.step - 1) % self.steps_per_epoch + 1
+        self.epoch = (self.step - 1) // self.steps_per_epoch
+
+
+def test_progress_on_a_terminal_is_one_tqdm_bar_over_the_whole_run():
+    from sparselearn.experiments.callbacks import Progress
 
     s = _Stream(tty=True)
-    bar = ProgressBar(s, interval=0.0)
-    for i in range(1, 11):
-        bar(1, i, 10, torch.tensor(0.5))
+    bar, run = Progress(s, interval=0), _FakeRun(epochs=3, steps_per_epoch=10, step=10)  # resumed after epoch 1
+    bar.on_fit_start(run)
+    for _ in range(20):
+        run.advance()
+        bar.on_step_end(run, torch.tensor(0.5))
+    bar.close(run)
     text = s.getvalue()
-    assert "\n" not in text and text.count("\r") >= 9 and "5/10" in text and "loss 0.5000" in text
-    assert text.endswith("\r") and text.rsplit("\r", 2)[-2].strip() == ""  # erased at the epoch end
+    assert "/30" in text and "30/30" in text and "epoch 3/3" in text  # the whole run, resumed at 10
+    assert "1000000000" not in text and "e+09" not in text  # no absurd first-frame rate
 
 
-def test_progress_without_a_terminal_prints_plain_lines_every_n_steps():
-    from sparselearn.cli import ProgressBar
+def test_progress_without_a_terminal_prints_plain_lines_with_a_whole_run_eta():
+    from sparselearn.experiments.callbacks import Progress
 
     s = _Stream(tty=False)
-    bar = ProgressBar(s, every=4)
-    for i in range(1, 11):
-        bar(2, i, 10, torch.tensor(1.25))
-    assert s.getvalue().splitlines() == ["  epoch 2 step 4/10 loss 1.2500", "  epoch 2 step 8/10 loss 1.2500"]
+    bar, run = Progress(s, every=4), _FakeRun(epochs=2, steps_per_epoch=5)
+    bar.on_fit_start(run)
+    for _ in range(10):
+        run.advance()
+        bar.on_step_end(run, torch.tensor(1.25))
+    lines = s.getvalue().splitlines()
+    assert [l.split(" loss")[0] for l in lines] == ["  step 4/10 (epoch 1/2)", "  step 8/10 (epoch 2/2)"]
+    assert all("loss 1.2500" in l and "it/s, eta " in l for l in lines)
+
+
+def test_digits_run_without_a_terminal_prints_progress_lines(tmp_path):
+    from sparselearn.experiments.callbacks import Progress
+
+    s = _Stream(tty=False)
+    T.train(_config(**{"train.log_every": 10}), tmp_path / "p", log=lambda l: None, callbacks=[Progress(s, every=10)])
+    lines = s.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("  step 10/39 (epoch 1/3)")  # 3 epochs x 13 steps
+
+
+# ------------------------------------------------------------------------------------------------
+# the one schema
+
+
+def test_the_defaults_come_from_the_one_schema_and_validate():
+    validated, resolved = C.validate(C.DEFAULTS), C.resolve_config()
+    for key, field in C.FIELDS.items():
+        assert C.get_key(C.DEFAULTS, key) == field.default, key
+        assert C.get_key(validated, key) == C.get_key(resolved, key) == field.default, key
+
+
+@pytest.mark.parametrize("key", [k for k in C.FIELDS if k.split(".")[0] not in C.OPEN_SECTIONS])
+def test_a_typo_of_every_closed_key_gets_a_did_you_mean(key):
+    typo = key[:-1] + key[-1] * 2  # optim.lr -> optim.lrr
+    with pytest.raises(C.ConfigError, match=f"did you mean '{key}'"):
+        C.resolve_config(overrides={typo: 1})

@@ -15,20 +15,26 @@
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per
 epoch), ``checkpoint.pt`` (written atomically after every epoch; ``resume=True`` continues from it
 and ends bitwise identical to an uninterrupted run on CPU), ``result.json`` (final metrics, the
-density report and the config hash) and, when ``tensorboard`` is installed, TensorBoard events in
-``tensorboard/``.
+density report and the config hash) or ``diverged.json`` (the run met a non-finite loss) and,
+when ``tensorboard`` is installed, TensorBoard events in ``tensorboard/``.
 
-The console belongs to the caller: ``log`` receives whole lines, ``progress`` the position inside
-the epoch (see :func:`train`). Run it from the command line with ``sparselearn train``.
+Order of a run, so that a mistake never costs an earlier result: the config is validated and the
+folder checked (:func:`sparselearn.experiments.runs.check_start`), then data, model, optimizer and
+sparsifier are built, and only then is the folder locked and written. What happens at each step,
+epoch and the end is a :class:`~sparselearn.experiments.callbacks.Callback`: the metrics file,
+TensorBoard, the console lines and the checkpoint are built in; pass more with ``callbacks=``.
+Run it from the command line with ``sparselearn train``.
 """
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,31 +42,29 @@ from torch import nn
 
 from sparselearn.analysis.flops import FlopCounter
 from sparselearn.core.algorithms import algorithms
-from sparselearn.experiments.checkpoint import (
-    CHECKPOINT, json_line, load_checkpoint, save_checkpoint, write_json, write_text,
+from sparselearn.experiments import runs
+from sparselearn.experiments.callbacks import (
+    Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
 )
+from sparselearn.experiments.checkpoint import CHECKPOINT, load_checkpoint, remove_stale_temporaries, write_json, write_text
 from sparselearn.experiments.config import (
-    ConfigError, changed_keys, config_hash, get_key, model_options, sparsity_options, to_yaml, validate,
+    ConfigError, changed_keys, config_hash, model_options, sparsity_options, to_yaml, validate,
 )
 from sparselearn.experiments.data import load_dataset, make_loader
+from sparselearn.experiments.errors import Diverged, UserError
 from sparselearn.experiments.models import create_model
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-TENSORBOARD_DIR = "tensorboard"
-
-#: ``progress(epoch, step_in_epoch, steps_per_epoch, running_train_loss)`` after every optimizer
-#: step; the loss is a 0-dim tensor (call ``float()`` only when displaying it: on a GPU that syncs).
-ProgressFn = Callable[[int, int, int, torch.Tensor], None]
+CONFIG_FILE, METRICS_FILE, RESULT_FILE = runs.CONFIG_FILE, runs.METRICS_FILE, runs.RESULT_FILE
+DIVERGED_FILE, TENSORBOARD_DIR = runs.DIVERGED_FILE, runs.TENSORBOARD_DIR
 
 
 def train(
     config: Mapping[str, Any],
     run_dir: str | Path,
     resume: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
-    progress: Optional[ProgressFn] = None,
+    callbacks: Sequence[Callback] = (),
     on_epoch_end: Optional[Callable[[dict], None]] = None,
 ) -> dict:
     """Trains one run and returns its result (what ``result.json`` holds).
@@ -69,11 +73,13 @@ def train(
         config: a config as made by :func:`sparselearn.experiments.config.resolve_config`.
         run_dir: the run folder (created if needed).
         resume: continue from ``run_dir/checkpoint.pt`` when it exists (else start afresh); the
-            config must match the checkpoint's, apart from bookkeeping keys such as the device.
+            config must match the run's, apart from bookkeeping keys such as the device.
+        overwrite: replace whatever run ``run_dir`` holds (only once the new run is built).
         log: receives the run's text lines (header, one line per epoch, the density report).
-        progress: see :data:`ProgressFn`; ``None`` for none.
-        on_epoch_end: called with the epoch's metrics after its checkpoint is written (raising
-            from it stops the run there, as a kill would).
+        callbacks: extra :class:`~sparselearn.experiments.callbacks.Callback` objects, called
+            after the built-in ones (metrics file, TensorBoard, epoch lines, checkpoint).
+        on_epoch_end: shorthand for a callback called with the epoch's metrics after its
+            checkpoint is written (raising from it stops the run there, as a kill would).
 
     Returns:
         ``{"test_acc", "test_loss", "test_error", "val_acc", ..., "density", "density_report",
@@ -81,32 +87,15 @@ def train(
 
     Raises:
         ConfigError: a bad config value, an option the algorithm or model does not take, or a
-            resume whose config differs from the checkpoint's.
+            resume whose config differs from the run's.
+        UserError: the folder holds a run this call must not replace, is in use by another
+            process or cannot be written; the data set is missing or corrupt.
+        Diverged: a non-finite training loss (``diverged.json`` records where).
     """
     cfg = validate(config)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg["train"]["device"])
-
-    checkpoint = None
-    if resume and (run_dir / CHECKPOINT).exists():
-        checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-        diff = changed_keys(checkpoint["config"], cfg)
-        if diff:
-            raise ConfigError(
-                f"cannot resume {run_dir}: the config differs from the checkpoint's in "
-                + ", ".join(f"{k} ({get_key(checkpoint['config'], k)!r} -> {get_key(cfg, k)!r})" for k in diff)
-            )
-    elif resume:
-        log(f"no checkpoint in {run_dir}: starting from scratch")
-    if checkpoint is None:
-        # A fresh start replaces an earlier run in this folder: drop its checkpoint and result, so a
-        # kill of this run can neither resume nor report the old one.
-        if (run_dir / CHECKPOINT).exists() or (run_dir / RESULT_FILE).exists():
-            log(f"replacing the earlier run in {run_dir} (resume continues a run instead)")
-        for name in (CHECKPOINT, RESULT_FILE):
-            (run_dir / name).unlink(missing_ok=True)
-    write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
+    runs.check_start(run_dir, cfg, resume, overwrite, changed_keys)  # before the (slow) build
 
     # Missing weights keep a momentum that decays geometrically towards zero; on CPU those values
     # become subnormal floats that make every optimizer step several times slower (DESIGN.md).
@@ -114,20 +103,117 @@ def train(
     # experiment layer (not the core library) sets it, for the duration of the run.
     torch.set_flush_denormal(True)
     try:
-        return _train(cfg, run_dir, device, checkpoint, log, progress, on_epoch_end)
+        run = build_run(cfg, run_dir, device)  # everything validated; nothing written yet
+        with runs.RunLock(run_dir, log):
+            runs.check_start(run_dir, cfg, resume, overwrite, changed_keys)  # now no one else writes
+            remove_stale_temporaries(run_dir)
+            checkpoint = None
+            if resume and (run_dir / CHECKPOINT).exists():
+                checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+                _check_same_config(run_dir, checkpoint.get("config", {}), cfg)
+            elif resume:
+                log(f"no checkpoint in {run_dir}: starting from scratch")
+            if checkpoint is None:
+                runs.clear_outputs(run_dir)  # a started-but-never-checkpointed run, or --overwrite
+            else:
+                run.restore(checkpoint)
+            write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
+            builtin = [MetricsFile(), TensorBoardLog(), EpochLines(log), CheckpointWriter()]
+            extra = [] if on_epoch_end is None else [EpochCallback(on_epoch_end)]
+            return fit(run, [*builtin, *callbacks, *extra], log)
     finally:
         torch.set_flush_denormal(False)
 
 
-def _train(cfg, run_dir, device, checkpoint, log, progress, on_epoch_end) -> dict:
+def _check_same_config(run_dir: Path, saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    diff = changed_keys(saved, cfg)
+    if diff:
+        raise ConfigError(f"cannot resume {run_dir}: the config differs from the checkpoint's in "
+                          + ", ".join(diff) + "; drop --resume and choose another --out to start this config")
+
+
+@dataclass
+class Run:
+    """Everything one run trains with, and where it stands; what callbacks see.
+
+    Attributes:
+        config, run_dir, device: the resolved config, the run folder, the device.
+        model, optimizer, sparsifier: the training objects (``sparsifier`` is ``None`` if dense).
+        train_loader, val_loader, test_loader, data_generator: the data and the generator that
+            shuffles (and augments) it; its state is part of the checkpoint.
+        steps_per_epoch, epochs: the run's length.
+        epoch: epochs completed; ``step``: optimizer steps taken; ``step_in_epoch``: the position
+            in the current epoch; ``lr``: the learning rate of the last step.
+        start_epoch: the epoch the run (re)started from; ``history``: one metrics dict per epoch;
+            ``elapsed``: training seconds over all sessions of the run.
+    """
+
+    config: dict
+    run_dir: Path
+    device: torch.device
+    splits: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sparsifier: Any
+    criterion: nn.Module
+    lr_at: Callable[[int], float]
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    data_generator: torch.Generator
+    steps_per_epoch: int
+    epochs: int
+    flops: Any = None
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    lr: float = 0.0
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: every piece of state that the rest of the run depends on."""
+        return {
+            "epoch": self.epoch, "step": self.step, "config": self.config,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "sparsifier": None if self.sparsifier is None else self.sparsifier.state_dict(),
+            "data_generator": self.data_generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "metrics": self.history, "elapsed": self.elapsed,
+        }
+
+    def restore(self, checkpoint: Mapping[str, Any]) -> None:
+        """Loads a :meth:`state_dict` (a checkpoint missing a piece is reported, not guessed)."""
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.sparsifier is not None:
+                self.sparsifier.load_state_dict(checkpoint["sparsifier"])
+            self.data_generator.set_state(checkpoint["data_generator"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if self.device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+            self.epoch = self.start_epoch = int(checkpoint["epoch"])
+            self.step = int(checkpoint["step"])
+            self.history, self.elapsed = list(checkpoint["metrics"]), float(checkpoint["elapsed"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise UserError(f"{self.run_dir / CHECKPOINT}: does not fit this run ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); --overwrite starts the run over") from e
+
+
+def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
+    """Data, model, optimizer, schedule and sparsifier of ``cfg``: everything that can reject the
+    config, built before the run folder is touched."""
     seed, epochs = cfg["train"]["seed"], cfg["train"]["epochs"]
-    data_cfg, optim_cfg, sparsity_cfg = cfg["data"], cfg["optim"], cfg["sparsity"]
+    data_cfg, optim_cfg = cfg["data"], cfg["optim"]
 
     # ---- data: fixed train/validation split (Sec. 4), shuffled by one seeded generator --------
-    splits = load_dataset(
-        data_cfg["name"], root=data_cfg["root"], download=data_cfg["download"],
-        val_fraction=data_cfg["val_fraction"], seed=data_cfg["split_seed"], augment=data_cfg["augment"],
-    )
+    splits = load_data(data_cfg)
     batch_size = data_cfg["batch_size"]
     eval_batch_size = data_cfg["eval_batch_size"] or batch_size
     workers = data_cfg["num_workers"]
@@ -144,9 +230,12 @@ def _train(cfg, run_dir, device, checkpoint, log, progress, on_epoch_end) -> dic
 
     # ---- model: initialised from the run's seed -------------------------------------------------
     torch.manual_seed(seed)
+    from sparselearn.experiments.models.registry import MODELS
+
+    options = checked_options(MODELS.get(cfg["model"]["name"]), model_options(cfg), "model")
     try:
         model = create_model(cfg["model"]["name"], num_classes=splits.num_classes,
-                             input_shape=splits.input_shape, **model_options(cfg))
+                             input_shape=splits.input_shape, **options)
     except TypeError as e:
         raise _option_error("model", cfg["model"]["name"], e) from None
     model.to(device)
@@ -157,113 +246,124 @@ def _train(cfg, run_dir, device, checkpoint, log, progress, on_epoch_end) -> dic
     criterion = nn.CrossEntropyLoss(label_smoothing=optim_cfg["label_smoothing"])
 
     # ---- the sparsifier: masks after every step, topology updates on its own schedule ----------
-    sparsifier = build_sparsifier(model, optimizer, sparsity_cfg, seed, steps_per_epoch, epochs,
+    sparsifier = build_sparsifier(model, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
                                   criterion, splits.train, batch_size, device)
     flops = FlopCounter(model, torch.zeros(1, *splits.input_shape, device=device))  # Sec. 5.1 estimates
+    return Run(cfg, run_dir, device, splits, model, optimizer, sparsifier, criterion, lr_at,
+               train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops)
 
-    # ---- resume: every piece of state that the rest of the run depends on ----------------------
-    start_epoch, step, history, elapsed = 0, 0, [], 0.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if sparsifier is not None:
-            sparsifier.load_state_dict(checkpoint["sparsifier"])
-        data_generator.set_state(checkpoint["data_generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        history, elapsed = list(checkpoint["metrics"]), float(checkpoint["elapsed"])
-    # The metrics file always matches the checkpoint (a kill between the two writes is undone).
-    write_text(run_dir / METRICS_FILE, "".join(json_line(m) + "\n" for m in history))
-    tensorboard = open_tensorboard(run_dir / TENSORBOARD_DIR, purge_step=start_epoch + 1)
 
+def load_data(data_cfg: Mapping[str, Any]):
+    """``load_dataset`` with the data section's settings; missing or corrupt files are user errors."""
+    try:
+        return load_dataset(data_cfg["name"], root=data_cfg["root"], download=data_cfg["download"],
+                            val_fraction=data_cfg["val_fraction"], seed=data_cfg["split_seed"],
+                            augment=data_cfg["augment"])
+    except (OSError, ValueError, ImportError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(" ".join(str(e).split())) from e
+
+
+def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = print) -> dict:
+    """The training loop: epochs of optimizer steps, evaluation, and the callbacks at each seam."""
+    cfg, model, optimizer, device = run.config, run.model, run.optimizer, run.device
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"run {run_dir}: {cfg['model']['name']} ({n_params:,} parameters) on {splits.name} "
+    splits = run.splits
+    log(f"run {run.run_dir}: {cfg['model']['name']} ({n_params:,} parameters) on {splits.name} "
         f"({len(splits.train)} train / {0 if splits.val is None else len(splits.val)} val / {len(splits.test)} test), "
-        f"{_describe_sparsity(sparsity_cfg)}, {optim_cfg['name']} lr {optim_cfg['lr']:g}, batch {batch_size}, "
-        f"{epochs} epochs of {steps_per_epoch} steps, device {device}, seed {seed}")
-    if start_epoch:
-        log(f"resumed from epoch {start_epoch}/{epochs}")
+        f"{_describe_sparsity(cfg['sparsity'])}, {cfg['optim']['name']} lr {cfg['optim']['lr']:g}, "
+        f"batch {cfg['data']['batch_size']}, {run.epochs} epochs of {run.steps_per_epoch} steps, "
+        f"device {device}, seed {cfg['train']['seed']}")
+    if run.start_epoch:
+        log(f"resumed from epoch {run.start_epoch}/{run.epochs}")
+    try:
+        for cb in callbacks:
+            cb.on_fit_start(run)
+        for epoch in range(run.start_epoch, run.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            seen = 0
+            for i, (x, y) in enumerate(run.train_loader, 1):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                run.lr = lr = run.lr_at(run.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                logits = model(x)
+                loss = run.criterion(logits, y)
+                if not torch.isfinite(loss):  # one sync per step: cheap next to a wasted run
+                    stop_diverged(run, epoch + 1, float(loss.detach()), lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()  # the sparsifier's step hook re-applies the masks (and updates them)
+                run.step += 1
+                run.step_in_epoch = i
+                with torch.no_grad():
+                    loss_sum += loss.detach() * y.size(0)
+                    correct += (logits.argmax(1) == y).sum()
+                seen += y.size(0)
+                for cb in callbacks:
+                    cb.on_step_end(run, loss_sum / seen)
 
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        for i, (x, y) in enumerate(train_loader, 1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            logits = model(x)
-            loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()  # the sparsifier's step hook re-applies the masks (and updates them)
-            step += 1
-            with torch.no_grad():
-                loss_sum += loss.detach() * y.size(0)
-                correct += (logits.argmax(1) == y).sum()
-            seen += y.size(0)
-            if progress is not None:
-                progress(epoch + 1, i, steps_per_epoch, loss_sum / seen)
+            # Validation every epoch, test only at the last one (Sec. 4).
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": run.step, "lr": lr,
+                                   "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
+            if run.val_loader is not None:
+                row.update(evaluate(model, run.val_loader, device, prefix="val_"))
+            if epoch + 1 == run.epochs:
+                row.update(evaluate(model, run.test_loader, device, prefix="test_"))
+            row.update(density_metrics(run.sparsifier, model, run.step, run.steps_per_epoch))
+            if run.flops is not None:  # Sec. 5.1 estimates (analysis.flops), per epoch
+                row["flops"] = run.flops.measure({} if run.sparsifier is None else run.sparsifier.masks)
+            row["epoch_time"] = time.perf_counter() - t0
+            run.elapsed += row["epoch_time"]
+            row["elapsed"] = run.elapsed
+            run.history.append(row)
+            run.epoch = epoch + 1
+            for cb in callbacks:
+                cb.on_epoch_end(run, row)
 
-        # Validation every epoch, test only at the last one (Sec. 4).
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr,
-                               "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
-        if val_loader is not None:
-            row.update(evaluate(model, val_loader, device, prefix="val_"))
-        if epoch + 1 == epochs:
-            row.update(evaluate(model, test_loader, device, prefix="test_"))
-        row.update(density_metrics(sparsifier, model, step, steps_per_epoch))
-        row["flops"] = flops.measure({} if sparsifier is None else sparsifier.masks)
-        row["epoch_time"] = time.perf_counter() - t0
-        elapsed += row["epoch_time"]
-        row["elapsed"] = elapsed
-        history.append(row)
+        result = make_result(run)
+        log(format_report(run.sparsifier, model))
+        write_json(run.run_dir / RESULT_FILE, result)
+        for cb in callbacks:
+            cb.on_fit_end(run, result)
+        return result
+    finally:
+        for cb in callbacks:
+            cb.close(run)
 
-        with open(run_dir / METRICS_FILE, "a") as f:
-            f.write(json_line(row) + "\n")
-        if tensorboard is not None:
-            write_scalars(tensorboard, row)
-        log(format_epoch(row, epochs))
-        save_checkpoint({
-            "epoch": epoch + 1, "step": step, "config": cfg,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sparsifier": None if sparsifier is None else sparsifier.state_dict(),
-            "data_generator": data_generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "metrics": history, "elapsed": elapsed,
-        }, run_dir / CHECKPOINT)
-        if on_epoch_end is not None:
-            on_epoch_end(row)
 
-    if tensorboard is not None:
-        tensorboard.close()
+def stop_diverged(run: Run, epoch: int, loss: float, lr: float) -> None:
+    """Records ``diverged.json`` (so a sweep reports the run as diverged) and raises :class:`Diverged`."""
+    step = run.step + 1
+    write_json(run.run_dir / DIVERGED_FILE, {"step": step, "epoch": epoch, "loss": str(loss), "lr": lr,
+                                             "config_hash": config_hash(run.config), "seed": run.config["train"]["seed"]})
+    raise Diverged(f"{run.run_dir}: training diverged at step {step} (epoch {epoch}): loss {loss} with lr {lr:g}; "
+                   f"no result written (see {DIVERGED_FILE}); try a lower --lr")
 
-    # ---- result ---------------------------------------------------------------------------------
-    report = density_report(sparsifier, model)
-    log(format_report(sparsifier, model))
-    final = history[-1]
-    result = {
-        "run_dir": str(run_dir),
+
+def make_result(run: Run) -> dict:
+    """``result.json``: the last epoch's metrics, the density report and the config hash."""
+    cfg, final = run.config, run.history[-1]
+    report = density_report(run.sparsifier, run.model)
+    return {
+        "run_dir": str(run.run_dir),
         "recipe": cfg.get("recipe"),
         "config_hash": config_hash(cfg),
-        "seed": seed,
-        "epochs": epochs,
+        "seed": cfg["train"]["seed"],
+        "epochs": run.epochs,
         **{k: final.get(k) for k in ("test_acc", "test_loss", "test_top5", "val_acc", "val_loss", "val_top5",
                                      "train_acc", "train_loss") if k in final},
         "test_error": None if final.get("test_acc") is None else 1.0 - final["test_acc"],
         "density": report["density"],
         "model_density": report["model_density"],
-        "wall_time": elapsed,
+        "wall_time": run.elapsed,
         "density_report": report,
-        "metrics": history,
+        "metrics": run.history,
     }
-    write_json(run_dir / RESULT_FILE, result)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,7 +444,7 @@ def build_sparsifier(model, optimizer, sparsity: Mapping[str, Any], seed: int, s
         return None
     factory = algorithms.get(name, argument="sparsity.algorithm")
     kwargs = dict(density=sparsity["density"], steps_per_epoch=steps_per_epoch, epochs=epochs, seed=seed,
-                  **sparsity_options({"sparsity": sparsity}))
+                  **checked_options(factory, sparsity_options({"sparsity": sparsity}), "sparsity"))
     if getattr(factory, "needs_batch", False):
         gen = torch.Generator().manual_seed(seed + 1)
         x, y = next(iter(make_loader(train_set, batch_size, True, gen)))
@@ -355,6 +455,45 @@ def build_sparsifier(model, optimizer, sparsity: Mapping[str, Any], seed: int, s
         raise _option_error("sparsity", name, e) from None
     except ValueError as e:
         raise ConfigError(f"sparsity (algorithm {name!r}): {e}") from None
+
+
+#: Option names that count steps or items, whatever default the factory declares.
+_COUNT_OPTION = re.compile(r".*(_every|_step|_steps|_count)$")
+
+
+def checked_options(factory: Callable, options: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """``options`` with integer options checked: an option whose default in ``factory``'s signature
+    is an ``int`` (or whose name ends in ``_every``, ``_step(s)``, ``_count``) must be a whole
+    number -- ``update_every=2.5`` is an error, not a silent 2 (a float like ``50.0`` becomes 50).
+
+    Raises:
+        ConfigError: a non-integer value for such an option; the message names the key.
+    """
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    out = dict(options)
+    for name, value in options.items():
+        default = params[name].default if name in params else None
+        wants_int = (isinstance(default, int) and not isinstance(default, bool)) or bool(_COUNT_OPTION.match(name))
+        if not wants_int or value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and value.is_integer():
+            out[name] = int(value)
+        elif not isinstance(value, int):
+            raise ConfigError(f"config key '{section}.{name}' must be an integer, got {value!r}")
+    return out
+
+
+def check_option_types(cfg: Mapping[str, Any]) -> None:
+    """:func:`checked_options` for a config's model and algorithm options, without building anything
+    (a sweep checks all its runs' configs before the first run starts)."""
+    from sparselearn.experiments.models.registry import MODELS
+
+    checked_options(MODELS.get(cfg["model"]["name"]), model_options(cfg), "model")
+    if cfg["sparsity"]["algorithm"] != "dense":
+        checked_options(algorithms.get(cfg["sparsity"]["algorithm"]), sparsity_options(cfg), "sparsity")
 
 
 def _option_error(section: str, name: str, err: TypeError) -> Exception:
@@ -436,30 +575,6 @@ def format_epoch(row: Mapping[str, Any], epochs: int) -> str:
         parts.append(f"prune rate {row['prune_rate']:.3f}")
     parts.append(f"{row['epoch_time']:.1f}s")
     return " | ".join(parts)
-
-
-def open_tensorboard(folder: Path, purge_step: int):
-    """A ``SummaryWriter`` when ``tensorboard`` is installed, else ``None`` (skipped silently).
-    ``purge_step`` drops events a killed run logged after its last checkpoint."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # ImportError, or a broken tensorboard/protobuf install: just skip it
-        return None
-    return SummaryWriter(str(folder), purge_step=purge_step)
-
-
-def write_scalars(writer, row: Mapping[str, Any]) -> None:
-    """The epoch's numbers as TensorBoard scalars (x axis: epoch)."""
-    epoch = row["epoch"]
-    for key, value in row.items():
-        if key == "layer_density":
-            for name, d in value.items():
-                writer.add_scalar(f"layer_density/{name}", d, epoch)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-            group, _, metric = key.partition("_")
-            tag = f"{group}/{metric}" if group in ("train", "val", "test") else key
-            writer.add_scalar(tag, value, epoch)
-    writer.flush()
 
 
 def _describe_sparsity(sparsity: Mapping[str, Any]) -> str:

@@ -116,28 +116,27 @@ def _has_batches(folder: Path) -> bool:
 
 
 def candidate_dirs(root: str | Path | None) -> list[Path]:
-    dirs: list[Path] = []
+    # A given root is the only place looked in: a wrong --data-root must not quietly use the cache.
     if root is not None:
         r = Path(root).expanduser()
-        dirs += [r / FOLDER, r, r / "cifar10" / FOLDER]
-    dirs.append(cache_dir("cifar10") / FOLDER)
-    return dedupe(dirs)
+        return dedupe([r / FOLDER, r, r / "cifar10" / FOLDER])
+    return [cache_dir("cifar10") / FOLDER]
 
 
 def locate(root: str | Path | None, download: bool) -> Path:
-    """The folder holding the batches; downloads and extracts into the cache if asked."""
+    """The folder holding the batches; downloads and extracts into ``root`` (or the cache) if asked."""
     dirs = candidate_dirs(root)
     for d in dirs:
         if _has_batches(d):
             return d
+    base = Path(root).expanduser() if root is not None else cache_dir("cifar10")
     if not download:
-        searched = "\n  ".join(str(d) for d in dirs)
+        searched = ", ".join(str(d) for d in dirs)
+        where = "--data-root" if root is not None else "any of"
         raise FileNotFoundError(
-            f"cifar10: the batches ({', '.join(TRAIN_BATCHES)}, {TEST_BATCH}) were not found in "
-            f"any of:\n  {searched}\npass download=True to download them into "
-            f"{cache_dir('cifar10')}, or point root= at the folder holding {FOLDER}/"
+            f"cifar10: the batches ({', '.join(TRAIN_BATCHES)}, {TEST_BATCH}) are not in {where} {searched}; "
+            f"add --download to download them into {base}, or point --data-root at the folder holding {FOLDER}/"
         )
-    base = cache_dir("cifar10")
     base.mkdir(parents=True, exist_ok=True)
     archive = download_url(URL, base / "cifar-10-python.tar.gz", md5=ARCHIVE_MD5)
     # Extract beside the destination and move the folder into place in one step, so a partial

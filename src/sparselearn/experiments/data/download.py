@@ -66,8 +66,12 @@ def download_url(url: str, dest: str | os.PathLike, md5: str | None = None) -> P
                 f"(nothing written to {dest}). Try again, or place the file there by hand."
             )
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ChecksumError):
+            reason = getattr(e, "reason", None) or e.strerror or e
+            raise OSError(f"cannot download {url} ({reason}); check the network connection, or put the file "
+                          f"at {dest} yourself (or in a folder passed as --data-root)") from e
         raise
     return dest
 

@@ -163,13 +163,13 @@ _NO_DOWNLOAD_WHY = {
 
 
 def _not_found(name: str, dirs: Sequence[Path], layout: str, download: bool) -> FileNotFoundError:
-    searched = "\n  ".join(str(d) for d in dirs)
-    why = ("download=True cannot help: " if download else "") + (
+    searched = ", ".join(str(d) for d in dirs)
+    why = ("--download cannot help: " if download else "") + (
         f"{name} is not downloaded automatically ({_NO_DOWNLOAD_WHY[name]})"
     )
     return FileNotFoundError(
-        f"{name}: no data set found in any of:\n  {searched}\nexpected layout: {layout}\n{why}; "
-        f"get it yourself and pass root= (or place it under {cache_dir(name)})"
+        f"{name}: no data set found in any of {searched} (expected layout: {' '.join(layout.split())}); {why}; "
+        f"get it yourself and pass --data-root (or place it under {cache_dir(name)})"
     )
 
 
@@ -262,7 +262,8 @@ def _tiny_imagenet(name: str, transforms, shape, root, download: bool, val_fract
     if root is not None:
         r = Path(root).expanduser()
         dirs += [r / TINY_FOLDER, r, r / "tiny-imagenet" / TINY_FOLDER]
-    dirs.append(cache_dir("tiny-imagenet") / TINY_FOLDER)
+    else:  # a given root is the only place looked in (a wrong --data-root is an error)
+        dirs.append(cache_dir("tiny-imagenet") / TINY_FOLDER)
     dirs = dedupe(dirs)
     folder = first_existing(dirs, _is_tiny)
     if folder is None:
@@ -378,7 +379,8 @@ def load_imagenet(*, root=None, download: bool = False, val_fraction: float = 0.
     if root is not None:
         r = Path(root).expanduser()
         dirs += [r, r / "imagenet"]
-    dirs.append(cache_dir("imagenet"))
+    else:
+        dirs.append(cache_dir("imagenet"))
     dirs = dedupe(dirs)
     folder = first_existing(dirs, _is_imagenet)
     if folder is None:

@@ -1,14 +1,16 @@
 """MNIST and Fashion-MNIST from their IDX files (raw or gzipped).
 
-Where the files are looked for, in order:
+Where the files are looked for:
 
-1. the user's ``root``: the folder itself, ``root/<name>/``, and torchvision's
-   ``root/<MNIST|FashionMNIST>/raw/`` layout;
-2. for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist/`` (Debian's ``dataset-fashion-mnist``);
-3. the cache, ``$SPARSELEARN_DATA/<name>`` or ``~/.cache/sparselearn/<name>``.
+* with ``root`` (``--data-root``): only there -- the folder itself, ``root/<name>/``, and
+  torchvision's ``root/<MNIST|FashionMNIST>/raw/`` layout. A root without the files is an error,
+  never a silent switch to another copy;
+* otherwise, for Fashion-MNIST ``/usr/share/datasets/fashion-mnist/`` (Debian's
+  ``dataset-fashion-mnist``), then the cache, ``$SPARSELEARN_DATA/<name>`` or
+  ``~/.cache/sparselearn/<name>``.
 
-With ``download=True`` missing files are fetched into the cache and checked against the
-published MD5 sums.
+With ``download=True`` (``--download``) missing files are fetched into ``root/<name>`` (or the
+cache when there is no root) and checked against the published MD5 sums.
 """
 from __future__ import annotations
 
@@ -150,13 +152,15 @@ def _find_all(folder: Path) -> dict[str, Path] | None:
 def candidate_dirs(name: str, root: str | Path | None) -> list[Path]:
     """The folders searched for ``name``'s IDX files, in order."""
     spec = _SPECS[name]
-    dirs: list[Path] = []
     if root is not None:
         r = Path(root).expanduser()
-        dirs += [r, r / name, r / spec["torchvision_dir"] / "raw"]
-    dirs += list(spec["system_dirs"])
-    dirs.append(cache_dir(name))
-    return dedupe(dirs)
+        return dedupe([r, r / name, r / spec["torchvision_dir"] / "raw"])
+    return dedupe([*spec["system_dirs"], cache_dir(name)])
+
+
+def download_dir(name: str, root: str | Path | None) -> Path:
+    """Where ``--download`` puts ``name``'s files: ``root/<name>`` when a root is given, else the cache."""
+    return Path(root).expanduser() / name if root is not None else cache_dir(name)
 
 
 def locate_idx_files(name: str, root: str | Path | None, download: bool) -> dict[str, Path]:
@@ -170,15 +174,15 @@ def locate_idx_files(name: str, root: str | Path | None, download: bool) -> dict
         if found is not None:
             logger.info("%s: using IDX files in %s", name, d)
             return found
+    target = download_dir(name, root)
     if not download:
-        searched = "\n  ".join(str(d) for d in dirs)
+        searched = ", ".join(str(d) for d in dirs)
+        where = "--data-root" if root is not None else "any of"
         raise FileNotFoundError(
-            f"{name}: the IDX files ({', '.join(IDX_FILES)}, raw or .gz) were not found in any of:"
-            f"\n  {searched}\npass download=True to download them into {cache_dir(name)}, or "
-            f"point root= at a folder that holds them"
+            f"{name}: the IDX files ({', '.join(IDX_FILES)}, raw or .gz) are not in {where} {searched}; "
+            f"add --download to download them into {target}, or point --data-root at a folder that holds them"
         )
     spec = _SPECS[name]
-    target = cache_dir(name)
     found = {}
     for base in IDX_FILES:
         existing = _find_file(target, base)
