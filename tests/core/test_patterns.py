@@ -6,16 +6,15 @@ import math
 import pytest
 import torch
 
+from sparselearn.core import ops as O
 from sparselearn.core import patterns as P
+from sparselearn.core.fc_rules import dead_output_channels, fc_mask_from_conv, keep_one_input_per_neuron
 from sparselearn.core.structure import BlockStructure, make_structure, structures
 from sparselearn.core.patterns import (
     block_mask,
     compute_mask,
-    dead_output_channels,
-    fc_mask_from_conv,
     fine_mask,
     intra_mask,
-    keep_one_input_per_neuron,
     kernel_mask,
     mask_patterns,
     window_mask,
@@ -401,7 +400,7 @@ def test_block_uniform_path_matches_size_aware_prefix():
         scores = st.reduce(w.abs(), "sum").reshape(1, -1)
         for s in (0.1, 0.4, 0.75):
             target = round(s * w.numel())
-            prune = P._prune_prefix_by_size(scores, st.group_sizes.reshape(1, -1), torch.tensor([[target]]))
+            prune = O.prune_prefix_by_size(scores, st.group_sizes.reshape(1, -1), torch.tensor([[target]]))
             assert torch.equal(block_mask(w, s), st.expand(~prune.reshape(-1)))
 
 
@@ -670,11 +669,11 @@ def _bracket_inputs():
 
 @pytest.mark.parametrize("name", list(_bracket_inputs()))
 def test_kth_smallest_bracket_is_exact(name, monkeypatch):
-    monkeypatch.setattr(P, "_BRACKET_MIN_NUMEL", 64)
+    monkeypatch.setattr(O, "_BRACKET_MIN_NUMEL", 64)
     x = _bracket_inputs()[name]
     n = x.numel()
     for k in sorted({1, 2, 60, 61, n // 4, n // 4 + 1, n // 2, 3 * n // 4, 3 * n // 4 + 1, n - 1, n}):
-        assert P._kth_smallest(x, k) == torch.kthvalue(x, k).values, (name, k)
+        assert O.kth_smallest(x, k) == torch.kthvalue(x, k).values, (name, k)
     for s in (0.1, 0.5, 0.75, 0.9):
         w = x.reshape(50, 100)
         assert torch.equal(fine_mask(w, s), ref_fine(w, s)), (name, s)
@@ -682,27 +681,27 @@ def test_kth_smallest_bracket_is_exact(name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(_bracket_inputs()))
 def test_kth_smallest_bracket_every_rank(name, monkeypatch):
-    monkeypatch.setattr(P, "_BRACKET_MIN_NUMEL", 64)
+    monkeypatch.setattr(O, "_BRACKET_MIN_NUMEL", 64)
     x = _bracket_inputs()[name][:1500]
     expected = torch.sort(x).values
     for k in range(1, x.numel() + 1):
-        assert P._kth_smallest(x, k) == expected[k - 1], (name, k)
+        assert O.kth_smallest(x, k) == expected[k - 1], (name, k)
 
 
 def test_kth_smallest_single_value_bracket_above_ties(monkeypatch):
     # The strided sample (1 in 61) sees only 1.0; the other entries alternate 0.5 and 2.0. For a
     # middle rank the bracket is lo == hi == 1.0 while ranks just above count(x <= 1) are 2.0.
-    monkeypatch.setattr(P, "_BRACKET_MIN_NUMEL", 64)
+    monkeypatch.setattr(O, "_BRACKET_MIN_NUMEL", 64)
     x = torch.where(torch.arange(5002) % 2 == 0, torch.tensor(0.5), torch.tensor(2.0))
     x[::61] = 1.0
     expected = torch.sort(x).values
     le_one = int((x <= 1.0).sum())
     for k in (1, le_one - 1, le_one, le_one + 1, le_one + 50, 5002):
-        assert P._kth_smallest(x, k) == expected[k - 1], k
+        assert O.kth_smallest(x, k) == expected[k - 1], k
 
 
 def test_property_with_bracket_path(monkeypatch):
-    monkeypatch.setattr(P, "_BRACKET_MIN_NUMEL", 16)
+    monkeypatch.setattr(O, "_BRACKET_MIN_NUMEL", 16)
     test_property_counts_reference_and_nesting()
     test_property_block_nesting_and_fine_on_linear()
     test_intra_matches_literal_reference()

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .registry import Registry
+from .ops import prune_prefix_by_size as _prune_prefix_by_size, smallest_per_row as _prune_smallest_rows
 from .structure import REDUCTIONS, BlockStructure
 
 __all__ = [
@@ -54,9 +55,6 @@ __all__ = [
     "kernel_mask",
     "intra_mask",
     "block_mask",
-    "keep_one_input_per_neuron",
-    "fc_mask_from_conv",
-    "dead_output_channels",
 ]
 
 mask_patterns: Registry = Registry("pattern")
@@ -151,106 +149,6 @@ def _conv_dims(weight: Tensor, pattern: str) -> tuple[int, int, int]:
         )
     k, c = weight.shape[0], weight.shape[1]
     return k, c, math.prod(weight.shape[2:])
-
-
-# Below this many entries a plain kthvalue is as cheap as the sampled bracket.
-_BRACKET_MIN_NUMEL = 1 << 16
-# Prime stride of the deterministic sample: it does not alias with kernel sizes or channel counts
-# (powers of two, 3x3 = 9, 7x7 = 49), which a systematic sample of structured weights could.
-_BRACKET_STRIDE = 61
-
-
-def _kth_smallest(x: Tensor, k: int) -> Tensor:
-    """Exact k-th smallest value (1-based) of the 1-D tensor ``x``, as a 0-d tensor.
-
-    On large CPU tensors ``torch.kthvalue`` (a single-threaded quickselect over a copy) dominates
-    the cost of a mask. We first bracket the answer with two order statistics ``lo <= hi`` of a
-    deterministic strided sample (1 in 61 entries; no RNG), taken 4 standard deviations plus 4
-    ranks either side of the target rank. Sorted, ``x`` splits into ``< lo``, ``== lo``,
-    ``(lo, hi)``, ``== hi`` and ``> hi``; counting the first parts tells which one holds rank ``k``
-    and ``kthvalue`` runs only on the few entries strictly inside the bracket. Ties at the bracket
-    ends (e.g. the exact zeros of already-pruned weights) are counted, never selected over. If the
-    bracket misses (possible only for adversarially ordered data) we fall back to ``kthvalue`` on
-    everything, so the result is always exact. About 4x faster than ``kthvalue`` on ResNet-50
-    layers (see ``benchmarks/bench_mask_selection.py``).
-    """
-    n = x.numel()
-    if n < _BRACKET_MIN_NUMEL or x.device.type != "cpu":
-        return torch.kthvalue(x, k).values
-    sample = x[::_BRACKET_STRIDE]
-    m = sample.numel()
-    q = k / n
-    margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
-    lo_rank, hi_rank = math.floor(q * m - margin), math.ceil(q * m + margin)
-    lo = torch.kthvalue(sample, lo_rank).values if lo_rank >= 1 else None
-    hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= m else None
-
-    if lo is None:
-        le_lo, open_ = 0, (x < hi if hi is not None else None)
-    else:
-        le_mask = x <= lo
-        le_lo = int(le_mask.sum())
-        if k <= le_lo:
-            # rank k is below or at lo: it is lo exactly when fewer than k entries are < lo.
-            if int((x < lo).sum()) < k:
-                return lo
-            return torch.kthvalue(x, k).values  # bracket missed low
-        open_ = ~le_mask if hi is None else ~le_mask & (x < hi)
-    cand = x if open_ is None else x[open_]
-    if k - le_lo <= cand.numel():
-        return torch.kthvalue(cand, k - le_lo).values
-    # Rank k may sit on the ties at hi (when hi == lo those ties were already counted in le_lo).
-    if hi is not None and (lo is None or bool(hi > lo)):
-        if k <= le_lo + cand.numel() + int((x == hi).sum()):
-            return hi
-    return torch.kthvalue(x, k).values  # bracket missed high
-
-
-def _prune_smallest_rows(scores: Tensor, k: int) -> Tensor:
-    """Bool mask (True = prune) of the ``k`` smallest entries of every row of ``scores`` [G, M].
-
-    Exact and deterministic: ``torch.kthvalue`` finds the k-th smallest value of each row in linear
-    time; entries strictly below it are pruned, and among the entries equal to it the ones with the
-    lowest column index are pruned until the row has exactly ``k``. The common case (no tie
-    straddling the threshold) costs one kthvalue plus two element-wise passes.
-    """
-    g, m = scores.shape
-    if k <= 0:
-        return torch.zeros(g, m, dtype=torch.bool, device=scores.device)
-    if k >= m:
-        return torch.ones(g, m, dtype=torch.bool, device=scores.device)
-    if g == 1:
-        thr = _kth_smallest(scores[0], k).reshape(1, 1)
-    else:
-        thr = torch.kthvalue(scores, k, dim=1, keepdim=True).values
-    le = scores <= thr
-    if bool((le.sum(dim=1) == k).all()):
-        return le
-    lt = scores < thr
-    eq = le ^ lt
-    need = k - lt.sum(dim=1, keepdim=True)
-    if g == 1:
-        # One long row (a whole layer): gather the few tie positions instead of a full cumsum.
-        ties = eq[0].nonzero().squeeze(1)[: int(need)]
-        lt[0, ties] = True
-        return lt
-    # Rank the tied entries of each row left to right; the first `need` of them are pruned.
-    return lt | (eq & (eq.cumsum(dim=1) <= need))
-
-
-def _prune_prefix_by_size(scores: Tensor, sizes: Tensor, target: Tensor) -> Tensor:
-    """Bool mask (True = prune) of the shortest ascending prefix of each row reaching ``target``.
-
-    Rows of ``scores`` [G, M] are ordered by ``(score, column index)``; groups are pruned in that
-    order until the summed ``sizes`` [G, M] of the pruned groups reaches ``target`` [G, 1] (nothing
-    is pruned where ``target <= 0``). Used where groups differ in size (boundary blocks), which a
-    fixed group count cannot express; the sort runs over groups, not entries.
-    """
-    # A stable sort orders equal scores by column index, i.e. lower index pruned first.
-    order = torch.sort(scores, dim=1, stable=True).indices
-    sizes_sorted = sizes.gather(1, order)
-    before = sizes_sorted.cumsum(dim=1) - sizes_sorted  # size already pruned before this group
-    return torch.zeros_like(before, dtype=torch.bool).scatter_(1, order, before < target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,110 +458,3 @@ def compute_mask(
         ValueError: unknown pattern name; the message lists the registered names.
     """
     return mask_patterns.get(pattern, argument="pattern")(weight, sparsity, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# FC pruning helpers (paper Sec. 2.1.2, Figure 3)
-# ---------------------------------------------------------------------------------------------
-
-
-def keep_one_input_per_neuron(weight: Tensor, mask: Tensor) -> Tensor:
-    """Ensures every output neuron keeps at least one input (paper Sec. 2.1.2, last paragraph).
-
-    "Each output neuron should be influenced by the input. This means every column in the weight
-    matrix of the fully connected layer in Figure 3 has at least one non-zero element." The paper's
-    matrix is laid out [in, out]; a torch Linear weight is [out, in], so the rule applies to *rows*.
-    Any row whose mask is all False gets its largest-magnitude entry re-enabled (ties: lowest
-    index); rows that keep something are untouched. If a fully masked row is also all zero in value,
-    entry 0 is re-enabled so the neuron can still learn.
-
-    Weights with more than two dimensions are treated per output channel (dim 0).
-
-    Args:
-        weight: [out, in] (or [out, ...]) weight.
-        mask: bool keep-mask of the same shape; not modified.
-
-    Returns:
-        A new bool mask (at most one extra True per fully masked row).
-    """
-    if weight.dim() < 2:
-        raise ValueError(f"weight must have ndim >= 2 ([out, in]), got shape {tuple(weight.shape)}")
-    if mask.shape != weight.shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}"
-        )
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-    out = mask.reshape(mask.shape[0], -1).clone()
-    dead = ~out.any(dim=1)
-    if bool(dead.any()):
-        rows = dead.nonzero().squeeze(1)
-        mag = _magnitude(weight).reshape(weight.shape[0], -1)[rows]
-        # torch.argmax returns the first maximal index, i.e. the lowest index among ties.
-        out[rows, mag.argmax(dim=1)] = True
-    return out.reshape(mask.shape)
-
-
-def fc_mask_from_conv(channel_alive: Tensor, in_features: int) -> Tensor:
-    """FC input features fed by the alive output channels of the previous conv (Sec. 2.1.2, Fig. 3).
-
-    "If all the C windows for a specific K_i are zeros, the output activation for the corresponding
-    K_i is also zero. The corresponding neurons in the following fully connected layer are therefore
-    receiving zero input activations and can be eliminated along with their associated weights."
-    With ``K = len(channel_alive)`` two layouts are supported:
-
-    * flatten of a K x H x W map (PyTorch's channel-major ``torch.flatten``): ``in_features = K*H*W``
-      and channel ``k`` feeds the ``H*W`` consecutive features ``[k*H*W, (k+1)*H*W)``;
-    * global pooling: ``in_features = K``, one feature per channel.
-
-    Both are the same rule (each channel feeds ``in_features // K`` consecutive features). To mask
-    the FC weight [out, in], broadcast: ``fc_mask &= fc_mask_from_conv(alive, in)[None, :]``; the
-    channel's alive state is typically ``~dead_output_channels(conv_mask)``. Note that BatchNorm or
-    a bias after the conv can make a zero-weight channel output a nonzero constant; eliminating its
-    FC inputs is then an approximation, as in the paper.
-
-    Args:
-        channel_alive: bool [K], True where the conv output channel can be nonzero.
-        in_features: the FC layer's input size.
-
-    Returns:
-        Bool [in_features], True where the feature comes from an alive channel.
-
-    Raises:
-        ValueError: ``in_features`` is not a positive multiple of ``K``, or ``channel_alive`` is
-            not a 1-D bool tensor.
-    """
-    if channel_alive.dim() != 1 or channel_alive.dtype != torch.bool:
-        raise ValueError(
-            f"channel_alive must be a 1-D bool tensor [K], got dtype {channel_alive.dtype} "
-            f"and shape {tuple(channel_alive.shape)}"
-        )
-    k = channel_alive.numel()
-    if isinstance(in_features, bool) or not isinstance(in_features, int):
-        raise ValueError(f"in_features must be an int, got {in_features!r}")
-    if k == 0 or in_features <= 0 or in_features % k != 0:
-        raise ValueError(
-            f"in_features ({in_features}) must be a positive multiple of the number of conv "
-            f"output channels K ({k}): K*H*W for a flattened map or K after global pooling"
-        )
-    return channel_alive.repeat_interleave(in_features // k)
-
-
-def dead_output_channels(weight_or_mask: Tensor) -> Tensor:
-    """Output channels whose every kernel is zero (paper Sec. 2.1.2, Figure 3).
-
-    Args:
-        weight_or_mask: a conv weight [K, C, R, S] (zero means exactly 0.0) or its bool keep-mask
-            (zero means False). Any tensor with ndim >= 2 works (dim 0 is the output channel).
-
-    Returns:
-        Bool [K], True where all ``C`` kernels (every entry) of output channel ``k`` are zero.
-    """
-    x = weight_or_mask
-    if x.dim() < 2:
-        raise ValueError(
-            f"weight_or_mask must have ndim >= 2 ([K, C, ...]), got shape {tuple(x.shape)}"
-        )
-    rows = x.reshape(x.shape[0], -1)
-    nonzero = rows if x.dtype == torch.bool else rows != 0
-    return ~nonzero.any(dim=1)

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..patterns import dead_output_channels, fc_mask_from_conv, keep_one_input_per_neuron, mask_patterns
+from ..fc_rules import dead_output_channels, fc_mask_from_conv, keep_one_input_per_neuron
+from ..patterns import mask_patterns
 from ..schedules import era_progress
 from ..triggers import Era
 
