@@ -7,10 +7,15 @@
 
 This package imports only :mod:`sparselearn.core` and torch.
 """
+from .accelerate import Acceleration, LayerChoice, accelerate, dense_grad_policy
 from .compact import Compaction, TraceError, compact, compact_for_training
 from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
 
 __all__ = [
+    "Acceleration",
+    "LayerChoice",
+    "accelerate",
+    "dense_grad_policy",
     "Compaction",
     "SparseConv2d",
     "SparseLinear",
