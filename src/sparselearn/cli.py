@@ -447,6 +447,7 @@ add_subcommand("fgsm", configure_fgsm, cmd_fgsm,
                help="test accuracy of trained runs on their own FGSM adversarial examples (Starfire Table 3)")
 add_subcommand("compare", configure_compare, cmd_compare,
                help="algorithms x densities x seeds on one recipe -> a paper-style table (Markdown and CSV)")
+import sparselearn.experiments.speed_commands  # noqa: E402,F401  (registers bench and export)
 
 
 # ------------------------------------------------------------------------------------------------
