@@ -56,6 +56,19 @@ def _x(r: float) -> str:
     return f"{r:.2f}x"
 
 
+_MODELS = [("lenet300-100", (1, 28, 28), 100), ("lenet5-caffe", (1, 28, 28), 100), ("vgg16-d", (3, 32, 32), 32)]
+_QUICK_MODELS = [("lenet300-100", (1, 8, 8), 8)]
+
+
+def _sgd_step(m: nn.Module, o: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step: zero_grad, forward, cross-entropy, backward, optimizer step."""
+    def run():
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    return run
+
+
 class Suite:
     def __init__(self, rounds: int, quick: bool, log: Callable[[str], None]):
         self.rounds, self.quick, self.log = rounds, quick, log
@@ -67,9 +80,7 @@ class Suite:
 
     # ------------------------------------------------------------------ engine overhead
     def engine_overhead(self) -> None:
-        cfgs = [("lenet300-100", (1, 28, 28), 100), ("lenet5-caffe", (1, 28, 28), 100), ("vgg16-d", (3, 32, 32), 32)]
-        if self.quick:
-            cfgs = [("lenet300-100", (1, 8, 8), 8)]
+        cfgs = _QUICK_MODELS if self.quick else _MODELS
         t = Table("Engine overhead: masked sparse step / dense step",
                   "One training step (zero_grad, forward, cross-entropy, backward, SGD momentum 0.9, weight decay "
                   "5e-4) of the dense model and of the same model with `sparselearn.sparse_momentum(density=0.05)` "
@@ -89,14 +100,7 @@ class Suite:
             os_ = torch.optim.SGD(sparse.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             sp = sparselearn.sparse_momentum(sparse, os_, density=0.05, steps_per_epoch=10 ** 7, epochs=2)
 
-            def step(m, o):
-                def run():
-                    o.zero_grad()
-                    F.cross_entropy(m(x), y).backward()
-                    o.step()
-                return run
-
-            res = self.measure({"dense": step(dense, od), "sparse": step(sparse, os_)})
+            res = self.measure({"dense": _sgd_step(dense, od, x, y), "sparse": _sgd_step(sparse, os_, x, y)})
             t0 = time.perf_counter()
             sp.updater(sp, sp.step_count)
             update = time.perf_counter() - t0
@@ -110,9 +114,7 @@ class Suite:
 
     # ------------------------------------------------------------------ mask apply forms
     def mask_apply(self) -> None:
-        cfgs = [("lenet300-100", (1, 28, 28), 100), ("lenet5-caffe", (1, 28, 28), 100), ("vgg16-d", (3, 32, 32), 32)]
-        if self.quick:
-            cfgs = [("lenet300-100", (1, 8, 8), 8)]
+        cfgs = _QUICK_MODELS if self.quick else _MODELS
         t = Table("Applying masks after each step: forms and their mask memory",
                   "Time to zero the masked weights of every sparse layer once (what the sparsifier does after every "
                   "optimizer step), side by side, against one dense training step of the same model (batch as in "
@@ -335,14 +337,7 @@ class Suite:
             acc_train = accelerate(fast, fsp, mode="auto", example_input=x, rounds=3)
             on_sparse = sum(c.path != "dense" for c in acc_train.layers)
 
-            def step(m, o):
-                def run():
-                    o.zero_grad()
-                    F.cross_entropy(m(x), y).backward()
-                    o.step()
-                return run
-
-            res = self.measure({"masked train": step(model, opt), "auto train": step(fast, fopt)})
+            res = self.measure({"masked train": _sgd_step(model, opt, x, y), "auto train": _sgd_step(fast, fopt, x, y)})
             acc_train.remove()
             model.eval()
             fast.eval()
@@ -391,14 +386,7 @@ class Suite:
         new, nopt, masks = sparselearn.speed.compact_for_training(model, opt, sp, x)
         fl_dense, fl_small = _macs(model, x), _macs(new, x)
 
-        def step(m, o):
-            def run():
-                o.zero_grad()
-                F.cross_entropy(m(x), y).backward()
-                o.step()
-            return run
-
-        res = self.measure({"masked": step(model, opt), "compact": step(new, nopt)})
+        res = self.measure({"masked": _sgd_step(model, opt, x, y), "compact": _sgd_step(new, nopt, x, y)})
         p0, p1 = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in new.parameters())
         r = res["masked"][0] / res["compact"][0]
         t.rows.append([f"{empty} of {total}", f"{p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M", _x(fl_dense / fl_small),
