@@ -50,3 +50,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/run_all.py", description=cmd_bench.__doc__)
     configure_bench(parser)
     return cmd_bench(parser.parse_args(argv))
+
+
+def configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (config.yaml + checkpoint.pt)")
+    parser.add_argument("--format", choices=("compact", "sparse", "onnx"), default="compact",
+                        help="compact: smaller dense model (torch.export .pt2); sparse: torch.sparse "
+                             "state dict; onnx: the compact model, checked against onnxruntime (default compact)")
+    parser.add_argument("--out", default=None, help="output file (default RUN_DIR/model.<format>...)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Exports a trained run and prints the file size against the dense state dict."""
+    from sparselearn.experiments.export import export_run
+
+    info = export_run(args.run_dir, args.format, args.out)
+    extra = f", onnxruntime max |diff| {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
+    echo(f"wrote {info['path']}: {info['bytes'] / 1e6:.3f} MB, {100 * info['ratio']:.1f}% of the dense state dict "
+         f"({info['dense_bytes'] / 1e6:.3f} MB){extra}")
+    return 0
+
+
+add_subcommand("export", configure_export, cmd_export,
+               help="export a trained run: compact dense model, torch.sparse state dict, or ONNX (checked)")

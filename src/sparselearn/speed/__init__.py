@@ -9,6 +9,7 @@ This package imports only :mod:`sparselearn.core` and torch.
 """
 from .accelerate import Acceleration, LayerChoice, accelerate, dense_grad_policy
 from .compact import Compaction, TraceError, compact, compact_for_training
+from .export import export, sparse_state_dict
 from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "LayerChoice",
     "accelerate",
     "dense_grad_policy",
+    "export",
+    "sparse_state_dict",
     "Compaction",
     "SparseConv2d",
     "SparseLinear",

@@ -59,6 +59,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.sparse_dots.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, i64, p, i32]
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
+    lib.masked_zero_f32.argtypes = [p, p, i64]
     return lib
 
 
@@ -123,3 +124,13 @@ def scatter(src: Tensor, idx: Tensor, shape) -> Tensor:
     out = torch.zeros(shape, dtype=torch.float32)
     library().scatter_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
     return out
+
+
+def masked_zero_(weights: list[Tensor], masks: list[Tensor]) -> None:
+    """Zeroes every float32 weight where its bool mask is False, in place (1 byte of mask per weight)."""
+    lib = library()
+    for w, m in zip(weights, masks):
+        if w.dtype != torch.float32 or m.dtype != torch.bool or not (w.is_contiguous() and m.is_contiguous()) \
+                or w.numel() != m.numel() or w.device.type != "cpu":
+            raise ValueError("masked_zero_ needs contiguous CPU float32 weights and bool masks of the same size")
+        lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())

@@ -36,7 +36,8 @@ _CACHE: dict[tuple, tuple[str, float, float]] = {}
 
 @dataclass
 class LayerChoice:
-    """One layer's decision: ``path`` is ``dense``, ``sparse-native`` or ``sparse-torch``."""
+    """One layer's decision: ``path`` is ``dense``, ``sparse-native``, ``sparse-torch`` (CPU) or, on CUDA
+    at inference, ``2:4 semi-structured`` / ``block-sparse BxB``."""
 
     name: str
     kind: str
@@ -125,15 +126,31 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[s
     return shapes
 
 
-def _candidates(module: nn.Module, mask: Tensor, dense_grad) -> dict[str, Callable[[], nn.Module]]:
+def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> dict[str, Callable[[], nn.Module]]:
     out: dict[str, Callable[[], nn.Module]] = {}
+    if module.weight.is_cuda:
+        from . import gpu  # CUDA paths: inference only (see sparselearn.speed.gpu)
+
+        if training or type(module) is not nn.Linear:
+            return out
+        if gpu.semi_structured_supported(module, mask) is None:
+            out["2:4 semi-structured"] = lambda: gpu.SemiStructuredLinear(module, mask)
+        block = gpu.block_size_of(mask)
+        if block is not None:
+            out[f"block-sparse {block}x{block}"] = lambda: gpu.BlockSparseLinear(module, mask, block)
+        return out
     if isinstance(module, nn.Conv2d):
         if conv_supported(module) is None:
-            out["sparse-native"] = lambda: SparseConv2d(module, mask, dense_grad)
+            out["sparse-native"] = lambda g=dense_grad: SparseConv2d(module, mask, g)
     elif type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
         if _native.available():
-            out["sparse-native"] = lambda: SparseLinear(module, mask, dense_grad, backend="native")
-        out["sparse-torch"] = lambda: SparseLinear(module, mask, dense_grad, backend="torch")
+            out["sparse-native"] = lambda g=dense_grad: SparseLinear(module, mask, g, backend="native")
+        out["sparse-torch"] = lambda g=dense_grad: SparseLinear(module, mask, g, backend="torch")
+    if training and dense_grad is not True:
+        # The masked dense model computes the dense weight gradient too, so it is always a correct
+        # choice; a dense GEMM for it can beat the per-entry dots at moderate densities (measured).
+        for name, make in list(out.items()):
+            out[f"{name} + dense weight grad"] = lambda make=make: make(True)
     return out
 
 
@@ -155,6 +172,8 @@ def _time_paths(module: nn.Module, paths: dict[str, nn.Module], shape: torch.Siz
         return step
 
     cases = {"dense": run(module), **{k: run(v) for k, v in paths.items()}}
+    if x.is_cuda:  # time the kernels, not their launch
+        cases = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in cases.items()}
     grads = [p.grad for p in module.parameters()]
     try:
         times = round_robin(cases, rounds=rounds, warmup=1, budget_s=2.0)
@@ -177,8 +196,8 @@ def accelerate(
 
     Args:
         model: the model the sparsifier masks (changed in place, except for ``mode="compact"``).
-        sparsifier: a :class:`sparselearn.core.sparsifier.Sparsifier` (or anything with ``masks``
-            and ``register_update_hook``).
+        sparsifier: a :class:`sparselearn.core.sparsifier.Sparsifier`, or anything with ``masks``
+            (by full parameter name) and, for masks that change, ``register_update_hook``.
         mode: ``"auto"`` (measure every layer, keep the fastest; dense where nothing beats it by
             5%), ``"kernels"`` (the sparse kernel wherever one can run the layer, measured but not
             chosen by measurement), ``"masked"`` (change nothing: the masked dense model) or
@@ -232,7 +251,7 @@ def accelerate(
         if isinstance(module, _SparseLayer):
             row.path, row.reason = "sparse", "already accelerated"
             continue
-        makers = _candidates(module, mask, dense_grad)
+        makers = _candidates(module, mask, dense_grad, training)
         if not makers:
             row.reason = conv_supported(module) or "no sparse kernel for this layer type" \
                 if isinstance(module, nn.Conv2d) else "no sparse kernel for this layer type"
@@ -257,7 +276,7 @@ def accelerate(
             row.path, row.fast_ms = best, best_ms
         else:
             row.fast_ms, row.reason = dense_ms, f"{best} measured {dense_ms / best_ms:.2f}x: dense kept"
-    if swapped:
+    if swapped and hasattr(sparsifier, "register_update_hook"):  # fixed masks (a plain holder) need none
         def rebuild(sp, stats) -> None:
             for n, layer in swapped.items():
                 layer.rebuild(sp.masks[f"{n}.weight"])
