@@ -60,7 +60,8 @@ def test_kernels_mode_trains_like_the_masked_model(algo):
     acc = accelerate(mb, sb, mode="kernels", rounds=1)
     assert dict(mb.named_parameters()) == params_before  # the same Parameter objects, same names
     swapped = {c.name: c.path for c in acc.layers}
-    assert swapped["conv1"] == swapped["conv2"] == "sparse-native" and swapped["down"] == "dense"
+    assert swapped["conv1"].startswith("sparse-native") and swapped["conv2"].startswith("sparse-native")
+    assert swapped["down"] == "dense"  # stride 2: no sparse kernel
     assert isinstance(mb.conv2, SparseConv2d) and isinstance(mb.fc, SparseLinear)
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)) for _ in range(8)]
