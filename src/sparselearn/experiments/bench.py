@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -444,9 +443,11 @@ class Suite:
     def memory(self) -> None:
         n, b, c, hw = (4096, 128, 128, 16) if not self.quick else (64, 4, 8, 6)
         t = Table("Peak memory of one training step per path",
-                  "Growth of the process's peak resident memory (`ru_maxrss`) during one training step of one layer, "
-                  "each path in a fresh subprocess (weights, masks and indices allocated before the baseline is "
-                  "read; index memory is listed separately).",
+                  "Growth of the process's peak resident memory during one training step (forward, backward) of "
+                  "one layer over the resident memory before it (Linux `VmHWM` after resetting it through "
+                  "`/proc/self/clear_refs`), each path in a fresh subprocess; weights, masks and the sparse "
+                  "index exist before the baseline (the index size is listed on its own). The step's growth "
+                  "holds the activations kept for backward, the temporaries and the weight gradient.",
                   ["layer", "path", "step peak growth [MiB]", "index [MiB]"])
         cases = [("linear", "dense", 0.05), ("linear", "native", 0.05), ("linear", "fanin", 0.1),
                  ("conv", "dense", 0.2), ("conv", "native", 0.2)]
@@ -520,7 +521,7 @@ def _src_path() -> str:
 
 
 _MEMORY_PROBE = r"""
-import resource, sys, torch
+import gc, sys, torch
 from torch import nn
 torch.set_num_threads(1)
 from sparselearn.speed import SparseConv2d, SparseLinear
@@ -542,13 +543,17 @@ with torch.no_grad():
 index = 0.0
 if path != "dense":
     m = SparseLinear(m, mask) if layer == "linear" else SparseConv2d(m, mask)
-    ix = m._index
-    index = sum(t.numel() * t.element_size() for t in (ix.flat, ix.row, ix.col, ix.tap, ix.rowptr, ix.perm, ix.colptr,
-                ix.row32, ix.col32, ix.row32_t, ix.col32_t)) / 2**20
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    index = m._index.nbytes() / 2**20
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current resident size
+    f.write("5")
+base = status("VmRSS:")
 y = m(x); y.backward(torch.ones_like(y))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) / 1024, index)
+print(status("VmHWM:") - base, index)
 """
 
 
