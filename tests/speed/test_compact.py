@@ -116,7 +116,7 @@ def test_dead_row_with_bias_is_folded_at_inference_and_kept_in_training():
     assert kept.get_submodule("0").out_features == 8  # a trainable bias is no constant in training
 
 
-def test_constant_channel_before_padded_conv_is_kept():
+def test_constant_channel_before_padded_conv_is_folded_into_a_map():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
     mask = torch.ones(4, 2, 3, 3, dtype=torch.bool)
     mask[2] = False
@@ -126,9 +126,15 @@ def test_constant_channel_before_padded_conv_is_kept():
     model.eval()
     x = torch.randn(2, 2, 6, 5)
     small = compact(model, MaskHolder({"0.weight": mask}), x)
-    # the constant 0.5 channel is not constant at the borders of the padded conv: it must stay
-    assert small.get_submodule("0").out_channels == 4
+    # the constant 0.5 channel is not constant at the borders of the padded conv: its exact
+    # contribution is a fixed output map, valid for this input size only
+    assert small.get_submodule("0").out_channels == 3 and "2" in small.compaction.folded
     torch.testing.assert_close(small(x), model(x))
+    with pytest.raises(ValueError, match="compact again with an example of this size"):
+        small(torch.randn(2, 2, 7, 7))
+    kept = compact(model, MaskHolder({"0.weight": mask}), x, fold_constants=False)
+    assert kept.get_submodule("0").out_channels == 4  # without folding the constant channel stays
+    torch.testing.assert_close(kept(x), model(x))
     mask[2] = True
     mask[1, :, :, :] = False
     zero_bias = copy.deepcopy(model)

@@ -18,8 +18,10 @@ Exactness (the compact model's outputs equal the masked model's): a channel is r
 (a) no active weight reads it, (b) it is identically zero, or (c) -- at inference only
 (``fold_constants``) -- it is a known constant per channel (a dead filter's bias, the BatchNorm
 shift of a zero channel, an activation of either) and every reader is a Linear layer or an
-unpadded, ungrouped convolution, whose bias then absorbs ``sum(W[:, c]) * value`` exactly. A padded
-convolution sees a constant channel as non-constant at the borders, so such a channel is kept.
+ungrouped convolution: a Linear layer or an unpadded convolution absorbs ``sum(W[:, c]) * value``
+in its bias; a padded convolution sees the constant as non-constant at its borders, so it gets the
+exact contribution as a fixed output map (the constant image convolved with those kernels), valid
+for the example input's spatial size (other sizes raise a clear error).
 In training mode nothing is folded (a constant there depends on trainable parameters and its
 readers' weights still receive gradients), so the compact model also has the same gradients for
 every kept active weight.
@@ -373,10 +375,9 @@ class _Analysis:
         if not self.fold or self.kind.get(reader) != "layer":
             return False
         m = self.module(reader)
-        if isinstance(m, nn.Linear):
-            return True
-        pad = m.padding if not isinstance(m.padding, str) else (1,)
-        return m.padding != "same" and all(p == 0 for p in pad) and m.groups == 1
+        # Linear and unpadded convolutions absorb a constant channel in their bias; padded ones in a
+        # constant output map (the constant convolved with the zero-padded kernel), see _constant_map.
+        return isinstance(m, nn.Linear) or m.groups == 1
 
     def solve(self) -> dict[fx.Node, Tensor]:
         roots = {self.spaces.find(n) for n in self.kind}
@@ -542,6 +543,11 @@ def compact(
         if bool(keep[n].all()):
             out_keep = None
         fold_bias = _folded_bias(an, n, src, keep) if k == "layer" else None
+        fold_map = _constant_map(an, n, src, keep) if k == "layer" else None
+        if fold_map is not None:
+            _add_after(new, n.name, _AddConstantMap(fold_map if out_keep is None or bool(keep[n].all())
+                                                    else fold_map.index_select(1, out_keep)))
+            record.folded.append(n.target)
         if out_keep is None and in_keep is None and fold_bias is None:
             continue
         _slice_layer(new_modules[n.target], n.target, out_keep, in_keep, fold_bias, masks, an.mask(n), record, k)
@@ -554,9 +560,62 @@ def compact(
     return new
 
 
+def _padded(m: nn.Module) -> bool:
+    return not isinstance(m, nn.Linear) and (isinstance(m.padding, str) or any(p != 0 for p in m.padding))
+
+
+class _AddConstantMap(nn.Module):
+    """Adds the fixed output of removed constant input channels (a folded padded convolution)."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self, y: Tensor) -> Tensor:
+        if y.shape[1:] != self.value.shape[1:]:
+            raise ValueError(
+                f"this compact model folded constant channels for outputs of shape {tuple(self.value.shape[1:])} "
+                f"(the example input's size); got {tuple(y.shape[1:])}: compact again with an example of this size"
+            )
+        return y + self.value
+
+
+def _constant_map(an: _Analysis, n: fx.Node, src: fx.Node, keep: dict) -> Optional[Tensor]:
+    """Output of a padded convolution on its removed constant input channels alone (eval mode only).
+
+    With zero padding a constant channel is not constant at the borders, so its contribution is not a
+    bias but a fixed map: the constant image convolved with those kernels, exact for the example
+    input's size (the map's forward checks it).
+    """
+    m = an.module(n)
+    if not an.foldable(n) or not _padded(m) or src not in keep:
+        return None
+    kinds, vals = an.val[src]
+    gone_const = (~keep[src]) & (kinds == CONST)
+    if not bool(gone_const.any()):
+        return None
+    w = (m.weight.detach() * an.mask(n).to(m.weight.device))[:, gone_const]
+    spatial = _shape(src)[2:]
+    x = vals[gone_const].to(w.device, w.dtype).view(1, -1, *([1] * len(spatial))).expand(1, -1, *spatial)
+    with torch.no_grad():
+        return m._conv_forward(x.contiguous(), w, None).detach()
+
+
+def _add_after(gm: fx.GraphModule, node_name: str, module: nn.Module) -> None:
+    node = next(nd for nd in gm.graph.nodes if nd.name == node_name)
+    name = f"_folded_{node_name}"
+    gm.add_submodule(name, module)
+    users = list(node.users)
+    with gm.graph.inserting_after(node):
+        added = gm.graph.call_module(name, (node,))
+    for u in users:
+        u.replace_input_with(node, added)
+    gm.recompile()
+
+
 def _folded_bias(an: _Analysis, n: fx.Node, src: fx.Node, keep: dict) -> Optional[Tensor]:
     """``sum_c W[o, c] * value_c`` over removed constant input channels (eval mode only)."""
-    if not an.foldable(n) or src not in keep:
+    if not an.foldable(n) or src not in keep or _padded(an.module(n)):
         return None
     kinds, vals = an.val[src]
     gone_const = (~keep[src]) & (kinds == CONST)
