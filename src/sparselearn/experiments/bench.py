@@ -439,6 +439,52 @@ class Suite:
             self.log(f"SM compaction {label}: {empty}/{total} empty, FLOPs {fl_dense / fl_small:.2f}x measured {r:.2f}x")
         self.tables.append(t)
 
+    def compact_inference(self) -> None:
+        from sparselearn.experiments.models import WideResNet
+
+        batch = 32 if not self.quick else 2
+        t = Table("Compaction for inference: empty filters folded exactly",
+                  f"Eval mode, batch {batch}, 3x32x32. Constructed masks: 5% density inside the kept filters and the "
+                  "given fraction of every conv's (more than 16) output filters empty. `compact()` in eval mode folds "
+                  "the constant a dead filter leaves after BatchNorm/ReLU into the next layer (its bias, or a fixed "
+                  "output map for padded convolutions), so every empty filter goes; outputs equal the masked "
+                  "model's. Estimate = dense multiply-adds of the masked model / of the compact one.",
+                  ["model", "empty filters", "parameters dense -> compact", "FLOPs estimate", "masked [ms]",
+                   "compact [ms]", "measured"])
+        g = torch.Generator().manual_seed(6)
+        builders = [("wrn-16-4", lambda: WideResNet(16, 4, 10, (3, 32, 32), drop_rate=0.0)),
+                    ("vgg16-d", lambda: create_model("vgg16-d"))]
+        if self.quick:
+            builders = [("wrn-10-1", lambda: WideResNet(10, 1, 10, (3, 32, 32), drop_rate=0.0))]
+        for name, build in builders:
+            for frac in (0.25, 0.5):
+                torch.manual_seed(6)
+                model = build()
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                sp = sparselearn.static_sparse(model, opt, density=0.05)
+                for n_ in sp.names:
+                    w = sp.parameters()[n_]
+                    if w.dim() == 4 and w.shape[0] > 16:
+                        m = sp.masks[n_].clone()
+                        m[torch.randperm(w.shape[0], generator=g)[: int(frac * w.shape[0])]] = False
+                        sp.set_mask(n_, m)
+                model.eval()
+                x = torch.randn(batch, 3, 32, 32, generator=g)
+                small = compact(model, sp, x)
+                with torch.no_grad():
+                    torch.testing.assert_close(small(x), model(x), atol=1e-4, rtol=1e-3)
+                res = self.measure({"masked": _infer_case(model, x), "compact": _infer_case(small, x)})
+                empty = sum(int((~m.reshape(m.shape[0], -1).any(1)).sum()) for m in sp.masks.values())
+                total = sum(m.shape[0] for m in sp.masks.values())
+                p0, p1 = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+                est = _macs(model, x) / _macs(small, x)
+                r = res["masked"][0] / res["compact"][0]
+                t.rows.append([name, f"{empty} of {total}", f"{p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M", _x(est),
+                               _ms(res["masked"][0]), _ms(res["compact"][0]), _x(r)])
+                t.data.append({"model": name, "empty_fraction": frac, "flops_ratio": est, "times": res})
+                self.log(f"compact inference {name} {frac}: estimate {est:.2f}x measured {r:.2f}x")
+        self.tables.append(t)
+
     # ------------------------------------------------------------------ memory
     def memory(self) -> None:
         n, b, c, hw = (4096, 128, 128, 16) if not self.quick else (64, 4, 8, 6)
@@ -572,7 +618,8 @@ def machine_description() -> list[str]:
             f"per process; sparse kernels compiled: {'yes' if _native.available() else 'no (no C compiler)'}"]
 
 
-GROUPS = ("engine_overhead", "mask_apply", "conv", "linear", "fanin_rigl", "vgg_starfire", "sm_compaction", "memory")
+GROUPS = ("engine_overhead", "mask_apply", "conv", "linear", "fanin_rigl", "vgg_starfire", "sm_compaction",
+          "compact_inference", "memory")
 
 
 def run(out_md: Path, out_json: Optional[Path] = None, rounds: int = 5, threads: int = 1, quick: bool = False,
