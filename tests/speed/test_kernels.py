@@ -145,3 +145,16 @@ def test_constant_fan_in_detection():
     conv_mask = torch.zeros(3, 2, 3, 3, dtype=torch.bool)
     conv_mask[:, 0, 1] = True
     assert constant_fan_in(conv_mask) == 3
+
+
+@needs_native
+def test_one_sample_path_with_wide_inputs():
+    # columns >= 32768 travel as uint16 in the one-sample kernel
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(40000, 3)
+    mask = torch.rand(3, 40000, generator=g) < 0.05
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+        fast = SparseLinear(lin, mask, backend="native")
+        x = torch.randn(1, 40000, generator=g)
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
