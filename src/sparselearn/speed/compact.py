@@ -32,7 +32,7 @@ import copy
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,6 @@ import warnings
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _native
