@@ -57,7 +57,11 @@ def main():
                     if why is None:
                         s24 = SemiStructuredLinear(lin, mask24)
                         cases["2:4"] = timed(lambda: s24(x))
-                    times = {k: min(v) * 1e3 for k, v in round_robin(cases, rounds=20, warmup=3).items()}
+                    try:
+                        times = {k: min(v) * 1e3 for k, v in round_robin(cases, rounds=20, warmup=3).items()}
+                    except (RuntimeError, NotImplementedError) as e:
+                        print(f"| {n}x{n} | {batch} | {str(dtype)[6:]} | 2:4 | - | - | failed: {str(e)[:60]} |")
+                        continue
                     for k in cases:
                         if k != "dense":
                             print(f"| {n}x{n} | {batch} | {str(dtype)[6:]} | {k} | {times['dense']:.3f} | {times[k]:.3f} | "

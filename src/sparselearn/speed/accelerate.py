@@ -154,6 +154,22 @@ def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> 
     return out
 
 
+def _working_paths(makers: dict[str, Callable[[], nn.Module]], module: nn.Module, shape: torch.Size,
+                   training: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The candidate modules that build and run once on this shape (a GPU kernel may reject a shape)."""
+    paths, failed = {}, {}
+    x = torch.randn(shape, dtype=module.weight.dtype, device=module.weight.device)
+    for k, make in makers.items():
+        try:
+            m = make()
+            with torch.set_grad_enabled(training):
+                m(x)
+            paths[k] = m
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
+            failed[k] = f"{type(e).__name__}: {e}"[:200]
+    return paths, failed  # forward only: no gradient was touched
+
+
 def _time_paths(module: nn.Module, paths: dict[str, nn.Module], shape: torch.Size, training: bool,
                 rounds: int) -> dict[str, float]:
     x = torch.randn(shape, dtype=module.weight.dtype, device=module.weight.device)
@@ -263,13 +279,17 @@ def accelerate(
                bool(dense_grad) if not callable(dense_grad) else "callable", torch.get_num_threads(),
                str(module.weight.device), tuple(getattr(module, "padding", ())), tuple(makers))
         if key not in _CACHE:
-            paths = {k: make() for k, make in makers.items()}
+            paths, failed = _working_paths(makers, module, shapes[name], training)
+            if failed:
+                log.info("%s: paths that failed to run were skipped: %s", name, failed)
             ms = _time_paths(module, paths, shapes[name], training, rounds)
-            best = min(paths, key=lambda k: ms[k])
+            best = min(ms, key=lambda k: ms[k] if k != "dense" else float("inf")) if paths else "dense"
             _CACHE[key] = (best, ms["dense"], ms[best])
         best, dense_ms, best_ms = _CACHE[key]
         row.dense_ms = dense_ms
-        if mode == "kernels" or dense_ms >= MARGIN * best_ms:
+        if best == "dense":
+            row.fast_ms, row.reason = dense_ms, "no sparse path ran on this layer"
+        elif mode == "kernels" or dense_ms >= MARGIN * best_ms:
             fast = makers[best]()
             _swap(model, name, module, fast, result)
             swapped[name] = fast
