@@ -13,6 +13,17 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define CHUNK 64
 
+/* Sum of the 16 lanes in four shuffle-add steps (a scalar loop would be a 16-add dependency chain). */
+static inline float hsum16(v16 v)
+{
+    typedef int v16i __attribute__((vector_size(64)));
+    v += __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
 /* dst[n, c, q] = sum_{p in rowptr[c] .. rowptr[c+1]} val[p] * src[n, chan[p], q + off[p]],  q < Ldst.
  * The caller guarantees q + off[p] < Lsrc. */
 void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
@@ -88,7 +99,7 @@ void sparse_dots(const float *a, int64_t Ca, int64_t La, const float *b, int64_t
                  int64_t N, int64_t nnz, const int32_t *row, const int32_t *chan, const int32_t *off,
                  int64_t Lq, float *out, int threads)
 {
-    #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < nnz; p++) {
         v16 acc = {0}, acc2 = {0}, acc3 = {0}, acc4 = {0};
         float tail = 0.0f;
@@ -106,9 +117,7 @@ void sparse_dots(const float *a, int64_t Ca, int64_t La, const float *b, int64_t
             for (; q < Lq; q++) tail += x[q] * y[q];
         }
         acc += acc2 + acc3 + acc4;
-        float s = tail;
-        for (int j = 0; j < 16; j++) s += acc[j];
-        out[p] = s;
+        out[p] = tail + hsum16(acc);
     }
 }
 
