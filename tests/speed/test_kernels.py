@@ -158,3 +158,26 @@ def test_one_sample_path_with_wide_inputs():
         fast = SparseLinear(lin, mask, backend="native")
         x = torch.randn(1, 40000, generator=g)
         torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 5])
+def test_blocked_index_matches_masked_dense(batch):
+    # inputs and outputs in blocks of 256: three input blocks, two output blocks
+    g = torch.Generator().manual_seed(4)
+    lin = nn.Linear(600, 300)
+    mask = torch.rand(300, 600, generator=g) < 0.1
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    fast.block_bytes = 1  # the smallest blocks (256)
+    fast.rebuild(mask)
+    assert len(fast._index.rowptrs) == 3 and len(fast._index.colptrs) == 2
+    x = torch.randn(batch, 600, generator=g)
+    gy = torch.randn(batch, 300, generator=g)
+    y, grads = _grads(fast, x, lin.weight, lin.bias, gy)
+    ry, rgrads = _grads(lin, x, lin.weight, lin.bias, gy)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1] * mask, rgrads[1] * mask, atol=1e-5, rtol=1e-4)
+    assert bool((grads[1][~mask] == 0).all())
