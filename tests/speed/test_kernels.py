@@ -102,6 +102,18 @@ def test_sparse_conv_rejects_unsupported():
         SparseConv2d(conv, torch.ones_like(conv.weight, dtype=torch.bool))
 
 
+def _assert_linear_matches(fast, lin, mask, x, gy):
+    """Output, input gradient, active-weight gradient (zero elsewhere) and bias gradient equal the masked layer's."""
+    y, grads = _grads(fast, x, lin.weight, lin.bias, gy)
+    ry, rgrads = _grads(lin, x, lin.weight, lin.bias, gy)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1] * mask, rgrads[1] * mask, atol=1e-5, rtol=1e-4)
+    assert bool((grads[1][~mask] == 0).all())
+    torch.testing.assert_close(grads[2], rgrads[2], atol=1e-5, rtol=1e-4)
+    return rgrads
+
+
 BACKENDS = ["torch"] + (["native"] if _native.available() else [])
 
 
@@ -124,13 +136,7 @@ def test_sparse_linear_matches_masked_dense(backend, batch, kind):
     assert (fast.fan_in == 4) == (kind == "fanin") or kind in ("empty", "full")
     x = torch.randn(*batch, 13, generator=g)
     gy = torch.randn(*batch, 9, generator=g)
-    y, grads = _grads(fast, x, lin.weight, lin.bias, gy)
-    ry, rgrads = _grads(lin, x, lin.weight, lin.bias, gy)
-    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grads[1] * mask, rgrads[1] * mask, atol=1e-5, rtol=1e-4)
-    assert bool((grads[1][~mask] == 0).all())
-    torch.testing.assert_close(grads[2], rgrads[2], atol=1e-5, rtol=1e-4)
+    rgrads = _assert_linear_matches(fast, lin, mask, x, gy)
     fast.dense_weight_grad = lambda: True  # callables are asked at every backward (RigL: update steps)
     _, dgrads = _grads(fast, x, lin.weight, lin.bias, gy)
     torch.testing.assert_close(dgrads[1], rgrads[1], atol=1e-5, rtol=1e-4)
@@ -175,9 +181,4 @@ def test_blocked_index_matches_masked_dense(batch):
     assert len(fast._index.rowptrs) == 3 and len(fast._index.colptrs) == 2
     x = torch.randn(batch, 600, generator=g)
     gy = torch.randn(batch, 300, generator=g)
-    y, grads = _grads(fast, x, lin.weight, lin.bias, gy)
-    ry, rgrads = _grads(lin, x, lin.weight, lin.bias, gy)
-    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grads[1] * mask, rgrads[1] * mask, atol=1e-5, rtol=1e-4)
-    assert bool((grads[1][~mask] == 0).all())
+    _assert_linear_matches(fast, lin, mask, x, gy)

@@ -141,19 +141,24 @@ void masked_zero_f32(float *w, const uint8_t *mask, int64_t n)
 }
 
 /* y[c] = sum_{p in row c} val[p] * x[col[p]]: a linear layer on one sample with 16-bit column
- * indices (in_features <= 65536), 6 bytes read per active weight instead of 12 (memory bound). */
-void sparse_matvec_u16(const float *x, const int64_t *rowptr, const uint16_t *col, const float *val,
-                       float *y, int64_t rows, int threads)
+ * indices (in_features <= 65536), 6 bytes read per active weight instead of 12 (memory bound).
+ * rowptr holds nblocks row-pointer arrays of rows + 1 entries (the index's column blocks): row c is
+ * the union of its segments in every block, summed in one pass. */
+void sparse_matvec_u16(const float *x, const int64_t *rowptr, int64_t nblocks, const uint16_t *col,
+                       const float *val, float *y, int64_t rows, int threads)
 {
-    #pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < rows; c++) {
         float lane[16] = {0};
-        int64_t p = rowptr[c];
-        const int64_t p1 = rowptr[c + 1];
-        for (; p + 16 <= p1; p += 16)
-            for (int j = 0; j < 16; j++) lane[j] += val[p + j] * x[col[p + j]];
         float a = 0.0f;
-        for (; p < p1; p++) a += val[p] * x[col[p]];
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t *ptr = rowptr + b * (rows + 1);
+            int64_t p = ptr[c];
+            const int64_t p1 = ptr[c + 1];
+            for (; p + 16 <= p1; p += 16)
+                for (int j = 0; j < 16; j++) lane[j] += val[p + j] * x[col[p + j]];
+            for (; p < p1; p++) a += val[p] * x[col[p]];
+        }
         for (int j = 0; j < 16; j++) a += lane[j];
         y[c] = a;
     }

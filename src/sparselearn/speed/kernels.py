@@ -425,17 +425,17 @@ class SparseLinear(_SparseLayer):
         cols = self._index.col32
         self._col16 = (cols.to(torch.int32) - (cols >= 32768).to(torch.int32) * 65536).to(torch.int16) \
             if self.in_features <= 65536 else None
+        self._rowptr_stack = torch.stack(self._index.rowptrs).contiguous()
         self._zeros = _zero_offsets(self._index.nnz)
         self.fan_in = self._index.fan_in
 
     def _rows(self, src, ptrs, chan, vals, rows, b, idx):
         if self.backend == "native":
+            if b == 1 and chan is idx.col32 and self._col16 is not None:
+                return _native.sparse_matvec(src.view(-1), self._rowptr_stack, self._col16, vals, rows).view(1, rows, 1)
             out = None
             for ptr in ptrs:  # one block of inputs at a time: its slice of ``src`` stays in cache
-                if b == 1 and chan is idx.col32 and self._col16 is not None:
-                    part = _native.sparse_matvec(src.view(-1), ptr, self._col16, vals, rows).view(1, rows, 1)
-                else:
-                    part = _native.sparse_rows(src, ptr, chan, self._zeros, vals, rows, b)
+                part = _native.sparse_rows(src, ptr, chan, self._zeros, vals, rows, b)
                 out = part if out is None else out.add_(part)
             return out
         # torch.sparse: the (rows x cols) CSR of the current values times the transposed input.
