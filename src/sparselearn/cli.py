@@ -446,6 +446,7 @@ add_subcommand("compare", configure_compare, cmd_compare,
 from sparselearn import cli_analysis  # noqa: E402  (report, specialization, dense-equivalent)
 for _command in cli_analysis.COMMANDS:
     add_subcommand(*_command)
+import sparselearn.experiments.speed_commands  # noqa: E402,F401  (registers bench and export)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,662 @@
+"""The speed benchmark suite of issue 10 (``python3 benchmarks/run_all.py`` or ``sparselearn bench``).
+
+Every group of cases is timed side by side in one process, round-robin (one repetition of each
+case, then the next round; :func:`sparselearn.speed.timing.round_robin`), single-threaded by
+default, and reported as minimum / median with ratios of the minima. The results go to a Markdown
+file (``docs/performance.md``) and a JSON file next to it. What is simulated is said in the tables:
+FLOPs are estimates, times are measured.
+
+This lives in ``experiments`` because it builds the zoo's models; the kernels it measures are in
+:mod:`sparselearn.speed`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparselearn
+from sparselearn.experiments.models import create_model
+from sparselearn.speed import SparseConv2d, SparseLinear, _native, accelerate, compact
+from sparselearn.speed.timing import round_robin, summary
+
+
+@dataclass
+class Table:
+    title: str
+    note: str
+    head: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    data: list[dict] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        out = [f"### {self.title}", "", self.note, "", "| " + " | ".join(self.head) + " |",
+               "|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.head))) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out) + "\n"
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:.2f}"
+
+
+def _x(r: float) -> str:
+    return f"{r:.2f}x"
+
+
+_MODELS = [("lenet300-100", (1, 28, 28), 100), ("lenet5-caffe", (1, 28, 28), 100), ("vgg16-d", (3, 32, 32), 32)]
+_QUICK_MODELS = [("lenet300-100", (1, 8, 8), 8)]
+
+
+def _sgd_step(m: nn.Module, o: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step: zero_grad, forward, cross-entropy, backward, optimizer step."""
+    def run():
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    return run
+
+
+class Suite:
+    def __init__(self, rounds: int, quick: bool, log: Callable[[str], None]):
+        self.rounds, self.quick, self.log = rounds, quick, log
+        self.tables: list[Table] = []
+        self.targets: list[tuple[str, float, str, bool]] = []
+
+    def target(self, what: str, value: float, op: str, bound: float) -> None:
+        ok = value <= bound if op == "<=" else value >= bound
+        self.targets.append((what, value, f"{op} {bound:g}", ok))
+
+    def measure(self, cases: dict[str, Callable[[], None]], rounds: Optional[int] = None) -> dict[str, tuple[float, float]]:
+        times = round_robin(cases, rounds=rounds or self.rounds, warmup=1)
+        return {k: summary(v) for k, v in times.items()}
+
+    # ------------------------------------------------------------------ engine overhead
+    def engine_overhead(self) -> None:
+        cfgs = _QUICK_MODELS if self.quick else _MODELS
+        t = Table("Engine overhead: masked sparse step / dense step",
+                  "One training step (zero_grad, forward, cross-entropy, backward, SGD momentum 0.9, weight decay "
+                  "5e-4) of the dense model and of the same model with `sparselearn.sparse_momentum(density=0.05)` "
+                  "attached, at a step without topology update (the update runs once per epoch: its cost is the "
+                  "update time / steps per epoch, in the last column for 469 steps/epoch, MNIST at batch 128). The "
+                  "sparse step is still a dense computation (simulated sparsity): only the mask apply is added. "
+                  "Target <= 1.01.",
+                  ["model", "batch", "dense step [ms] min / med", "sparse step [ms] min / med", "ratio (min)",
+                   "update [ms]", "ratio incl. update / 469"])
+        for name, shape, batch in cfgs:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, *shape, generator=g)
+            y = torch.randint(0, 10, (batch,), generator=g)
+            dense = create_model(name, input_shape=shape)
+            sparse = copy.deepcopy(dense)
+            od = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            os_ = torch.optim.SGD(sparse.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            sp = sparselearn.sparse_momentum(sparse, os_, density=0.05, steps_per_epoch=10 ** 7, epochs=2)
+
+            res = self.measure({"dense": _sgd_step(dense, od, x, y), "sparse": _sgd_step(sparse, os_, x, y)})
+            t0 = time.perf_counter()
+            sp.updater(sp, sp.step_count)
+            update = time.perf_counter() - t0
+            r = res["sparse"][0] / res["dense"][0]
+            r_upd = (res["sparse"][0] + update / 469) / res["dense"][0]
+            t.rows.append([name, str(batch), f"{_ms(res['dense'][0])} / {_ms(res['dense'][1])}",
+                           f"{_ms(res['sparse'][0])} / {_ms(res['sparse'][1])}", f"{r:.3f}", _ms(update), f"{r_upd:.3f}"])
+            t.data.append({"model": name, "dense": res["dense"], "sparse": res["sparse"], "update_s": update})
+            self.target(f"engine overhead {name} (sparse step / dense step)", r, "<=", 1.01)
+            self.log(f"engine overhead {name}: {r:.3f}")
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ mask apply forms
+    def mask_apply(self) -> None:
+        cfgs = _QUICK_MODELS if self.quick else _MODELS
+        t = Table("Applying masks after each step: forms and their mask memory",
+                  "Time to zero the masked weights of every sparse layer once (what the sparsifier does after every "
+                  "optimizer step), side by side, against one dense training step of the same model (batch as in "
+                  "the engine table). `foreach` is `torch._foreach_mul_` over all layers at once. Bytes: mask state "
+                  "kept per weight.",
+                  ["model", "weights", "form", "bytes/weight", "apply [ms] min", "apply / dense step"])
+        forms = {
+            "foreach_mul_ float mask (today)": 4,
+            "foreach_mul_ bool mask": 1,
+            "foreach_mul_ uint8 view of bool": 1,
+            "mul_ bool, per layer": 1,
+            "masked_fill_ inverted bool, per layer": 1,
+            "foreach_mul_ bfloat16 mask": 2,
+        }
+        if _native.available():
+            forms["native select, bool mask (sparselearn.speed)"] = 1
+        for name, shape, batch in cfgs:
+            model = create_model(name, input_shape=shape)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            sp = sparselearn.static_sparse(model, opt, density=0.05)
+            weights = list(sp.parameters().values())
+            masks = [sp.masks[n] for n in sp.names]
+            fl = [m.float() for m in masks]
+            bf = [m.to(torch.bfloat16) for m in masks]
+            u8 = [m.view(torch.uint8) for m in masks]
+            inv = [~m for m in masks]
+            x = torch.randn(batch, *shape)
+            y = torch.randint(0, 10, (batch,))
+
+            def dense_step():
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+
+            cases = {
+                "dense step (fwd+bwd)": dense_step,
+                "foreach_mul_ float mask (today)": lambda: torch._foreach_mul_(weights, fl),
+                "foreach_mul_ bool mask": lambda: torch._foreach_mul_(weights, masks),
+                "foreach_mul_ uint8 view of bool": lambda: torch._foreach_mul_(weights, u8),
+                "mul_ bool, per layer": lambda: [w.mul_(m) for w, m in zip(weights, masks)],
+                "masked_fill_ inverted bool, per layer": lambda: [w.masked_fill_(m, 0) for w, m in zip(weights, inv)],
+                "foreach_mul_ bfloat16 mask": lambda: torch._foreach_mul_(weights, bf),
+            }
+            if _native.available():
+                cases["native select, bool mask (sparselearn.speed)"] = lambda: _native.masked_zero_(weights, masks)
+            res = self.measure({k: (lambda f=f: _no_grad(f)) if k != "dense step (fwd+bwd)" else f
+                                for k, f in cases.items()}, rounds=max(self.rounds, 7))
+            n_w = sum(w.numel() for w in weights)
+            step = res["dense step (fwd+bwd)"][0]
+            for form, nbytes in forms.items():
+                t.rows.append([name, f"{n_w / 1e6:.2f}M", form, str(nbytes), _ms(res[form][0]), f"{res[form][0] / step:.4f}"])
+            t.data.append({"model": name, "weights": n_w, "times": res})
+            self.log(f"mask apply {name}: " + ", ".join(f"{k}={v[0] * 1e3:.2f}ms" for k, v in res.items()))
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ convolutions
+    def conv(self) -> None:
+        cfgs = [(128, 16, 32), (256, 8, 32), (128, 16, 128)]
+        dens = [("CK 95% (5%)", "ck", 0.05), ("CK 80% (20%)", "ck", 0.2), ("CK 60% (40%)", "ck", 0.4),
+                ("window 80% (2 of 9)", "window", 2)]
+        if self.quick:
+            cfgs, dens = [(8, 6, 2)], dens[:1] + dens[-1:]
+        t = Table("Kernel-sparse 3x3 convolution vs the masked dense convolution",
+                  "One conv layer (stride 1, padding 1, no bias), VGG16/WRN-sized. `train` = forward + input "
+                  "gradient + weight gradient of the active taps (post-era Starfire, SET, static: no dense weight "
+                  "gradient); `infer` = forward under no_grad. Masks: CK = whole 3x3 kernels removed at random "
+                  "(density = kept kernels), window = 2 of 9 taps kept in every kernel (Starfire window pruning at "
+                  "80%). Dense = oneDNN's dense convolution on the masked weight. Targets: >= 2x training and "
+                  ">= 2.5x inference at 80% sparsity.",
+                  ["layer", "batch", "mask", "dense train [ms]", "sparse train [ms]", "train ratio",
+                   "dense infer [ms]", "sparse infer [ms]", "infer ratio"])
+        g = torch.Generator().manual_seed(0)
+        for c, hw, batch in cfgs:
+            conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            x = torch.randn(batch, c, hw, hw, generator=g)
+            for label, kind, d in dens:
+                if kind == "ck":
+                    mask = (torch.rand(c, c, 1, 1, generator=g) < d).expand(c, c, 3, 3).contiguous()
+                else:
+                    mask = torch.zeros(c * c, 9, dtype=torch.bool)
+                    mask.scatter_(1, torch.rand(c * c, 9, generator=g).topk(d, 1).indices, True)
+                    mask = mask.view(c, c, 3, 3)
+                with torch.no_grad():
+                    conv.weight.mul_(mask)
+                if not _native.available():
+                    self.log("no C compiler: convolution kernels skipped")
+                    return
+                fast = SparseConv2d(conv, mask)
+                res = self.measure({"dense train": _train_case(conv, x), "sparse train": _train_case(fast, x),
+                                    "dense infer": _infer_case(conv, x), "sparse infer": _infer_case(fast, x)})
+                rt = res["dense train"][0] / res["sparse train"][0]
+                ri = res["dense infer"][0] / res["sparse infer"][0]
+                t.rows.append([f"{c}->{c} @ {hw}x{hw}", str(batch), label, _ms(res["dense train"][0]),
+                               _ms(res["sparse train"][0]), _x(rt), _ms(res["dense infer"][0]),
+                               _ms(res["sparse infer"][0]), _x(ri)])
+                t.data.append({"c": c, "hw": hw, "batch": batch, "mask": label, "density": float(mask.float().mean()),
+                               "times": res})
+                if "80%" in label:
+                    self.target(f"conv {c}->{c}@{hw} b{batch} {label}: training", rt, ">=", 2.0)
+                    self.target(f"conv {c}->{c}@{hw} b{batch} {label}: inference", ri, ">=", 2.5)
+                self.log(f"conv {c}@{hw} b{batch} {label}: train {rt:.2f}x infer {ri:.2f}x")
+                with torch.no_grad():
+                    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ linear
+    def linear(self) -> None:
+        n = 4096 if not self.quick else 64
+        cases = [("unstructured 10%", "u", 0.10), ("unstructured 5%", "u", 0.05), ("unstructured 2%", "u", 0.02),
+                 ("constant fan-in 10% (90% sparse)", "f", 0.10)]
+        batches = [1, 128] if not self.quick else [1, 4]
+        t = Table(f"Sparse linear {n}x{n} vs the masked dense layer",
+                  "`train` = forward + input gradient + weight gradient of the active weights (SET / static / "
+                  "RigL between updates); `train, dense grad` = the same with the dense weight gradient (Sparse "
+                  "Momentum every step, RigL at update steps); `infer` = forward under no_grad. native = the "
+                  "compiled CSR kernel of `sparselearn.speed` (constant fan-in is the CSR with equal row lengths, "
+                  "the condensed layout); torch = `torch.sparse` CSR matmul. Targets: constant fan-in 90% "
+                  "inference >= 3.4x at batch 1 and >= 2x at batch 128; unstructured training >= 2x.",
+                  ["mask", "batch", "path", "dense train [ms]", "train ratio", "train, dense grad ratio",
+                   "dense infer [ms]", "infer ratio"])
+        g = torch.Generator().manual_seed(1)
+        lin = nn.Linear(n, n)
+        for label, kind, d in cases:
+            if kind == "u":
+                mask = torch.rand(n, n, generator=g) < d
+            else:
+                k = int(round(d * n))
+                mask = torch.zeros(n, n, dtype=torch.bool)
+                mask.scatter_(1, torch.rand(n, n, generator=g).topk(k, 1).indices, True)
+            with torch.no_grad():
+                lin.weight.mul_(mask)
+            for b in batches:
+                x = torch.randn(b, n, generator=g)
+                paths = {"native": SparseLinear(lin, mask, backend="native")} if _native.available() else {}
+                paths["torch"] = SparseLinear(lin, mask, backend="torch")
+                dense_grad = {k: SparseLinear(lin, mask, dense_weight_grad=True, backend=v.backend) for k, v in paths.items()}
+                cases_ = {"dense train": _train_case(lin, x), "dense infer": _infer_case(lin, x)}
+                for k, m in paths.items():
+                    cases_[f"{k} train"] = _train_case(m, x)
+                    cases_[f"{k} train dg"] = _train_case(dense_grad[k], x)
+                    cases_[f"{k} infer"] = _infer_case(m, x)
+                res = self.measure(cases_)
+                for k in paths:
+                    rt = res["dense train"][0] / res[f"{k} train"][0]
+                    rdg = res["dense train"][0] / res[f"{k} train dg"][0]
+                    ri = res["dense infer"][0] / res[f"{k} infer"][0]
+                    t.rows.append([label, str(b), k, _ms(res["dense train"][0]), _x(rt), _x(rdg),
+                                   _ms(res["dense infer"][0]), _x(ri)])
+                    self.log(f"linear {label} b{b} {k}: train {rt:.2f}x dg {rdg:.2f}x infer {ri:.2f}x")
+                t.data.append({"mask": label, "batch": b, "times": res})
+                best_t = max(res["dense train"][0] / min(res[f"{k} train"][0], res[f"{k} train dg"][0]) for k in paths)
+                best_i = max(res["dense infer"][0] / res[f"{k} infer"][0] for k in paths)
+                if kind == "f":
+                    self.target(f"constant fan-in 90% {n}x{n} inference, batch {b}", best_i, ">=", 3.4 if b == 1 else 2.0)
+                elif b > 1:
+                    self.target(f"{label} {n}x{n} training step, batch {b}", best_t, ">=", 2.0)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(n, n, generator=g) * 0.01)
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ fan-in + RigL training step
+    def fanin_rigl(self) -> None:
+        n, b = (4096, 128) if not self.quick else (64, 4)
+        t = Table("Constant fan-in 90% with RigL-style updates: amortized training step",
+                  f"A {n}x{n} layer at batch {b}, SGD momentum. Sparse: between updates the weight gradient is "
+                  "sparse, at an update step (every 100 steps, RigL's Delta T) it is dense, and after the update "
+                  "the index is rebuilt (`SparseLinear.rebuild`). Amortized = (99 x the faster of the two steps + "
+                  "dense-grad step + rebuild) / 100 (the mask update itself is the same for both and is left out). Target >= 1.5x.",
+                  ["dense step [ms]", "sparse step [ms]", "dense-grad step [ms]", "rebuild [ms]", "amortized ratio"])
+        g = torch.Generator().manual_seed(2)
+        lin = nn.Linear(n, n)
+        k = n // 10
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask.scatter_(1, torch.rand(n, n, generator=g).topk(k, 1).indices, True)
+        with torch.no_grad():
+            lin.weight.mul_(mask)
+        if not _native.available():
+            return
+        x = torch.randn(b, n, generator=g)
+        opt = torch.optim.SGD(lin.parameters(), lr=0.01, momentum=0.9)
+        sparse = SparseLinear(lin, mask)
+        dgrad = SparseLinear(lin, mask, dense_weight_grad=True)
+
+        def step(m):
+            def run():
+                opt.zero_grad()
+                y = m(x)
+                y.backward(torch.ones_like(y))
+                opt.step()
+            return run
+
+        res = self.measure({"dense": step(lin), "sparse": step(sparse), "dense grad": step(dgrad),
+                            "rebuild": lambda: sparse.rebuild(mask)})
+        # between updates either weight-gradient form is correct (the masked model's is dense): the faster
+        between = min(res["sparse"][0], res["dense grad"][0])
+        amort = (99 * between + res["dense grad"][0] + res["rebuild"][0]) / 100
+        r = res["dense"][0] / amort
+        t.rows.append([_ms(res["dense"][0]), _ms(res["sparse"][0]), _ms(res["dense grad"][0]), _ms(res["rebuild"][0]),
+                       _x(r)])
+        t.data.append({"times": res, "ratio": r})
+        self.target(f"constant fan-in 90% {n}x{n} training step with RigL updates (amortized)", r, ">=", 1.5)
+        self.log(f"fan-in RigL step: {r:.2f}x")
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ whole models: Starfire CK on VGG16
+    def vgg_starfire(self) -> None:
+        name, shape, batch = ("vgg16-d", (3, 32, 32), 32) if not self.quick else ("small-cnn", (3, 8, 8), 2)
+        t = Table(f"Whole model: Starfire CK masks on {name}, auto vs masked",
+                  f"{name} at batch {batch}, every conv after the first with CK masks (whole kernels kept at random "
+                  "per input channel at the given density, the post-era mask), FC layers dense. `auto` = "
+                  "`sparselearn.speed.accelerate(mode='auto')` (each conv on the faster of dense and sparse, "
+                  "measured), training step (SGD) and inference; an epoch is this step times the steps per epoch.",
+                  ["CK sparsity", "layers on sparse path (train / infer)", "masked train [ms]", "auto train [ms]", "train ratio",
+                   "masked infer [ms]", "auto infer [ms]", "infer ratio"])
+        if not _native.available():
+            return
+        for sparsity in (0.8, 0.6):
+            g = torch.Generator().manual_seed(3)
+            model = create_model(name, input_shape=shape)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            sp = sparselearn.static_sparse(model, opt, density=1.0 - 1e-9, include=None)
+            convs = [n for n in sp.names if sp.parameters()[n].dim() == 4][1:]
+            for n_ in convs:
+                w = sp.parameters()[n_]
+                keep = torch.rand(w.shape[0], w.shape[1], 1, 1, generator=g) < 1 - sparsity
+                sp.set_mask(n_, keep.expand(w.shape).contiguous(), reset_state=False)
+            for n_ in sp.names:
+                if n_ not in convs:
+                    sp.set_mask(n_, torch.ones_like(sp.masks[n_]), reset_state=False)
+            fast = copy.deepcopy(model)
+            fopt = torch.optim.SGD(fast.parameters(), lr=0.01, momentum=0.9)
+            fsp = sparselearn.static_sparse(fast, fopt, density=1.0 - 1e-9)
+            for n_ in sp.names:
+                fsp.set_mask(n_, sp.masks[n_].clone(), reset_state=False)
+            x = torch.randn(batch, *shape, generator=g)
+            y = torch.randint(0, 10, (batch,), generator=g)
+            acc_train = accelerate(fast, fsp, mode="auto", example_input=x, rounds=3)
+            on_sparse = sum(c.path != "dense" for c in acc_train.layers)
+
+            res = self.measure({"masked train": _sgd_step(model, opt, x, y), "auto train": _sgd_step(fast, fopt, x, y)})
+            acc_train.remove()
+            model.eval()
+            fast.eval()
+            acc_inf = accelerate(fast, fsp, mode="auto", example_input=x, rounds=3)
+            res.update(self.measure({"masked infer": _infer_case(model, x), "auto infer": _infer_case(fast, x)}))
+            on_sparse_inf = sum(c.path != "dense" for c in acc_inf.layers)
+            acc_inf.remove()
+            rt = res["masked train"][0] / res["auto train"][0]
+            ri = res["masked infer"][0] / res["auto infer"][0]
+            t.rows.append([f"{int(sparsity * 100)}%", f"{on_sparse} / {on_sparse_inf} of {len(sp.names)}",
+                           _ms(res["masked train"][0]), _ms(res["auto train"][0]), _x(rt),
+                           _ms(res["masked infer"][0]), _ms(res["auto infer"][0]), _x(ri)])
+            t.data.append({"sparsity": sparsity, "times": res, "train_report": acc_train.format(),
+                           "infer_report": acc_inf.format()})
+            if sparsity == 0.8:
+                self.target(f"{name} Starfire CK 80%, whole-model training step (auto)", rt, ">=", 2.0)
+                self.target(f"{name} Starfire CK 80%, whole-model inference (auto)", ri, ">=", 2.5)
+            self.target(f"{name} Starfire CK {int(sparsity * 100)}%: auto never slower than masked (train)", rt, ">=", 0.97)
+            self.log(f"vgg starfire CK {sparsity}: train {rt:.2f}x infer {ri:.2f}x ({on_sparse} sparse layers)")
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ Sparse Momentum + compaction
+    def sm_compaction(self) -> None:
+        from sparselearn.experiments.models import WideResNet
+
+        depth, k, batch, steps = (16, 4, 32, 60) if not self.quick else (10, 1, 2, 4)
+        t = Table(f"Sparse Momentum on WRN-{depth}-{k}: compaction of its empty channels",
+                  f"WRN-{depth}-{k} (3x32x32, batch {batch}). Row 1: `sparselearn.sparse_momentum(density=0.02)` "
+                  f"trained for {steps} steps on random data with an update every 5 steps (prune rate 0.5): a short "
+                  "run, so far fewer channels are empty than after 200 CIFAR epochs. Rows 2-3: constructed masks "
+                  "(5% density inside the kept channels) with the given fraction of every conv's output channels "
+                  "empty, to show how the measured speedup follows the estimate. Then `compact()` in training mode "
+                  "(exact: same outputs and gradients) and one SGD training step of both. FLOPs estimate = dense "
+                  "conv+fc multiply-adds of the masked model / of the compact model; paper-style estimate = the "
+                  "same if every empty filter were removed (each layer's multiply-adds times its fraction of "
+                  "non-empty filters: the 'dense convolution' view of Sparse Momentum Table 3). The two differ "
+                  "because an empty filter followed by BatchNorm is not a zero channel: BatchNorm turns it into "
+                  "its shift (beta in training), which the next padded 3x3 convolution reads, so removing it "
+                  "would change the function; compaction removes it only where its value is zero or unread.",
+                  ["masks", "empty output channels", "parameters dense -> compact", "paper-style estimate",
+                   "FLOPs estimate (exact compaction)",
+                   "masked step [ms]", "compact step [ms]", "measured"])
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(batch, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (batch,), generator=g)
+        for label, empty_frac in (("Sparse Momentum run", None), ("constructed, 25% empty", 0.25),
+                                  ("constructed, 50% empty", 0.5)):
+            torch.manual_seed(4)
+            model = WideResNet(depth, k, 10, (3, 32, 32), drop_rate=0.0)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            if empty_frac is None:
+                sp = sparselearn.sparse_momentum(model, opt, density=0.02, update_every=5, prune_rate=0.5,
+                                                 steps_per_epoch=5, epochs=steps // 5 + 1)
+                for _ in range(steps):
+                    _sgd_step(model, opt, x + 0.1 * torch.randn(x.shape, generator=g), y)()
+            else:
+                sp = sparselearn.static_sparse(model, opt, density=0.05)
+                for name in sp.names:
+                    w = sp.parameters()[name]
+                    m = sp.masks[name].clone()
+                    if w.dim() == 4 and w.shape[0] > 16:
+                        m[torch.randperm(w.shape[0], generator=g)[: int(empty_frac * w.shape[0])]] = False
+                    sp.set_mask(name, m)
+            empty = sum(int((~m.reshape(m.shape[0], -1).any(1)).sum()) for m in sp.masks.values())
+            total = sum(m.shape[0] for m in sp.masks.values())
+            new, nopt, _ = sparselearn.speed.compact_for_training(model, opt, sp, x)
+            fl_dense, fl_small = _macs(model, x), _macs(new, x)
+            alive = {n[: -len(".weight")]: float(m.reshape(m.shape[0], -1).any(1).float().mean())
+                     for n, m in sp.masks.items()}
+            fl_paper = _macs(model, x, scale=alive)
+            res = self.measure({"masked": _sgd_step(model, opt, x, y), "compact": _sgd_step(new, nopt, x, y)},
+                               rounds=min(self.rounds, 3))
+            p0, p1 = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in new.parameters())
+            r = res["masked"][0] / res["compact"][0]
+            t.rows.append([label, f"{empty} of {total}", f"{p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M",
+                           _x(fl_dense / fl_paper), _x(fl_dense / fl_small), _ms(res["masked"][0]), _ms(res["compact"][0]), _x(r)])
+            t.data.append({"masks": label, "empty": empty, "total": total, "flops": [fl_dense, fl_small], "times": res})
+            self.log(f"SM compaction {label}: {empty}/{total} empty, FLOPs {fl_dense / fl_small:.2f}x measured {r:.2f}x")
+        self.tables.append(t)
+
+    def compact_inference(self) -> None:
+        from sparselearn.experiments.models import WideResNet
+
+        batch = 32 if not self.quick else 2
+        t = Table("Compaction for inference: empty filters folded exactly",
+                  f"Eval mode, batch {batch}, 3x32x32. Constructed masks: 5% density inside the kept filters and the "
+                  "given fraction of every conv's (more than 16) output filters empty. `compact()` in eval mode folds "
+                  "the constant a dead filter leaves after BatchNorm/ReLU into the next layer (its bias, or a fixed "
+                  "output map for padded convolutions), so every empty filter goes; outputs equal the masked "
+                  "model's. Estimate = dense multiply-adds of the masked model / of the compact one.",
+                  ["model", "empty filters", "parameters dense -> compact", "FLOPs estimate", "masked [ms]",
+                   "compact [ms]", "measured"])
+        g = torch.Generator().manual_seed(6)
+        builders = [("wrn-16-4", lambda: WideResNet(16, 4, 10, (3, 32, 32), drop_rate=0.0)),
+                    ("vgg16-d", lambda: create_model("vgg16-d"))]
+        if self.quick:
+            builders = [("wrn-10-1", lambda: WideResNet(10, 1, 10, (3, 32, 32), drop_rate=0.0))]
+        for name, build in builders:
+            for frac in (0.25, 0.5):
+                torch.manual_seed(6)
+                model = build()
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                sp = sparselearn.static_sparse(model, opt, density=0.05)
+                for n_ in sp.names:
+                    w = sp.parameters()[n_]
+                    if w.dim() == 4 and w.shape[0] > 16:
+                        m = sp.masks[n_].clone()
+                        m[torch.randperm(w.shape[0], generator=g)[: int(frac * w.shape[0])]] = False
+                        sp.set_mask(n_, m)
+                model.eval()
+                x = torch.randn(batch, 3, 32, 32, generator=g)
+                small = compact(model, sp, x)
+                with torch.no_grad():
+                    torch.testing.assert_close(small(x), model(x), atol=1e-4, rtol=1e-3)
+                res = self.measure({"masked": _infer_case(model, x), "compact": _infer_case(small, x)})
+                empty = sum(int((~m.reshape(m.shape[0], -1).any(1)).sum()) for m in sp.masks.values())
+                total = sum(m.shape[0] for m in sp.masks.values())
+                p0, p1 = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+                est = _macs(model, x) / _macs(small, x)
+                r = res["masked"][0] / res["compact"][0]
+                t.rows.append([name, f"{empty} of {total}", f"{p0 / 1e6:.2f}M -> {p1 / 1e6:.2f}M", _x(est),
+                               _ms(res["masked"][0]), _ms(res["compact"][0]), _x(r)])
+                t.data.append({"model": name, "empty_fraction": frac, "flops_ratio": est, "times": res})
+                self.log(f"compact inference {name} {frac}: estimate {est:.2f}x measured {r:.2f}x")
+        self.tables.append(t)
+
+    # ------------------------------------------------------------------ memory
+    def memory(self) -> None:
+        n, b, c, hw = (4096, 128, 128, 16) if not self.quick else (64, 4, 8, 6)
+        t = Table("Peak memory of one training step per path",
+                  "Growth of the process's peak resident memory during one training step (forward, backward) of "
+                  "one layer over the resident memory before it (Linux `VmHWM` after resetting it through "
+                  "`/proc/self/clear_refs`), each path in a fresh subprocess; weights, masks and the sparse "
+                  "index exist before the baseline (the index size is listed on its own). The step's growth "
+                  "holds the activations kept for backward, the temporaries and the weight gradient.",
+                  ["layer", "path", "step peak growth [MiB]", "index [MiB]"])
+        cases = [("linear", "dense", 0.05), ("linear", "native", 0.05), ("linear", "fanin", 0.1),
+                 ("conv", "dense", 0.2), ("conv", "native", 0.2)]
+        if not _native.available():
+            cases = [c for c in cases if c[1] == "dense"]
+        for layer, path, d in cases:
+            out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, layer, path, str(d), str(n), str(b), str(c), str(hw)],
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _src_path()})
+            if out.returncode != 0:
+                self.log(f"memory probe failed: {out.stderr[-500:]}")
+                continue
+            grow, index = map(float, out.stdout.split())
+            desc = f"{n}x{n} batch {b}" if layer == "linear" else f"conv {c}->{c} @ {hw}x{hw} batch 32"
+            t.rows.append([desc, f"{path} (density {d})", f"{grow:.1f}", f"{index:.1f}"])
+            t.data.append({"layer": layer, "path": path, "density": d, "peak_growth_mib": grow, "index_mib": index})
+        self.tables.append(t)
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        fn()
+
+
+def _train_case(m: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    xi = x.clone().requires_grad_()
+
+    def run():
+        for p in m.parameters():
+            p.grad = None
+        y = m(xi)
+        y.backward(torch.ones_like(y))
+        xi.grad = None
+    return run
+
+
+def _infer_case(m: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            m(x)
+    return run
+
+
+def _macs(model: nn.Module, x: torch.Tensor, scale: Optional[dict[str, float]] = None) -> float:
+    """Multiply-adds of every conv and linear layer (dense in its own shape) for input ``x``, each
+    layer's times ``scale[name]`` where given."""
+    total = 0.0
+
+    def hook_for(name):
+        def hook(m, args, out):
+            nonlocal total
+            f = (scale or {}).get(name, 1.0)
+            if isinstance(m, nn.Conv2d):
+                total += f * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            else:
+                total += f * out.numel() * m.in_features
+        return hook
+
+    hs = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        model(x)
+        model.train(was)
+    for h in hs:
+        h.remove()
+    return total
+
+
+def _src_path() -> str:
+    return str(Path(sparselearn.__file__).resolve().parents[1])
+
+
+_MEMORY_PROBE = r"""
+import gc, sys, torch
+from torch import nn
+torch.set_num_threads(1)
+from sparselearn.speed import SparseConv2d, SparseLinear
+layer, path, d, n, b, c, hw = sys.argv[1], sys.argv[2], float(sys.argv[3]), *map(int, sys.argv[4:])
+g = torch.Generator().manual_seed(0)
+if layer == "linear":
+    m = nn.Linear(n, n)
+    if path == "fanin":
+        mask = torch.zeros(n, n, dtype=torch.bool); mask.scatter_(1, torch.rand(n, n, generator=g).topk(int(d * n), 1).indices, True)
+    else:
+        mask = torch.rand(n, n, generator=g) < d
+    x = torch.randn(b, n, requires_grad=True)
+else:
+    m = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    mask = (torch.rand(c, c, 1, 1, generator=g) < d).expand(c, c, 3, 3).contiguous()
+    x = torch.randn(32, c, hw, hw, requires_grad=True)
+with torch.no_grad():
+    m.weight.mul_(mask)
+index = 0.0
+if path != "dense":
+    m = SparseLinear(m, mask) if layer == "linear" else SparseConv2d(m, mask)
+    index = m._index.nbytes() / 2**20
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current resident size
+    f.write("5")
+base = status("VmRSS:")
+y = m(x); y.backward(torch.ones_like(y))
+print(status("VmHWM:") - base, index)
+"""
+
+
+def machine_description() -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return [f"- CPU: {cpu}, {os.cpu_count()} logical CPUs, {mem:.0f} GiB RAM; {platform.platform()}",
+            f"- Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) "
+            f"per process; sparse kernels compiled: {'yes' if _native.available() else 'no (no C compiler)'}"]
+
+
+GROUPS = ("engine_overhead", "mask_apply", "conv", "linear", "fanin_rigl", "vgg_starfire", "sm_compaction",
+          "compact_inference", "memory")
+
+
+def run(out_md: Path, out_json: Optional[Path] = None, rounds: int = 5, threads: int = 1, quick: bool = False,
+        only: Optional[list[str]] = None, log: Callable[[str], None] = lambda s: None, command: str = "") -> Path:
+    """Runs the suite and writes the Markdown report (and the raw JSON) -- returns the Markdown path."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    suite = Suite(rounds, quick, log)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    for name in only or GROUPS:
+        if name not in GROUPS:
+            raise ValueError(f"unknown benchmark group {name!r}; valid: {', '.join(GROUPS)}")
+        log(f"-- {name}")
+        getattr(suite, name)()
+    elapsed = time.perf_counter() - t0
+    load1 = os.getloadavg()
+    lines = ["# Performance: where sparsity pays, measured", "",
+             f"Command: `{command or 'python3 benchmarks/run_all.py'}` ({elapsed / 60:.1f} minutes; "
+             f"{rounds} round-robin rounds per group, minimum / median, ratios of the minima).", "",
+             "Machine:", *machine_description(),
+             f"- load average (1/5/15 min) at start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end "
+             f"{load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}: the 2 cores were shared with other processes, "
+             "so absolute times vary run to run; the ratios are side by side in one run.", ""]
+    if suite.targets:
+        lines += ["## Targets of issue 10", "",
+                  "Measured ratio against the issue's target (the best correct path where several exist); "
+                  "'missed' is a plain miss, not rounded away.", "",
+                  "| case | measured | target | |", "|---|---:|---:|---|"]
+        lines += [f"| {w} | {v:.3f} | {b} | {'met' if ok else '**missed**'} |" for w, v, b, ok in suite.targets]
+        lines += ["", "Where `auto` kept every layer dense, its comparison with the masked model runs the same "
+                  "computation twice (an A/A test): how far such a ratio is from 1 is the noise of this run.", ""]
+    lines += ["## Measurements", ""]
+    lines += [tab.markdown() for tab in suite.tables]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("\n".join(lines))
+    if out_json is not None:
+        out_json.write_text(json.dumps({"targets": suite.targets, **{t.title: t.data for t in suite.tables}},
+                                       indent=1, default=str))
+    return out_md

@@ -1,0 +1,30 @@
+"""Making sparsity pay: compaction, sparse kernels, measured auto-choice and export.
+
+* :func:`compact` -- a physically smaller model without the empty channels (exact);
+* :class:`SparseConv2d`, :class:`SparseLinear` -- layers computed over their active weights only
+  (forward, input gradient and weight gradient);
+* :func:`accelerate` -- swaps every sparse layer for its fastest correct path, chosen by measurement.
+
+This package imports only :mod:`sparselearn.core` and torch.
+"""
+from .accelerate import Acceleration, LayerChoice, accelerate, dense_grad_policy
+from .compact import Compaction, TraceError, compact, compact_for_training
+from .export import export, sparse_state_dict
+from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
+
+__all__ = [
+    "Acceleration",
+    "LayerChoice",
+    "accelerate",
+    "dense_grad_policy",
+    "export",
+    "sparse_state_dict",
+    "Compaction",
+    "SparseConv2d",
+    "SparseLinear",
+    "TraceError",
+    "compact",
+    "compact_for_training",
+    "constant_fan_in",
+    "conv_supported",
+]

@@ -1,0 +1,165 @@
+/* Row-sparse kernels of sparselearn.speed (compiled at first use by _native.py).
+ *
+ * Both kernels work on "channels" of flat float rows: a tensor of shape (N, C, L), row (n, c) being
+ * L contiguous floats. A sparse weight is a list of entries p = (row, chan[p], off[p], val[p]),
+ * grouped by row through rowptr (CSR). One entry of a convolution is one active tap: its input
+ * channel and its offset r * Wp + s in the zero-padded input of width Wp; a linear layer has off = 0
+ * and rows of length batch (inputs stored transposed).
+ */
+#include <stdint.h>
+
+/* A 16-float vector (one AVX-512 register, two AVX2 ones) that may sit at any float address:
+ * GCC/Clang vector extensions give the compiler explicit vectors whatever it decides about loops. */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define CHUNK 64
+
+/* Sum of the 16 lanes in four shuffle-add steps (a scalar loop would be a 16-add dependency chain). */
+static inline float hsum16(v16 v)
+{
+    typedef int v16i __attribute__((vector_size(64)));
+    v += __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v += __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return v[0];
+}
+
+/* dst[n, c, q] = sum_{p in rowptr[c] .. rowptr[c+1]} val[p] * src[n, chan[p], q + off[p]],  q < Ldst.
+ * The caller guarantees q + off[p] < Lsrc. */
+void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
+                 const int64_t *rowptr, const int32_t *chan, const int32_t *off, const float *val,
+                 float *dst, int64_t Cdst, int64_t Ldst, int threads)
+{
+    /* Two samples at a time share every entry's index loads and give eight independent
+     * accumulator chains (the add latency, not the arithmetic, bounds one chain). */
+    const int64_t NP = (N + 1) / 2;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 4) num_threads(threads)
+    for (int64_t np = 0; np < NP; np++) {
+        for (int64_t c = 0; c < Cdst; c++) {
+            const int64_t n = 2 * np;
+            const int two = n + 1 < N;
+            float *d = dst + (n * Cdst + c) * Ldst;
+            float *e = two ? dst + ((n + 1) * Cdst + c) * Ldst : d;
+            const float *s0 = src + n * Csrc * Lsrc;
+            const float *s1 = two ? s0 + Csrc * Lsrc : s0;
+            const int64_t p0 = rowptr[c], p1 = rowptr[c + 1];
+            int64_t q0 = 0;
+            if (!two) {  /* one sample (odd batch, linear layers): eight chains along the row */
+                for (; q0 + 2 * CHUNK <= Ldst; q0 += 2 * CHUNK) {
+                    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+                    for (int64_t p = p0; p < p1; p++) {
+                        const float v = val[p];
+                        const v16 *t = (const v16 *)(s0 + (int64_t)chan[p] * Lsrc + off[p] + q0);
+                        a0 += v * t[0]; a1 += v * t[1]; a2 += v * t[2]; a3 += v * t[3];
+                        a4 += v * t[4]; a5 += v * t[5]; a6 += v * t[6]; a7 += v * t[7];
+                    }
+                    v16 *x = (v16 *)(d + q0);
+                    x[0] = a0; x[1] = a1; x[2] = a2; x[3] = a3; x[4] = a4; x[5] = a5; x[6] = a6; x[7] = a7;
+                }
+            }
+            for (; q0 + CHUNK <= Ldst; q0 += CHUNK) {
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (int64_t p = p0; p < p1; p++) {
+                    const float v = val[p];
+                    const int64_t o = (int64_t)chan[p] * Lsrc + off[p] + q0;
+                    const v16 *s = (const v16 *)(s0 + o), *t = (const v16 *)(s1 + o);
+                    a0 += v * s[0]; a1 += v * s[1]; a2 += v * s[2]; a3 += v * s[3];
+                    b0 += v * t[0]; b1 += v * t[1]; b2 += v * t[2]; b3 += v * t[3];
+                }
+                v16 *x = (v16 *)(d + q0), *y = (v16 *)(e + q0);
+                if (two) { y[0] = b0; y[1] = b1; y[2] = b2; y[3] = b3; }
+                x[0] = a0; x[1] = a1; x[2] = a2; x[3] = a3;
+            }
+            for (; q0 + 16 <= Ldst; q0 += 16) {
+                v16 a0 = {0}, b0 = {0};
+                for (int64_t p = p0; p < p1; p++) {
+                    const int64_t o = (int64_t)chan[p] * Lsrc + off[p] + q0;
+                    a0 += val[p] * *(const v16 *)(s0 + o);
+                    b0 += val[p] * *(const v16 *)(s1 + o);
+                }
+                if (two) *(v16 *)(e + q0) = b0;
+                *(v16 *)(d + q0) = a0;
+            }
+            for (int k = 0; k <= two; k++) {  /* scalar tail (linear layers: batch % 16) */
+                const float *sk = k ? s1 : s0;
+                float *dk = k ? e : d;
+                for (int64_t q = q0; q < Ldst; q++) {
+                    float a = 0.0f;
+                    for (int64_t p = p0; p < p1; p++) a += val[p] * sk[(int64_t)chan[p] * Lsrc + off[p] + q];
+                    dk[q] = a;
+                }
+            }
+        }
+    }
+}
+
+/* out[p] = sum_n sum_{q < Lq} a[n, row[p], q] * b[n, chan[p], q + off[p]]: the weight gradient of the
+ * active entries only. */
+void sparse_dots(const float *a, int64_t Ca, int64_t La, const float *b, int64_t Cb, int64_t Lb,
+                 int64_t N, int64_t nnz, const int32_t *row, const int32_t *chan, const int32_t *off,
+                 int64_t Lq, float *out, int threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < nnz; p++) {
+        v16 acc = {0}, acc2 = {0}, acc3 = {0}, acc4 = {0};
+        float tail = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            const float *x = a + (n * Ca + row[p]) * La;
+            const float *y = b + (n * Cb + chan[p]) * Lb + off[p];
+            int64_t q = 0;
+            for (; q + 64 <= Lq; q += 64) {
+                acc += *(const v16 *)(x + q) * *(const v16 *)(y + q);
+                acc2 += *(const v16 *)(x + q + 16) * *(const v16 *)(y + q + 16);
+                acc3 += *(const v16 *)(x + q + 32) * *(const v16 *)(y + q + 32);
+                acc4 += *(const v16 *)(x + q + 48) * *(const v16 *)(y + q + 48);
+            }
+            for (; q + 16 <= Lq; q += 16) acc += *(const v16 *)(x + q) * *(const v16 *)(y + q);
+            for (; q < Lq; q++) tail += x[q] * y[q];
+        }
+        acc += acc2 + acc3 + acc4;
+        out[p] = tail + hsum16(acc);
+    }
+}
+
+/* dst[k] = src[idx[k]] (torch's advanced indexing costs ~17 ns an element single-threaded here). */
+void gather_f32(const float *src, const int64_t *idx, int64_t n, float *dst)
+{
+    for (int64_t k = 0; k < n; k++) dst[k] = src[idx[k]];
+}
+
+/* dst[idx[k]] = src[k] (dst already zeroed). */
+void scatter_f32(const float *src, const int64_t *idx, int64_t n, float *dst)
+{
+    for (int64_t k = 0; k < n; k++) dst[idx[k]] = src[k];
+}
+
+/* w[i] = mask[i] ? w[i] : 0 over n floats, mask as one byte per weight (a bool tensor's storage):
+ * a select, so an inf or NaN in a masked entry becomes 0 (a multiply would keep NaN). */
+void masked_zero_f32(float *w, const uint8_t *mask, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) w[i] = mask[i] ? w[i] : 0.0f;
+}
+
+/* y[c] = sum_{p in row c} val[p] * x[col[p]]: a linear layer on one sample with 16-bit column
+ * indices (in_features <= 65536), 6 bytes read per active weight instead of 12 (memory bound).
+ * rowptr holds nblocks row-pointer arrays of rows + 1 entries (the index's column blocks): row c is
+ * the union of its segments in every block, summed in one pass. */
+void sparse_matvec_u16(const float *x, const int64_t *rowptr, int64_t nblocks, const uint16_t *col,
+                       const float *val, float *y, int64_t rows, int threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < rows; c++) {
+        float lane[16] = {0};
+        float a = 0.0f;
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t *ptr = rowptr + b * (rows + 1);
+            int64_t p = ptr[c];
+            const int64_t p1 = ptr[c + 1];
+            for (; p + 16 <= p1; p += 16)
+                for (int j = 0; j < 16; j++) lane[j] += val[p + j] * x[col[p + j]];
+            for (; p < p1; p++) a += val[p] * x[col[p]];
+        }
+        for (int j = 0; j < 16; j++) a += lane[j];
+        y[c] = a;
+    }
+}

@@ -1,0 +1,147 @@
+"""The two compiled row-sparse kernels of ``_native.c``, built with the system C compiler at first use.
+
+Why a hand-written kernel and not a library: on this CPU neither ``torch.sparse`` (CSR/BSR matmul
+after im2col) nor a gather + grouped convolution beats oneDNN's dense convolution at any density
+we measured (5-40%, see ``docs/performance.md``), and no maintained package provides a sparse
+convolution with input and weight gradients on CPU. The kernels need nothing from torch but raw
+pointers, so they are compiled as a plain C shared library (about a second, no torch headers)
+instead of a ``torch.utils.cpp_extension`` module (about a minute). Without a compiler
+:func:`available` is ``False`` and :func:`sparselearn.speed.accelerate` keeps the dense paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("_native.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99", "-ffp-contract=fast"]
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPARSELEARN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparselearn")
+    return Path(root)
+
+
+def _build() -> Optional[ctypes.CDLL]:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("g++")
+    if cc is None:
+        log.info("no C compiler found: sparse kernels unavailable, dense paths kept")
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"sparselearn_native_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("compiling the sparse kernels failed, dense paths kept:\n%s", proc.stderr[-2000:])
+                return None
+            os.replace(out, target)  # atomic: concurrent builders never load a half-written file
+    lib = ctypes.CDLL(str(target))
+    i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.sparse_rows.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i32]
+    lib.sparse_dots.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, i64, p, i32]
+    lib.gather_f32.argtypes = [p, p, i64, p]
+    lib.scatter_f32.argtypes = [p, p, i64, p]
+    lib.masked_zero_f32.argtypes = [p, p, i64]
+    lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, i64, i32]
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, or ``None`` where no compiler is available (built once per process)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        try:
+            _lib = _build()
+        except OSError as e:  # unwritable cache, loader error: fall back to dense, never fail training
+            log.warning("sparse kernels unavailable (%s); dense paths kept", e)
+            _lib = None
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled sparse kernels can run here."""
+    return library() is not None
+
+
+def _check(t: Tensor, dtype: torch.dtype) -> int:
+    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"native kernel needs a contiguous CPU {dtype} tensor, got {t.dtype} {t.device}")
+    return t.data_ptr()
+
+
+def sparse_rows(src: Tensor, rowptr: Tensor, chan: Tensor, off: Tensor, val: Tensor, rows: int, length: int) -> Tensor:
+    """``dst[n, c, q] = sum_{p in row c} val[p] * src[n, chan[p], q + off[p]]`` for ``q < length``.
+
+    ``src`` is (N, C, L) float32; returns (N, rows, length). The offsets must keep every read inside
+    a row of ``src`` (the caller pads).
+    """
+    lib = library()
+    n, c, l = src.shape
+    dst = torch.empty(n, rows, length, dtype=torch.float32)
+    lib.sparse_rows(_check(src, torch.float32), n, c, l, _check(rowptr, torch.int64), _check(chan, torch.int32),
+                    _check(off, torch.int32), _check(val, torch.float32), dst.data_ptr(), rows, length,
+                    torch.get_num_threads())
+    return dst
+
+
+def sparse_dots(a: Tensor, b: Tensor, row: Tensor, chan: Tensor, off: Tensor, length: int) -> Tensor:
+    """``out[p] = sum_n sum_{q < length} a[n, row[p], q] * b[n, chan[p], q + off[p]]`` (float32)."""
+    lib = library()
+    out = torch.empty(row.numel(), dtype=torch.float32)
+    lib.sparse_dots(_check(a, torch.float32), a.shape[1], a.shape[2], _check(b, torch.float32), b.shape[1], b.shape[2],
+                    a.shape[0], row.numel(), _check(row, torch.int32), _check(chan, torch.int32),
+                    _check(off, torch.int32), length, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def gather(src: Tensor, idx: Tensor) -> Tensor:
+    """``src.reshape(-1)[idx]`` for a contiguous float32 ``src`` and int64 ``idx``."""
+    out = torch.empty(idx.numel(), dtype=torch.float32)
+    library().gather_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
+    return out
+
+
+def scatter(src: Tensor, idx: Tensor, shape) -> Tensor:
+    """A zero tensor of ``shape`` with ``out.view(-1)[idx] = src``."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    library().scatter_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
+    return out
+
+
+def masked_zero_(weights: list[Tensor], masks: list[Tensor]) -> None:
+    """Zeroes every float32 weight where its bool mask is False, in place (1 byte of mask per weight)."""
+    lib = library()
+    for w, m in zip(weights, masks):
+        if w.dtype != torch.float32 or m.dtype != torch.bool or not (w.is_contiguous() and m.is_contiguous()) \
+                or w.numel() != m.numel() or w.device.type != "cpu":
+            raise ValueError("masked_zero_ needs contiguous CPU float32 weights and bool masks of the same size")
+        lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
+
+
+def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int) -> Tensor:
+    """``y[c] = sum_{p in row c} val[p] * x[col16[p]]`` (one sample; ``col16`` int16 holding uint16;
+    ``rowptrs`` (blocks, rows + 1) row pointers, one array per column block)."""
+    y = torch.empty(rows, dtype=torch.float32)
+    library().sparse_matvec_u16(_check(x, torch.float32), _check(rowptrs, torch.int64), rowptrs.shape[0],
+                                _check(col16, torch.int16), _check(val, torch.float32), y.data_ptr(), rows,
+                                torch.get_num_threads())
+    return y

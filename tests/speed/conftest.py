@@ -1,0 +1,44 @@
+import pytest
+import torch
+from torch import nn
+
+
+class MaskHolder:
+    """The one seam of a sparsifier that compaction reads: ``masks`` by full parameter name."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+
+def random_masks(model: nn.Module, density=0.5, dead_out=0.3, dead_in=0.3, generator=None, skip=()):
+    """Masks with random active weights, whole dead output rows and dead input columns; applied to the weights."""
+    g = generator or torch.Generator().manual_seed(0)
+    masks = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or name in skip:
+            continue
+        w = m.weight
+        mask = torch.rand(w.shape, generator=g) < density
+        mask[torch.rand(w.shape[0], generator=g) < dead_out] = False
+        if w.shape[1] > 1:
+            mask[:, torch.rand(w.shape[1], generator=g) < dead_in] = False
+        with torch.no_grad():
+            w.mul_(mask)
+        masks[f"{name}.weight"] = mask
+    return masks
+
+
+def randomize_norms(model: nn.Module, generator=None):
+    g = generator or torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+
+
+@pytest.fixture
+def holder():
+    return MaskHolder

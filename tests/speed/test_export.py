@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from sparselearn import cli
+from sparselearn.experiments.export import load_run_model
+from sparselearn.speed import export, sparse_state_dict
+
+pytest.importorskip("sklearn")  # the digits data set ships with scikit-learn
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code = cli.main(["train", "--epochs", "1", "--density", "0.05", "--out", str(out / "r")])
+    assert code == 0
+    (ckpt,) = out.rglob("checkpoint.pt")
+    return ckpt.parent
+
+
+@pytest.mark.parametrize("fmt", ["compact", "sparse", "onnx"])
+def test_export_run_formats_are_smaller_and_equal(run_dir, tmp_path, capsys, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    target = tmp_path / f"m.{fmt}"
+    assert cli.main(["export", str(run_dir), "--format", fmt, "--out", str(target)]) == 0
+    line = capsys.readouterr().out
+    assert "of the dense state dict" in line
+    model, masks, x = load_run_model(run_dir)
+    dense_bytes = sum(p.numel() * 4 for p in model.state_dict().values())
+    # 5% density: the sparse formats are far smaller; compaction removes only the empty units
+    assert target.stat().st_size < (0.9 if fmt != "sparse" else 0.3) * dense_bytes
+    x = torch.randn(7, *x.shape[1:])
+    with torch.no_grad():
+        ref = model(x)
+        if fmt == "compact":
+            small = torch.export.load(str(target)).module()
+            torch.testing.assert_close(small(x), ref, atol=1e-5, rtol=1e-4)
+        elif fmt == "sparse":
+            state = torch.load(target, weights_only=True)
+            assert any(v.layout != torch.strided for v in state.values())
+            dense = {k: (v.to_dense() if v.layout != torch.strided else v) for k, v in state.items()}
+            model.load_state_dict(dense)
+            torch.testing.assert_close(model(x), ref)
+        else:
+            import onnxruntime as ort
+
+            got = ort.InferenceSession(str(target)).run(None, {"input": x.numpy()})[0]
+            assert abs(got - ref.numpy()).max() < 1e-4
+
+
+def test_export_rejects_unknown_format(tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(torch.nn.Linear(2, 2), "zip", tmp_path / "x", example_input=torch.zeros(1, 2))
+
+
+def test_sparse_state_dict_keeps_only_active_entries():
+    lin = torch.nn.Linear(6, 4)
+    mask = torch.rand(4, 6) < 0.3
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    sd = sparse_state_dict(lin, {"weight": mask})
+    assert sd["weight"].layout == torch.sparse_csr and sd["weight"].values().numel() <= int(mask.sum())
+    torch.testing.assert_close(sd["weight"].to_dense(), lin.weight.detach())
+
+
+def test_bench_quick_writes_a_report(tmp_path):
+    out = tmp_path / "perf.md"
+    assert cli.main(["bench", "--quick", "--rounds", "1", "--only", "conv", "linear", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Machine:" in text and "Sparse linear 64x64" in text
+    assert (tmp_path / "perf.json").exists()

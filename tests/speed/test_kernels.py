@@ -1,0 +1,184 @@
+import pytest
+import torch
+from torch import nn
+
+from sparselearn.speed import SparseConv2d, SparseLinear, constant_fan_in
+from sparselearn.speed import _native
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler for the sparse kernels")
+
+
+def _ck_mask(shape, density, g):
+    k = torch.rand(shape[0], shape[1], generator=g) < density
+    return k.view(*k.shape, 1, 1).expand(shape).contiguous()
+
+
+def _window_mask(shape, keep, g):
+    o, i, r, s = shape
+    scores = torch.rand(o * i, r * s, generator=g)
+    mask = torch.zeros(o * i, r * s, dtype=torch.bool)
+    mask.scatter_(1, scores.topk(keep, dim=1).indices, True)
+    return mask.view(shape)
+
+
+def _masks(shape, g):
+    return {
+        "ck": _ck_mask(shape, 0.3, g),
+        "window": _window_mask(shape, min(2, shape[2] * shape[3]), g),
+        "unstructured": torch.rand(shape, generator=g) < 0.2,
+        "empty": torch.zeros(shape, dtype=torch.bool),
+        "full": torch.ones(shape, dtype=torch.bool),
+    }
+
+
+def _grads(layer, x, weight, bias, g):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    grads = torch.autograd.grad(y, [x, weight] + ([bias] if bias is not None else []), g)
+    return y.detach(), grads
+
+
+CONVS = [
+    dict(cin=5, cout=7, k=3, pad=1, hw=(9, 11), bias=True),
+    dict(cin=3, cout=4, k=(3, 5), pad=(1, 2), hw=(6, 7), bias=False),
+    dict(cin=4, cout=6, k=3, pad=0, hw=(5, 8), bias=True),
+    dict(cin=6, cout=3, k=1, pad=0, hw=(4, 3), bias=True),
+    dict(cin=2, cout=5, k=5, pad=(2, 1), hw=(7, 5), bias=True),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"{c['cin']}-{c['cout']}-k{c['k']}-p{c['pad']}")
+@pytest.mark.parametrize("kind", ["ck", "window", "unstructured", "empty", "full"])
+def test_sparse_conv_matches_masked_dense(cfg, kind):
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=cfg["bias"])
+    shape = conv.weight.shape
+    if kind == "window" and shape[2] * shape[3] < 2:
+        pytest.skip("a 1x1 kernel has no window")
+    mask = _masks(shape, g)[kind]
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    fast = SparseConv2d(conv, mask)
+    assert fast.weight is conv.weight  # shares the Parameter the optimizer trains
+    x = torch.randn(3, cfg["cin"], *cfg["hw"], generator=g)
+    ref_y = conv(x)
+    gy = torch.randn(ref_y.shape, generator=g)
+    y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
+    ry, rgrads = _grads(conv, x, conv.weight, conv.bias, gy)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)  # input gradient
+    torch.testing.assert_close(grads[1] * mask, rgrads[1] * mask, atol=1e-4, rtol=1e-4)  # active weights
+    assert bool((grads[1][~mask] == 0).all())  # missing weights get no gradient
+    if conv.bias is not None:
+        torch.testing.assert_close(grads[2], rgrads[2], atol=1e-5, rtol=1e-4)
+    fast.dense_weight_grad = True  # Sparse Momentum: the dense gradient of missing weights too
+    _, dgrads = _grads(fast, x, conv.weight, conv.bias, gy)
+    torch.testing.assert_close(dgrads[1], rgrads[1], atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_sparse_conv_rebuild_and_weight_updates():
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    mask = _ck_mask(conv.weight.shape, 0.5, g)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    fast = SparseConv2d(conv, mask)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    with torch.no_grad():
+        fast(x)
+        conv.weight.add_(mask * 0.5)  # an optimizer step: the cached values must follow
+        torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-4)
+        new_mask = _ck_mask(conv.weight.shape, 0.5, g)
+        conv.weight.mul_(new_mask)
+        fast.rebuild(new_mask)
+        torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_conv_rejects_unsupported():
+    conv = nn.Conv2d(4, 4, 3, stride=2)
+    with pytest.raises(ValueError, match="stride"):
+        SparseConv2d(conv, torch.ones_like(conv.weight, dtype=torch.bool))
+
+
+def _assert_linear_matches(fast, lin, mask, x, gy):
+    """Output, input gradient, active-weight gradient (zero elsewhere) and bias gradient equal the masked layer's."""
+    y, grads = _grads(fast, x, lin.weight, lin.bias, gy)
+    ry, rgrads = _grads(lin, x, lin.weight, lin.bias, gy)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1] * mask, rgrads[1] * mask, atol=1e-5, rtol=1e-4)
+    assert bool((grads[1][~mask] == 0).all())
+    torch.testing.assert_close(grads[2], rgrads[2], atol=1e-5, rtol=1e-4)
+    return rgrads
+
+
+BACKENDS = ["torch"] + (["native"] if _native.available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 5), (17,)])
+@pytest.mark.parametrize("kind", ["unstructured", "fanin", "empty", "full"])
+def test_sparse_linear_matches_masked_dense(backend, batch, kind):
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(13, 9)
+    if kind == "unstructured":
+        mask = torch.rand(9, 13, generator=g) < 0.3
+    elif kind == "fanin":
+        mask = torch.zeros(9, 13, dtype=torch.bool)
+        mask.scatter_(1, torch.rand(9, 13, generator=g).topk(4, dim=1).indices, True)
+    else:
+        mask = torch.full((9, 13), kind == "full")
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend=backend)
+    assert (fast.fan_in == 4) == (kind == "fanin") or kind in ("empty", "full")
+    x = torch.randn(*batch, 13, generator=g)
+    gy = torch.randn(*batch, 9, generator=g)
+    rgrads = _assert_linear_matches(fast, lin, mask, x, gy)
+    fast.dense_weight_grad = lambda: True  # callables are asked at every backward (RigL: update steps)
+    _, dgrads = _grads(fast, x, lin.weight, lin.bias, gy)
+    torch.testing.assert_close(dgrads[1], rgrads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_constant_fan_in_detection():
+    m = torch.zeros(4, 6, dtype=torch.bool)
+    m[:, :2] = True
+    assert constant_fan_in(m) == 2
+    m[0, 5] = True
+    assert constant_fan_in(m) is None
+    conv_mask = torch.zeros(3, 2, 3, 3, dtype=torch.bool)
+    conv_mask[:, 0, 1] = True
+    assert constant_fan_in(conv_mask) == 3
+
+
+@needs_native
+def test_one_sample_path_with_wide_inputs():
+    # columns >= 32768 travel as uint16 in the one-sample kernel
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(40000, 3)
+    mask = torch.rand(3, 40000, generator=g) < 0.05
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+        fast = SparseLinear(lin, mask, backend="native")
+        x = torch.randn(1, 40000, generator=g)
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 5])
+def test_blocked_index_matches_masked_dense(batch):
+    # inputs and outputs in blocks of 256: three input blocks, two output blocks
+    g = torch.Generator().manual_seed(4)
+    lin = nn.Linear(600, 300)
+    mask = torch.rand(300, 600, generator=g) < 0.1
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    fast.block_bytes = 1  # the smallest blocks (256)
+    fast.rebuild(mask)
+    assert len(fast._index.rowptrs) == 3 and len(fast._index.colptrs) == 2
+    x = torch.randn(batch, 600, generator=g)
+    gy = torch.randn(batch, 300, generator=g)
+    _assert_linear_matches(fast, lin, mask, x, gy)
