@@ -421,6 +421,15 @@ class Sparsifier:
             for p in self._weights:
                 optim_state.flush_subnormal(self.optimizer, p)
 
+    def needs_dense_grad(self) -> bool:
+        """Whether the coming optimizer step must produce the dense weight gradient (including the
+        gradient of missing weights): asked by fast sparse layers, which may skip it otherwise. An
+        update rule that does not say is given the dense gradient (always correct)."""
+        if self.updater is None:
+            return False
+        ask = getattr(self.updater, "needs_dense_grad", None)
+        return True if ask is None else bool(ask(self.step_count + 1))
+
     def register_update_hook(self, hook: Callable[["Sparsifier", dict], None]):
         """Calls ``hook(sparsifier, stats)`` after every topology update, once the new masks are applied.
 

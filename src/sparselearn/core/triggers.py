@@ -89,10 +89,12 @@ class Adaptive:
             raise ValueError(f"update_every({step}) must be a positive number of steps, got {p!r}")
         return p
 
+    def is_due(self, step: int) -> bool:
+        """Whether ``step`` would run an update, without advancing the period."""
+        return (self.stop is None or step < self.stop) and step >= self.next_step
+
     def due(self, step: int) -> bool:
-        if self.stop is not None and step >= self.stop:
-            return False
-        if step >= self.next_step:
+        if self.is_due(step):
             self.next_step = step + self._period(step)
             return True
         return False

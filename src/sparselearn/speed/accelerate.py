@@ -94,14 +94,15 @@ def dense_grad_policy(sparsifier: Any) -> Any:
     updater = getattr(sparsifier, "updater", None)
     if updater is None:
         return False
-    grow = (getattr(updater, "names", None) or {}).get("grow")
-    if grow is None and type(updater).__name__ == "GradualUpdater":
-        return False
-    if grow == "random":
-        return False
-    if grow == "gradient":
-        return lambda: bool(updater.due(sparsifier.step_count + 1))
-    return True
+    if not hasattr(updater, "needs_dense_grad"):
+        return True
+    needs = getattr(updater, "needs", None)
+    if needs is not None:  # constant answers spare the fast path a call per step
+        if "momentum" in needs:
+            return True
+        if "grad" not in needs:
+            return False
+    return sparsifier.needs_dense_grad
 
 
 def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[str, torch.Size]:

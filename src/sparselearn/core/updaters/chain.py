@@ -23,6 +23,9 @@ class Chain:
             out |= getattr(r, "needs", frozenset())
         return out
 
+    def needs_dense_grad(self, step: int) -> bool:
+        return any(getattr(r, "needs_dense_grad", lambda s: True)(step) for r in self.rules)
+
     def attach(self, sparsifier) -> None:
         for r in self.rules:
             if hasattr(r, "attach"):

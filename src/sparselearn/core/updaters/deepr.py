@@ -63,6 +63,10 @@ class DeepRUpdater:
     def due(self, step: int) -> bool:
         return self.trigger.due(step)
 
+    def needs_dense_grad(self, step: int) -> bool:
+        """Magnitude rules read no gradient of missing weights."""
+        return False
+
     @torch.no_grad()
     def attach(self, sparsifier) -> None:
         """Draws every connection's sign from the sparsifier's generator (fair coin, on the CPU) and

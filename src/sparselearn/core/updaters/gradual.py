@@ -105,6 +105,10 @@ class GradualUpdater:
     def due(self, step: int) -> bool:
         return self.trigger.due(step)
 
+    def needs_dense_grad(self, step: int) -> bool:
+        """Magnitude rules read no gradient of missing weights."""
+        return False
+
     def progress(self, step: int) -> float:
         """Fraction of the final sparsity reached at ``step`` (0 before the era, 1 after it)."""
         return self._progress(step)

@@ -304,6 +304,18 @@ class PruneRegrow:
         """What the pieces read (``"momentum"``, ``"grad"``): checked by the sparsifier at attach."""
         return score_needs(self.drop_score) | score_needs(self.grow_score) | score_needs(self.redistribute)
 
+    def needs_dense_grad(self, step: int) -> bool:
+        """Whether optimizer step ``step`` must compute the dense weight gradient (for fast layers
+        that can skip the gradient of missing weights): always when a piece reads momentum (the
+        momentum of missing weights accumulates their gradient at every step, Sparse Momentum Sec.
+        3.1); at update steps when one reads the gradient (RigL); never otherwise (SET, DSR)."""
+        if "momentum" in self.needs:
+            return True
+        if "grad" in self.needs:
+            is_due = getattr(self.trigger, "is_due", self.trigger.due)
+            return bool(is_due(step))
+        return False
+
     def attach(self, sparsifier) -> None:
         if hasattr(self.drop, "attach"):
             self.drop.attach(sparsifier)
