@@ -87,6 +87,7 @@ SHORTCUTS = {
     "density": "sparsity.density",
     "epochs": "train.epochs",
     "device": "train.device",
+    "speed": "train.speed",
 }
 
 
@@ -100,6 +101,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="model name (model.name)")
     g.add_argument("--dataset", help="data set name (data.name)")
     g.add_argument("--data-root", metavar="DIR", help="folder holding the data set files (data.root)")
+    g.add_argument("--speed", choices=("masked", "auto", "kernels"),
+                   help="masked (dense kernels on masked weights), auto (each layer on its fastest measured "
+                        "path) or kernels (sparse kernels wherever they run); Starfire switches after its "
+                        "era (train.speed; `sparselearn export` makes compact models)")
     g.add_argument("--download", action="store_true", default=None,
                    help="download missing data set files into the cache (data.download)")
     g.add_argument("--batch-size", type=int, help="training batch size (data.batch_size)")

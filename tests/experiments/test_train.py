@@ -503,3 +503,38 @@ def test_a_typo_of_every_closed_key_gets_a_did_you_mean(key):
     typo = key[:-1] + key[-1] * 2  # optim.lr -> optim.lrr
     with pytest.raises(C.ConfigError, match=f"did you mean '{key}'"):
         C.resolve_config(overrides={typo: 1})
+
+
+def test_metrics_carry_each_epochs_topology_updates(tmp_path):
+    result = T.train(_config(**{"train.epochs": 3}), tmp_path / "topo", log=lambda s: None)
+    rows = result["metrics"]
+    updates = [u for r in rows for u in r["topology"]]
+    assert [u["step"] for u in updates] == [rows[0]["step"], rows[1]["step"]]  # one per epoch end, none after the last
+    for u in updates:
+        assert u["pruned"] == u["regrown"] > 0 and u["active"] == result["density_report"]["active"]
+    assert 0 < updates[0]["itop"] <= updates[1]["itop"] <= 1  # ever-active fraction only grows
+
+
+@pytest.mark.parametrize("speed", ["kernels", "auto"])
+def test_speed_flag_trains_the_same_function(tmp_path, speed):
+    # the fast layers compute what the masked ones do: the same run up to float rounding (which can
+    # tip near-tied topology decisions, so per-layer counts may differ slightly; the budget cannot)
+    base = {"train.epochs": 2, "model.name": "lenet300-100"}
+    masked = T.train(_config(**base), tmp_path / "m", log=lambda s: None)
+    lines = []
+    fast = T.train(_config(**base, **{"train.speed": speed}), tmp_path / speed, log=lines.append)
+    assert any(l.startswith(f"--speed {speed} from step 0") for l in lines)
+    a, b = masked["metrics"][0], fast["metrics"][0]  # the first epoch: no topology update before its end
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.02)
+    assert [r["density"] for r in masked["metrics"]] == [r["density"] for r in fast["metrics"]]
+
+
+def test_speed_switches_after_a_starfire_era(tmp_path):
+    lines = []
+    cfg = _config(**{"model.name": "small-cnn", "sparsity.algorithm": "starfire", "sparsity.density": 0.2,
+                     "sparsity.pattern": "kernel", "sparsity.era_start_epoch": 0, "sparsity.era_end_epoch": 1,
+                     "train.epochs": 2, "train.speed": "kernels"})
+    T.train(cfg, tmp_path / "sf", log=lines.append)
+    switched = [l for l in lines if l.startswith("--speed kernels from step")]
+    assert len(switched) == 1 and int(switched[0].split("step ")[1].split(":")[0]) >= 1

@@ -218,3 +218,35 @@ class Progress(Callback):
 def eta_seconds(done: int, total: int, elapsed: float) -> float:
     """Seconds left at the mean rate so far (``inf`` before anything was done)."""
     return math.inf if done <= 0 else elapsed / done * (total - done)
+
+
+class Accelerate(Callback):
+    """Runs the sparse layers on their fastest path (:func:`sparselearn.speed.accelerate`).
+
+    Dynamic and fixed masks switch at the start; a gradual pruning era (Starfire, GMP) recomputes
+    its masks every few steps, so those runs switch once the era is over (``updater.end_step``).
+    The chosen paths and their measured ratios are logged once.
+    """
+
+    def __init__(self, mode: str, log: Callable[[str], None]):
+        self.mode, self.log, self.done = mode, log, False
+
+    def _maybe(self, run) -> None:
+        if self.done or run.sparsifier is None or self.mode == "masked":
+            return
+        end = getattr(run.sparsifier.updater, "end_step", None)
+        if end is not None and run.step < end:
+            return
+        from sparselearn.speed import accelerate
+
+        x, _ = next(iter(run.train_loader))
+        report = accelerate(run.model, run.sparsifier, self.mode, example_input=x.to(run.device))
+        self.done = True
+        self.log(f"--speed {self.mode} from step {run.step}:\n{report.format()}")
+
+    def on_fit_start(self, run) -> None:
+        self._maybe(run)
+
+    def on_step_end(self, run, loss) -> None:
+        if not self.done:
+            self._maybe(run)

@@ -149,6 +149,7 @@ FIELDS: dict[str, Field] = {
     "train.device": Field(str, "auto", check=_device),
     "train.out_dir": Field(str, "runs"),
     "train.log_every": Field(int, 100, check=_positive),
+    "train.speed": Field(str, "masked", check=_one_of(("masked", "auto", "kernels"))),
 }
 
 

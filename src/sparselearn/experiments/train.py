@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselearn.analysis.flops import FlopCounter
+from sparselearn.analysis.topology import TopologyTracker
 from sparselearn.core.algorithms import algorithms
 from sparselearn.experiments import runs
 from sparselearn.experiments.callbacks import (
-    Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
+    Accelerate, Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
 )
 from sparselearn.experiments.checkpoint import CHECKPOINT, load_checkpoint, remove_stale_temporaries, write_json, write_text
 from sparselearn.experiments.config import (
@@ -118,7 +119,8 @@ def train(
             else:
                 run.restore(checkpoint)
             write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
-            builtin = [MetricsFile(), TensorBoardLog(), EpochLines(log), CheckpointWriter()]
+            builtin = [MetricsFile(), TensorBoardLog(), EpochLines(log), CheckpointWriter(),
+                       Accelerate(cfg["train"]["speed"], log)]
             extra = [] if on_epoch_end is None else [EpochCallback(on_epoch_end)]
             return fit(run, [*builtin, *callbacks, *extra], log)
     finally:
@@ -164,6 +166,7 @@ class Run:
     steps_per_epoch: int
     epochs: int
     flops: Any = None
+    topology: Any = None
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
@@ -185,6 +188,7 @@ class Run:
             "data_generator": self.data_generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "metrics": self.history, "elapsed": self.elapsed,
+            "topology": None if self.topology is None else self.topology.state_dict(),
         }
 
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
@@ -201,6 +205,8 @@ class Run:
             self.epoch = self.start_epoch = int(checkpoint["epoch"])
             self.step = int(checkpoint["step"])
             self.history, self.elapsed = list(checkpoint["metrics"]), float(checkpoint["elapsed"])
+            if self.topology is not None and checkpoint.get("topology") is not None:
+                self.topology.load_state_dict(checkpoint["topology"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise UserError(f"{self.run_dir / CHECKPOINT}: does not fit this run ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); --overwrite starts the run over") from e
@@ -249,8 +255,9 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
     sparsifier = build_sparsifier(model, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
                                   criterion, splits.train, batch_size, device)
     flops = FlopCounter(model, torch.zeros(1, *splits.input_shape, device=device))  # Sec. 5.1 estimates
+    topology = None if sparsifier is None else TopologyTracker(sparsifier)  # per-update dynamics
     return Run(cfg, run_dir, device, splits, model, optimizer, sparsifier, criterion, lr_at,
-               train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops)
+               train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops, topology)
 
 
 def load_data(data_cfg: Mapping[str, Any]):
@@ -317,6 +324,8 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
             row.update(density_metrics(run.sparsifier, model, run.step, run.steps_per_epoch))
             if run.flops is not None:  # Sec. 5.1 estimates (analysis.flops), per epoch
                 row["flops"] = run.flops.measure({} if run.sparsifier is None else run.sparsifier.masks)
+            if run.topology is not None:  # the epoch's topology updates (analysis.topology)
+                row["topology"] = run.topology.drain()
             row["epoch_time"] = time.perf_counter() - t0
             run.elapsed += row["epoch_time"]
             row["elapsed"] = run.elapsed
