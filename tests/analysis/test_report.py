@@ -90,26 +90,37 @@ def test_train_report_flag_writes_the_page_at_the_end(tmp_path, capsys):
 
 
 def test_topology_records_in_the_metrics_are_plotted(sweep_dir, tmp_path):
-    import json
-
-    import torch
-    from torch import nn
-
-    import sparselearn
-    from sparselearn.analysis.topology import TopologyTracker
-
-    run = tmp_path / "run"
-    shutil.copytree(sweep_dir / "sparse-momentum-d0.1" / "seed0", run)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    tracker = TopologyTracker(sparselearn.sparse_momentum(model, opt, density=0.3, steps_per_epoch=1, epochs=3))
+    # training writes each epoch's topology updates (TopologyTracker) into metrics.jsonl
+    run = sweep_dir / "sparse-momentum-d0.1" / "seed0"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        opt.zero_grad()
-        model(torch.randn(4, 8)).sum().backward()
-        opt.step()
-        row["topology"] = tracker.drain()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    page = build_report([run])
-    assert "Topology updates" in page
-    assert "Topology updates" not in build_report([sweep_dir / "sparse-momentum-d0.1" / "seed0"])
+    assert len(rows[0]["topology"]) == 1 and rows[-1]["topology"] == []  # no update after the last epoch
+    assert "Topology updates" in build_report([run])
+    assert "Topology updates" not in build_report([sweep_dir / "dense" / "seed0"])
+
+
+def test_sparsifier_overhead_from_the_epochs_hook_time():
+    from sparselearn.analysis.report import sparsifier_overhead
+    from sparselearn.analysis.runs import RunData
+
+    run = RunData(path=None, metrics=[{"epoch_time": 10.0, "sparsifier_time": 0.2},
+                                      {"epoch_time": 10.0, "sparsifier_time": 0.34}])
+    assert sparsifier_overhead(run) == pytest.approx((20 - 0.54) / 20)  # 0.973x, the paper's figure
+    assert sparsifier_overhead(RunData(path=None, metrics=[{"epoch_time": 3.0}])) is None
+
+
+def test_report_shows_the_measured_speed_and_overhead_next_to_the_estimates(sweep_dir, tmp_path):
+    runs, _ = discover([sweep_dir])
+    sm = next(r for r in runs if r.algorithm == "sparse-momentum")
+    rows = sm.metrics
+    assert all(0 < r["sparsifier_time"] < r["epoch_time"] for r in rows)  # the hook's share, per epoch
+    cfg = {"model.name": "small-cnn", "train.epochs": 1, "sparsity.density": 0.1, "train.speed": "kernels"}
+    from sparselearn.experiments import config as C
+    from sparselearn.experiments import train as T
+
+    T.train(C.resolve_config(None, list(cfg.items())), tmp_path / "fast" / "seed0", log=lambda s: None)
+    speed = json.loads((tmp_path / "fast" / "seed0" / "speed.json").read_text())
+    assert speed["mode"] == "kernels" and speed["layers_ratio"] > 0 and len(speed["layers"]) == 4
+    html = build_report([tmp_path / "fast"])
+    text = html
+    assert "Measured sparse-layer speedup (--speed)" in text and f"{speed['layers_ratio']:.2f}x" in text
+    assert "Sparsifier overhead (measured)" in text

@@ -3,7 +3,7 @@
 A run folder (written by ``sparselearn train``) holds ``config.yaml``, ``metrics.jsonl`` (one JSON
 line per epoch, with ``layer_density`` and the epoch's ``flops``), ``result.json`` and
 ``checkpoint.pt``; ``sparselearn fgsm`` adds ``fgsm.json`` and ``sparselearn specialization`` adds
-``specialization.json``, ``sparselearn speedup`` adds ``speedup.json``. A sweep folder (``sparselearn compare``) holds ``comparison.csv`` and the
+``specialization.json``, ``sparselearn speedup`` adds ``speedup.json``, ``train --speed`` adds ``speed.json``. A sweep folder (``sparselearn compare``) holds ``comparison.csv`` and the
 runs below it; a ``--seeds`` folder holds ``seed<k>/`` runs.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ class RunData:
     fgsm: Optional[dict] = None
     specialization: Optional[dict] = None
     speedup: Optional[dict] = None
+    speed: Optional[dict] = None
 
     @property
     def name(self) -> str:
@@ -70,7 +71,7 @@ def load_run(path: str | Path) -> RunData:
     if metrics_file.exists():
         run.metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     for attr, name in (("result", "result.json"), ("fgsm", "fgsm.json"), ("specialization", "specialization.json"),
-                       ("speedup", "speedup.json")):
+                       ("speedup", "speedup.json"), ("speed", "speed.json")):
         if (path / name).exists():
             setattr(run, attr, json.loads((path / name).read_text()))
     if not run.metrics and run.result:

@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, TextIO
 
 from sparselearn.experiments import runs
-from sparselearn.experiments.checkpoint import json_line, save_checkpoint, write_text
+from sparselearn.experiments.checkpoint import json_line, save_checkpoint, write_json, write_text
 
 
 class Callback:
@@ -243,6 +243,13 @@ class Accelerate(Callback):
         report = accelerate(run.model, run.sparsifier, self.mode, example_input=x.to(run.device))
         self.done = True
         self.log(f"--speed {self.mode} from step {run.step}:\n{report.format()}")
+        timed = [c for c in report.layers if c.dense_ms and c.fast_ms]
+        write_json(run.run_dir / "speed.json", {
+            "mode": self.mode, "from_step": run.step, "batch_size": int(x.shape[0]),
+            # measured forward+backward of the sparse layers, dense path vs the chosen one
+            "layers_ratio": (sum(c.dense_ms for c in timed) / sum(c.fast_ms for c in timed)) if timed else None,
+            "layers": [{"name": c.name, "path": c.path, "dense_ms": c.dense_ms, "fast_ms": c.fast_ms,
+                        "ratio": c.ratio} for c in report.layers]})
 
     def on_fit_start(self, run) -> None:
         self._maybe(run)

@@ -289,6 +289,7 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
             cb.on_fit_start(run)
         for epoch in range(run.start_epoch, run.epochs):
             t0 = time.perf_counter()
+            hook0 = 0.0 if run.sparsifier is None else run.sparsifier.hook_seconds
             model.train()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
@@ -327,6 +328,8 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
             if run.topology is not None:  # the epoch's topology updates (analysis.topology)
                 row["topology"] = run.topology.drain()
             row["epoch_time"] = time.perf_counter() - t0
+            if run.sparsifier is not None:  # the sparsifier's share of the epoch (its overhead)
+                row["sparsifier_time"] = run.sparsifier.hook_seconds - hook0
             run.elapsed += row["epoch_time"]
             row["elapsed"] = run.elapsed
             run.history.append(row)
