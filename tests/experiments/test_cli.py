@@ -30,7 +30,7 @@ from sparselearn.experiments.data import mnist as M
 pytest.importorskip("sklearn")  # the digits data set ships with scikit-learn
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-TIME_KEYS = ("epoch_time", "elapsed", "wall_time")
+TIME_KEYS = ("epoch_time", "elapsed", "wall_time", "sparsifier_time")
 
 
 @pytest.fixture(autouse=True)

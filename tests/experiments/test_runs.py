@@ -322,7 +322,7 @@ def test_kill_9_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(t
     assert kills == 2
     T.train(C.resolve_config(overrides={"train.epochs": epochs}), out / "seed0", resume=True, log=lambda s: None)
     resumed = json.loads((out / "seed0" / "result.json").read_text())
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed", "sparsifier_time")} for r in rows]
     assert strip(resumed["metrics"]) == strip(full["metrics"])
     _same_state(CK.load_checkpoint(tmp_path / "full" / "seed0" / "checkpoint.pt"),
                 CK.load_checkpoint(out / "seed0" / "checkpoint.pt"))
@@ -359,7 +359,7 @@ def test_interrupted_mid_epoch_at_random_steps_resumes_bitwise(tmp_path):
         except KeyboardInterrupt:
             stops += 1
     assert stops == 10
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed", "sparsifier_time")} for r in rows]
     assert strip(done["metrics"]) == strip(full["metrics"])
     _same_state(CK.load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
                 CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt"))

@@ -294,7 +294,7 @@ def _config(**overrides):
 
 
 def _strip_times(rows):
-    return [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("epoch_time", "elapsed", "sparsifier_time")} for r in rows]
 
 
 def _killed_and_resumed(cfg, tmp_path, kill_after: int, log=lambda s: None):
