@@ -359,8 +359,8 @@ def to_markdown(rows: Sequence[Row], title: str = "") -> str:
             continue
         star = {True: "*", False: ""}.get(r.overlaps_dense, "?" if r.algorithm != DENSE and has_dense else "")
         note = f" ({r.diverged} diverged)" if r.diverged else ""
-        lines.append(f"| {r.algorithm} | {r.weights_pct:.2f} | {r.error.mean:.2f} ± {r.error.sem:.2f}{star}{note} "
-                     f"| {r.error.n} |")
+        spread = f" ± {r.error.sem:.2f}" if r.error.n > 1 else ""  # one seed has no standard error
+        lines.append(f"| {r.algorithm} | {r.weights_pct:.2f} | {r.error.mean:.2f}{spread}{star}{note} | {r.error.n} |")
     lines += ["", "Mean ± standard error over seeds; * = 95% confidence interval (Student's t) overlaps the dense "
               "baseline's; ? = undefined (an interval needs two seeds and a spread); diverged runs (non-finite "
               "loss) are counted apart."]
