@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import optim_state
+from .distributed import broadcast_masks, check_masks_agree, is_distributed
 from .distributions import allocate_counts, density_distributions
 from .layer import LayerView
 from .ops import select_k_per_row
@@ -158,6 +159,15 @@ class Sparsifier:
             wins, and layers in no group use the arguments above. Each group's density is its own
             budget, e.g. ``[{"params": "classifier.*", "density": 0.02}, {"params": "features.*",
             "structure": "kernel"}]``.
+        check_ranks: under ``torch.distributed``, all-gather a checksum of the masks after every
+            topology update (after the update hooks ran) and raise ``RuntimeError`` naming the ranks
+            that differ. Off by default; ignored without a process group.
+
+    Under ``torch.distributed`` (a process group initialised, e.g. by ``torchrun``) rank 0's masks
+    are broadcast to every rank at construction and after every topology update, so all ranks
+    train one topology even where a rule reads rank-local data. The generator is seeded with the
+    same ``seed`` on every rank, so random choices already agree before the broadcast. A model
+    wrapped in ``DistributedDataParallel`` is named as its ``module``, like a single-process run.
     """
 
     def __init__(
@@ -183,6 +193,7 @@ class Sparsifier:
         structure: str | None = None,
         structure_options: Optional[dict] = None,
         groups: Optional[Sequence[dict]] = None,
+        check_ranks: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -198,6 +209,10 @@ class Sparsifier:
             )
         # a torch.compile'd model: name parameters as the user's own module does, without "_orig_mod."
         model = getattr(model, "_orig_mod", model)
+        # a DDP-wrapped model: the same names (and checkpoints) as the single-process run
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = getattr(model.module, "_orig_mod", model.module)
+        self.check_ranks = bool(check_ranks)
         self.model, self.optimizer, self.updater = model, optimizer, updater
         self.flush_subnormal_every = int(flush_subnormal_every)
         self.generator = torch.Generator(device="cpu")
@@ -289,6 +304,8 @@ class Sparsifier:
         if init_scale == "active-fan-in" and init != "dense":
             self._scale_to_active_fan_in()
         self._refresh_apply_cache()
+        if is_distributed():
+            broadcast_masks(self)
         self.apply_masks()
         if init != "dense":
             for sp in candidates:
@@ -424,10 +441,16 @@ class Sparsifier:
         if self.updater is not None and self.updater.due(self.step_count):
             stats = self.updater(self, self.step_count)
             self.last_update = {"step": self.step_count, **(stats or {})}
+            distributed = is_distributed()
+            if distributed:
+                broadcast_masks(self)
             self.apply_masks()
             log.debug("topology update at step %d: %s", self.step_count, stats)
             for hook in list(self._update_hooks.values()):
                 hook(self, self.last_update)
+            # after the hooks: a hook that changes masks on one rank is caught too
+            if distributed and self.check_ranks:
+                check_masks_agree(self)
         if self.flush_subnormal_every and self.step_count % self.flush_subnormal_every == 0:
             for p in self._weights:
                 optim_state.flush_subnormal(self.optimizer, p)
