@@ -441,3 +441,17 @@ def test_param_groups_give_starfire_a_pattern_per_layer():
     opt.step()
     assert set(sp.masks["5.weight"].reshape(-1, 9).sum(1).tolist()) <= {0, 9}  # whole kernels
     assert int(sp.masks["0.weight"].reshape(-1, 9).sum(1).max()) == 9 - 6  # window: ceil(9 * 0.6) per window
+
+
+def test_probe_forward_restores_mode_and_removes_hooks_even_on_error():
+    from sparselearn.core.probe import probe_forward
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model.train()
+    seen = []
+    probe_forward(model, torch.randn(5, 4), [model[0].register_forward_hook(lambda m, a, o: seen.append(o.shape))])
+    assert seen == [torch.Size([5, 3])] and model.training and not model[0]._forward_hooks
+    assert int(model[1].num_batches_tracked) == 0  # eval mode: running statistics untouched
+    with pytest.raises(RuntimeError):
+        probe_forward(model, torch.randn(5, 7), [model[0].register_forward_hook(lambda m, a, o: None)])
+    assert model.training and not model[0]._forward_hooks

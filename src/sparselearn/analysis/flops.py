@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from sparselearn.core.probe import probe_forward
+
 from sparselearn.analysis.stats import Summary, summarize
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -74,16 +76,8 @@ def layer_costs(model: nn.Module, example_input: Tensor) -> list[LayerCost]:
         entry = seen.setdefault(id(module), [module, 0])
         entry[1] += positions
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*_CONV, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe_forward(model, example_input,
+                  [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*_CONV, nn.Linear))])
     costs = []
     for mid, (module, positions) in seen.items():
         prefix = names[mid]

@@ -25,6 +25,7 @@ from . import _native
 from .compact import compact
 from .kernels import SparseConv2d, SparseLinear, _SparseLayer, conv_supported
 from .timing import round_robin
+from ..core.probe import probe_forward
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,7 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[s
 
     for name in names:
         handles.append(model.get_submodule(name).register_forward_pre_hook(recorder(name)))
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    probe_forward(model, example, handles)
     return shapes
 
 
