@@ -50,14 +50,15 @@ class Probe(transformers.TrainerCallback):
         self.order = [names[p] for group in inner.param_groups for p in group["params"]]
 
 
-def train(data, out, algorithm, seed=0, resume=None, **options):
+def train(data, out, algorithm, seed=0, resume=None, eval_data=None, trainer_args=(), **options):
     sparsity = SparsityCallback(algorithm, density=0.2, **options)
     probe = Probe(sparsity)
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
         num_train_epochs=EPOCHS, learning_rate=0.01, save_strategy="steps", save_steps=SAVE, logging_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    trainer = transformers.Trainer(model=MLP(seed), args=args, train_dataset=data, callbacks=[sparsity, probe])
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0, **dict(trainer_args))
+    trainer = transformers.Trainer(model=MLP(seed), args=args, train_dataset=data, eval_dataset=eval_data,
+                                   callbacks=[sparsity, probe])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, sparsity, probe
 
@@ -123,3 +124,19 @@ def test_resume_without_a_saved_state_is_an_error(data, tmp_path):
     (folder / STATE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no sparsifier state"):
         train(data, tmp_path / "a", "static", resume=str(folder))
+
+
+def test_the_best_checkpoint_comes_back_with_its_masks(data, tmp_path):
+    # "best" = the largest eval loss, so the first checkpoint (step 5) is chosen: the weights the
+    # Trainer loads at the end are not the last ones, and neither are their masks
+    trainer, cb, _ = train(data, tmp_path, "sparse-momentum", update_every=EVERY, eval_data=data[:64], trainer_args=dict(
+        eval_strategy="steps", eval_steps=SAVE, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True))
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{SAVE}")
+    saved = torch.load(tmp_path / f"checkpoint-{SAVE}" / STATE_FILE, weights_only=True)["sparsifier"]
+    last = torch.load(tmp_path / f"checkpoint-{EPOCHS * STEPS_PER_EPOCH}" / STATE_FILE, weights_only=True)["sparsifier"]
+    sp = cb.sparsifier
+    assert any(not torch.equal(saved["masks"][k], last["masks"][k]) for k in sp.masks)
+    for k, m in sp.masks.items():
+        assert torch.equal(m, saved["masks"][k])
+        assert torch.all(sp.parameters()[k][~m] == 0) and bool((sp.parameters()[k][m] != 0).any())

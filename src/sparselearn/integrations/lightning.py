@@ -9,8 +9,10 @@ Usage::
     trainer.fit(module, loader)                          # the module's training_step is unchanged
     trainer.fit(module, loader, ckpt_path="last.ckpt")   # resumes with the saved masks
 
-Needs Lightning 2.x (``pip install 'sparselearn[lightning]'``); the ``lightning`` package is used
-when installed, else ``pytorch_lightning``.
+Needs Lightning 2.x (``pip install 'sparselearn[lightning]'``); the callback subclasses the
+``lightning`` package's ``Callback`` when it is installed, else ``pytorch_lightning``'s. Lightning
+calls callback hooks by name, so either serves the other package's ``Trainer`` too (checked by
+hand with both 2.6.6 packages; CI tests the ``lightning`` one).
 """
 from __future__ import annotations
 
