@@ -1,5 +1,6 @@
 """What the trainer callbacks share, without a trainer: rebuilding a sparsifier on restored state,
 the training length, optimizer wrappers; and that no trainer framework is imported by sparselearn."""
+import io
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import sparselearn
+from sparselearn.core.algorithms import algorithms
 from sparselearn.integrations._common import (
     build_sparsifier, resolve_algorithm, unwrap_optimizer, update_metrics, with_training_length,
 )
@@ -98,3 +100,58 @@ def test_sparselearn_imports_no_trainer_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": src})
     assert out.stdout.strip() == "[]"
+
+
+def _options(name: str, batch) -> dict:
+    """Options that give every algorithm topology changes within 10 steps (2 steps per "epoch")."""
+    spec = algorithms.get(name)
+    opts = {"density": 0.3, "seed": 3, "update_every": 2}
+    if spec.family in ("gmp", "gradual", "starfire"):
+        opts.update(era_start_epoch=1, era_end_epoch=4)
+    if spec.family in ("static", "deepr", "snip"):
+        del opts["update_every"]
+    if spec.needs_batch:
+        opts.update(batch=batch, loss_fn=nn.functional.cross_entropy)
+    return with_training_length(spec, opts, steps_per_epoch=2, total_steps=10)
+
+
+@pytest.mark.parametrize("name", algorithms.names())
+def test_every_algorithm_resumes_in_the_trainers_order(name):
+    """Model and optimizer restored first (the Hugging Face order), then the sparsifier built with the
+    saved state read back with weights_only=True: 5 + 5 steps equal 10 uninterrupted ones."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(10)]
+    factory = algorithms.get(name)
+
+    def new(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    def train(model, opt, steps):
+        for x, y in steps:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model, opt = new(0)
+    sp = build_sparsifier(factory, _options(name, batches[0]), model, opt)
+    train(model, opt, batches[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sparsity": sp.state_dict()}, buffer)
+    train(model, opt, batches[5:])
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    model2, opt2 = new(1)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sp2 = build_sparsifier(factory, _options(name, batches[0]), model2, opt2, ckpt["sparsity"])
+    assert sp2.step_count == 5
+    train(model2, opt2, batches[5:])
+    assert sp2.step_count == sp.step_count == 10 and sp2.last_update == sp.last_update
+    for k, m in sp2.masks.items():
+        assert torch.equal(m, sp.masks[k]), k
+        assert torch.equal(sp2.parameters()[k], sp.parameters()[k]), k
+    if name not in ("static", "snip"):
+        assert sp.last_update.get("step", 0) > 5, f"{name}: no topology update after the resume"

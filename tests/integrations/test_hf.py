@@ -75,7 +75,8 @@ def test_train_checkpoint_resume_equals_an_uninterrupted_run(data, tmp_path, alg
     trainer, cb, probe = train(data, tmp_path / "a", algorithm, update_every=EVERY)
     sp = cb.sparsifier
     total = EPOCHS * STEPS_PER_EPOCH
-    assert sp.step_count == trainer.state.global_step == total  # optimizer steps, not batches
+    assert sp.step_count == trainer.state.global_step == total
+    assert sp.updater.trigger.stop == total  # the training length came from the trainer, in optimizer steps  # optimizer steps, not batches
     assert probe.updates == list(range(EVERY, total, EVERY))
     assert sp.active == sp.budget  # exact counts (Sparse Momentum moves weights between layers, SET does not)
     final = {k: m.clone() for k, m in sp.masks.items()}

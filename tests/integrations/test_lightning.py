@@ -89,6 +89,7 @@ def test_fit_checkpoint_resume_equals_an_uninterrupted_run(loader, tmp_path, alg
     total = EPOCHS * STEPS_PER_EPOCH
     # optimizer steps, not batches: 30 batches with accumulation 2 are 15 steps, updates every 2 of them
     assert sp.step_count == trainer.global_step == total
+    assert sp.updater.trigger.stop == total  # the training length came from the trainer, in optimizer steps
     assert probe.updates == list(range(EVERY, total, EVERY))
     final = {k: m.clone() for k, m in sp.masks.items()}
     weights = {k: p.detach().clone() for k, p in sp.parameters().items()}
