@@ -57,6 +57,23 @@ def test_a_state_that_does_not_fit_the_weights_is_an_error():
                          opt2, state, "checkpoint X")
 
 
+def test_a_state_of_other_layers_is_an_error_and_leaves_the_optimizer_free():
+    _, _, sp = trained()
+    state = sp.state_dict()
+    state["masks"]["extra.weight"] = torch.ones(2, dtype=torch.bool)
+    model2, opt2, _ = trained(seed=5)
+    opt2._sparselearn_sparsifier().remove()
+    with torch.no_grad():  # the saved masks of the real layers fit these weights
+        for name in sp.names:
+            model2.get_parameter(name).mul_(state["masks"][name])
+    weights = [p.detach().clone() for p in model2.parameters()]
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        build_sparsifier(sparselearn.sparse_momentum, dict(density=0.3, update_every=2, total_steps=20), model2, opt2,
+                         state)
+    assert all(torch.equal(p, w) for p, w in zip(model2.parameters(), weights))
+    sparselearn.sparse_momentum(model2, opt2, density=0.3, update_every=2, total_steps=20)  # no sparsifier left attached
+
+
 def test_training_length_is_filled_where_the_factory_takes_it():
     sm = resolve_algorithm("sparse-momentum")
     assert with_training_length(sm, {"density": 0.1}, 10, 35) == {"density": 0.1, "steps_per_epoch": 10, "epochs": 4}

@@ -107,12 +107,18 @@ def build_sparsifier(factory: Factory, options: Mapping[str, Any], model: nn.Mod
     params = list(model.parameters())
     weights = [p.detach().clone() for p in params]
     moments = [(t, t.clone()) for p in params for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
-    sparsifier = factory(model, optimizer, **options)
-    for p, w in zip(params, weights):
-        p.copy_(w)
-    for t, saved in moments:
-        t.copy_(saved)
-    sparsifier.load_state_dict(state)
+    try:
+        sparsifier = factory(model, optimizer, **options)
+    finally:  # also when the factory refuses its options: the restored values stay
+        for p, w in zip(params, weights):
+            p.copy_(w)
+        for t, saved in moments:
+            t.copy_(saved)
+    try:
+        sparsifier.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        sparsifier.remove()  # its fresh masks must not touch the restored weights at the next step
+        raise
     return sparsifier
 
 
