@@ -143,3 +143,14 @@ def test_several_optimizers_need_an_index(loader):
         trainer.fit(MLP(0, optimizers=2), loader)
     with pytest.raises(ValueError, match="optimizer_index"):
         SparsityCallback("static", optimizer_index=-1)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["restore-first", "restore-after-setup"])
+def test_resuming_a_checkpoint_without_sparsifier_state_is_an_error(loader, tmp_path, late):
+    dense = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=tmp_path)
+    dense.fit(MLP(0), loader)
+    path = dense.checkpoint_callback.best_model_path
+    strategy = LateRestore(device=torch.device("cpu")) if late else "auto"
+    with pytest.raises(ValueError, match="holds no state of SparsityCallback"):
+        fit(loader, tmp_path, "sparse-momentum", ckpt_path=path, strategy=strategy)

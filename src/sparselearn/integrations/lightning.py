@@ -55,7 +55,8 @@ class SparsityCallback(Callback):
     ``on_fit_start`` and the optimizer state after it; the sparsifier is then built around the
     restored weights (kept as they are, see :func:`~sparselearn.integrations._common.build_sparsifier`)
     and the saved masks, step count and generator state are loaded, so the run continues as an
-    uninterrupted one would. A saved state whose masks do not fit the restored weights is an error.
+    uninterrupted one would. Resuming from a checkpoint without this callback's state, or with one
+    whose masks do not fit the restored weights, is an error.
 
     Args:
         algorithm: a registered algorithm name (``"sparse-momentum"``, ``"set"``, ``"rigl"``, ...;
@@ -85,6 +86,7 @@ class SparsityCallback(Callback):
         self.sparsifier: Optional[Sparsifier] = None
         self._pending: Optional[dict] = None  # a checkpoint's state, until the optimizer exists
         self._live = False  # the sparsifier was built in the running fit
+        self._restored = False  # the running fit restored a state from its checkpoint
         self._updated = False
 
     @property
@@ -120,7 +122,7 @@ class SparsityCallback(Callback):
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches)), total
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._live = False
+        self._live = self._restored = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         optimizer = self._optimizer(trainer)
@@ -133,6 +135,8 @@ class SparsityCallback(Callback):
             return
         # a new optimizer (a later fit): the masks of the previous one carry over unless a checkpoint says otherwise
         state = self._pending if self._pending is not None else (old.state_dict() if old is not None else None)
+        if state is None and not trainer.strategy.restore_checkpoint_after_setup:
+            self._check_resumed(trainer)
         if old is not None:
             old.remove()
         options = with_training_length(self.factory, self.options, *self._training_length(trainer))
@@ -141,15 +145,25 @@ class SparsityCallback(Callback):
         self._pending = None
         self._live = True
 
+    def _check_resumed(self, trainer) -> None:
+        # a fresh random mask over a resumed run's weights would silently replace its topology (the
+        # trap of rebuilding masks at resume); to sparsify a trained dense model, load its weights
+        # into the module and fit without ckpt_path
+        if trainer.ckpt_path is not None and not self._restored:
+            raise ValueError(f"resuming from {trainer.ckpt_path}, which holds no state of {self.state_key} (saved "
+                             "without SparsityCallback?): its masks are unknown")
+
     def _on_update(self, sparsifier: Sparsifier, stats: dict) -> None:
         self._updated = True
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:
+            self._check_resumed(trainer)
         # after Lightning restored the loops: both count optimizer steps
         sp = self.sparsifier
         if sp is not None and sp.step_count != trainer.global_step:
             log.warning("the sparsifier has counted %d optimizer steps but the trainer is at global step %d "
-                        "(a checkpoint without sparsifier state?): its schedule starts from its own count",
+                        "(masks carried over from an earlier fit?): its schedule goes on from its own count",
                         sp.step_count, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -170,6 +184,7 @@ class SparsityCallback(Callback):
         state = state_dict.get("sparsifier")
         if not state:
             return
+        self._restored = True
         if self._live:  # strategies that restore after setup (DeepSpeed, FSDP): the weights were just restored
             load_checked(self.sparsifier, state, "Lightning checkpoint")
         else:
