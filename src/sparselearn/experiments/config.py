@@ -22,7 +22,10 @@ finish in seconds on two CPU cores (test accuracy 0.95-0.97 over seeds 0-2).
   argument (``prune_rate``, ``grow``, ``redistribute``, ``distribution``, ``dense_layers``,
   ``fully_sparse``, ...).
 * ``train``: ``epochs``, ``seed``, ``device`` (``auto``: CUDA when available), ``out_dir`` (root
-  of the run folders), ``log_every`` (optimizer steps between plain progress lines).
+  of the run folders), ``log_every`` (optimizer steps between plain progress lines), ``speed``,
+  ``precision`` (``fp32``; ``bf16`` autocast; ``fp16`` autocast with a loss scaler -- see
+  :mod:`sparselearn.experiments.precision`) and ``compile`` (``torch.compile`` the training
+  forward; bookkeeping: it changes how the run executes, not what it computes, up to rounding).
 
 A recipe is a YAML file in ``recipes/`` holding any subset of these keys; ``extends: <recipe>``
 starts from another recipe. Top-level ``description`` says which paper setting it reproduces.
@@ -58,11 +61,12 @@ META_KEYS = ("recipe", "description")
 #: resumed with different values, and they are left out of the config hash.
 BOOKKEEPING_KEYS = (
     "description", "recipe", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-    "train.device", "train.out_dir", "train.log_every",
+    "train.device", "train.out_dir", "train.log_every", "train.compile",
 )
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "multistep", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +154,8 @@ FIELDS: dict[str, Field] = {
     "train.out_dir": Field(str, "runs"),
     "train.log_every": Field(int, 100, check=_positive),
     "train.speed": Field(str, "masked", check=_one_of(("masked", "auto", "kernels"))),
+    "train.precision": Field(str, "fp32", check=_one_of(PRECISIONS)),
+    "train.compile": Field(bool, False),
 }
 
 
