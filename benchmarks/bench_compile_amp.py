@@ -20,6 +20,9 @@ Masked sparsity here is simulated (dense kernels on masked weights): these are s
 masked model, not sparse speedups. One thread by default (a shared 2-core machine).
 
     python3 benchmarks/bench_compile_amp.py --out docs/compile-amp.md
+
+About 13 minutes on a loaded 2-core CPU, nearly all of it in LeNet-5-Caffe's fp16 steps (the CPU has
+no fast fp16 convolution); ``--models lenet300-100`` takes under a minute.
 """
 from __future__ import annotations
 

@@ -59,9 +59,10 @@ def record_updates(sp) -> list:
     return seen
 
 
-def amp_step(model, opt, scaler, x, y, dtype=torch.float16, poison=None):
+def amp_step(model, opt, scaler, x, y, dtype=torch.float16, poison=None, clip=False):
     """One step of the documented AMP recipe (``dtype=None``: no autocast); ``poison`` writes inf
-    into a masked entry's gradient (where a grow score would pick it first) before the scaler looks."""
+    into a masked entry's gradient (where a grow score would pick it first) before the scaler looks;
+    ``clip`` unscales first and clips the gradient norm (the recipe for gradient clipping)."""
     opt.zero_grad()
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -71,6 +72,9 @@ def amp_step(model, opt, scaler, x, y, dtype=torch.float16, poison=None):
         grad = dict(model.named_parameters())[name].grad
         where = (~mask).nonzero()  # a dense start (GMP) has no masked entry yet: then any entry
         grad[(where[0] if len(where) else torch.zeros(grad.dim(), dtype=torch.long)).unbind()] = float("inf")
+    if clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     scaler.step(opt)
     scaler.update()
 
@@ -124,9 +128,10 @@ def _fp32_run(name, model_name, data):
 FAMILIES = ["sparse-momentum", "rigl", "set", "dsr", "gmp", "starfire"]
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["step", "unscale-clip-step"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("name", FAMILIES)
-def test_a_step_the_scaler_skips_changes_nothing(name, opt_name):
+def test_a_step_the_scaler_skips_changes_nothing(name, opt_name, clip):
     """Run B is run A with one poisoned batch inserted where step 5 (an update) would be: the
     scaler skips it, and B then takes the same steps, updates and schedule as A."""
     data = batches((12,), STEPS)
@@ -140,13 +145,13 @@ def test_a_step_the_scaler_skips_changes_nothing(name, opt_name):
                 masks = {k: m.clone() for k, m in sp.masks.items()}
                 weights = {k: p.detach().clone() for k, p in model.named_parameters()}
                 count, last, scale = sp.step_count, dict(sp.last_update), scaler.get_scale()
-                amp_step(model, opt, scaler, x, y, poison=(sp.names[0], sp.masks[sp.names[0]]))
+                amp_step(model, opt, scaler, x, y, poison=(sp.names[0], sp.masks[sp.names[0]]), clip=clip)
                 assert scaler.get_scale() == scale / 2  # the scaler did see the inf and skipped
                 assert sp.step_count == count == UPDATE_EVERY - 1
                 assert sp.last_update == last and len(updates) == 0
                 assert all(torch.equal(m, sp.masks[k]) for k, m in masks.items())
                 assert all(torch.equal(w, p) for (k, w), p in zip(weights.items(), model.parameters()))
-            amp_step(model, opt, scaler, x, y)
+            amp_step(model, opt, scaler, x, y, clip=clip)
         results.append((sp.step_count, updates, {k: m.clone() for k, m in sp.masks.items()},
                         [p.detach().clone() for p in model.parameters()]))
     (count_a, updates_a, masks_a, weights_a), (count_b, updates_b, masks_b, weights_b) = results
