@@ -140,3 +140,11 @@ def test_compile_flag_trains_with_a_compiled_forward(tmp_path, monkeypatch):
     assert all(torch.equal(a["sparsifier"]["masks"][k], b["sparsifier"]["masks"][k]) for k in a["sparsifier"]["masks"])
     assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=0.02)
     assert C.config_hash(a["config"]) == C.config_hash(b["config"])  # bookkeeping: the same run folder
+
+
+def test_configs_saved_before_train_precision_keep_their_hash_and_resume():
+    cfg = C.resolve_config()
+    old = {**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in ("precision", "compile")}}
+    assert C.config_hash(old) == C.config_hash(cfg) and C.changed_keys(old, cfg) == []
+    bf16 = C.resolve_config(overrides={"train.precision": "bf16"})
+    assert C.config_hash(bf16) != C.config_hash(cfg) and C.changed_keys(old, bf16) == ["train.precision"]

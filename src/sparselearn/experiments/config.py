@@ -64,6 +64,11 @@ BOOKKEEPING_KEYS = (
     "train.device", "train.out_dir", "train.log_every", "train.compile",
 )
 
+#: Keys added to the schema after runs were made with it: at their default they are left out of the
+#: hash and a saved config without them reads as having the default, so an earlier run keeps its
+#: folder name and ``--resume`` still continues it.
+ADDED_KEYS = ("train.precision",)
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "multistep", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -527,14 +532,16 @@ def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = ("train.seed"
     """A short hash of what the config computes: every key except :data:`BOOKKEEPING_KEYS` and
     ``ignore`` (by default the seed, so the runs of one setting with different seeds share it)."""
     skip = set(BOOKKEEPING_KEYS) | set(ignore)
-    flat = {k: v for k, v in flatten(config).items() if k not in skip}
+    flat = {k: v for k, v in flatten(config).items()
+            if k not in skip and not (k in ADDED_KEYS and v == FIELDS[k].default)}
     blob = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def changed_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Dotted keys (outside :data:`BOOKKEEPING_KEYS`) whose values differ between ``a`` and ``b``."""
-    fa, fb = flatten(a), flatten(b)
+    added = {k: FIELDS[k].default for k in ADDED_KEYS}
+    fa, fb = {**added, **flatten(a)}, {**added, **flatten(b)}
     return sorted(k for k in set(fa) | set(fb) if k not in BOOKKEEPING_KEYS and fa.get(k) != fb.get(k))
 
 
