@@ -31,9 +31,9 @@ def batches(shape, n, seed=0):
     return [(torch.randn(8, *shape, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
 
 
-def build(name, model_name="mlp", opt_name="sgd", batch=None):
+def build(name, model_name="mlp", opt_name="sgd", batch=None, device="cpu"):
     torch.manual_seed(0)
-    model = MODELS[model_name][0]()
+    model = MODELS[model_name][0]().to(device)
     opt = OPTIMIZERS[opt_name](model.parameters())
     opts = {"density": 0.3, "seed": 3}
     if name in GRADUAL:  # a dense start pruned over steps 5..15, an update every 5 steps
@@ -64,7 +64,7 @@ def amp_step(model, opt, scaler, x, y, dtype=torch.float16, poison=None, clip=Fa
     into a masked entry's gradient (where a grow score would pick it first) before the scaler looks;
     ``clip`` unscales first and clips the gradient norm (the recipe for gradient clipping)."""
     opt.zero_grad()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         loss = nn.functional.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
     if poison is not None:
@@ -128,18 +128,21 @@ def _fp32_run(name, model_name, data):
 FAMILIES = ["sparse-momentum", "rigl", "set", "dsr", "gmp", "starfire"]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("clip", [False, True], ids=["step", "unscale-clip-step"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("name", FAMILIES)
-def test_a_step_the_scaler_skips_changes_nothing(name, opt_name, clip):
+def test_a_step_the_scaler_skips_changes_nothing(name, opt_name, clip, device):
     """Run B is run A with one poisoned batch inserted where step 5 (an update) would be: the
     scaler skips it, and B then takes the same steps, updates and schedule as A."""
-    data = batches((12,), STEPS)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    data = [(x.to(device), y.to(device)) for x, y in batches((12,), STEPS)]
     results = []
     for bad_at in (None, UPDATE_EVERY - 1):
-        model, opt, sp = build(name, opt_name=opt_name, batch=data[0])
+        model, opt, sp = build(name, opt_name=opt_name, batch=data[0], device=device)
         updates = record_updates(sp)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=1000)
         for i, (x, y) in enumerate(data):
             if i == bad_at:
                 masks = {k: m.clone() for k, m in sp.masks.items()}

@@ -148,3 +148,18 @@ def test_configs_saved_before_train_precision_keep_their_hash_and_resume():
     assert C.config_hash(old) == C.config_hash(cfg) and C.changed_keys(old, cfg) == []
     bf16 = C.resolve_config(overrides={"train.precision": "bf16"})
     assert C.config_hash(bf16) != C.config_hash(cfg) and C.changed_keys(old, bf16) == ["train.precision"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_run_and_resume(tmp_path, precision):
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    check = CheckEveryStep()
+    cfg = _config(**{"train.device": "cuda", "train.precision": precision})
+    T.train(cfg, tmp_path / "checked", log=lambda s: None, callbacks=[check])
+    assert check.dtypes == {torch.bfloat16 if precision == "bf16" else torch.float16}
+    full, resumed = _killed_and_resumed(cfg, tmp_path, 1)
+    assert resumed["test_acc"] == pytest.approx(full["test_acc"], abs=0.02)
+    ck = CK.load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert ck["sparsifier"]["step_count"] <= ck["step"] == 3 * 13
