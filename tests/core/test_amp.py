@@ -31,9 +31,9 @@ def batches(shape, n, seed=0):
     return [(torch.randn(8, *shape, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
 
 
-def build(name, model_name="mlp", opt_name="sgd", batch=None, device="cpu"):
+def build(name, model_name="mlp", opt_name="sgd", batch=None, device="cpu", dtype=torch.float32):
     torch.manual_seed(0)
-    model = MODELS[model_name][0]().to(device)
+    model = MODELS[model_name][0]().to(device, dtype)
     opt = OPTIMIZERS[opt_name](model.parameters())
     opts = {"density": 0.3, "seed": 3}
     if name in GRADUAL:  # a dense start pruned over steps 5..15, an update every 5 steps
@@ -110,6 +110,24 @@ def test_bf16_autocast_keeps_the_invariants(name, model_name):
         assert _counts(sp) == _counts(_fp32_run(name, model_name, data))
     if name not in ("static", "snip"):
         assert updates and all(finite for *_, finite in updates), f"{name} never updated"
+
+
+@pytest.mark.parametrize("name", ["sparse-momentum", "rigl", "set", "dsr", "gmp", "starfire"])
+def test_a_bf16_model_stays_bf16(name):
+    """Weights in bf16 themselves (no fp32 master copy): the masks never promote them, masked
+    weights are exactly zero and the counts exact."""
+    model, opt, sp = build(name, dtype=torch.bfloat16)
+    updates = record_updates(sp)
+    for x, y in batches((12,), STEPS):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.bfloat16()), y).backward()
+        opt.step()
+        for k, p in sp.parameters().items():
+            assert p.dtype == torch.bfloat16 and sp.masks[k].dtype == torch.bool
+            assert bool((p.detach()[~sp.masks[k]] == 0).all())
+        if name not in GRADUAL:
+            assert sp.active == sp.budget
+    assert sp.active == sp.budget and updates
 
 
 def _counts(sp) -> dict:
