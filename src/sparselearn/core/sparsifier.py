@@ -172,6 +172,12 @@ class Sparsifier:
     train one topology even where a rule reads rank-local data. The generator is seeded with the
     same ``seed`` on every rank, so random choices already agree before the broadcast. A model
     wrapped in ``DistributedDataParallel`` is named as its ``module``, like a single-process run.
+
+    Under FSDP2 (``fully_shard``: parameters are DTensors sharded on dim 0) each mask is sharded
+    with its parameter: ``masks[name]`` holds this rank's rows, and :meth:`full_masks` gathers them.
+    A topology update sees whole layers (:class:`~sparselearn.core.distributed.FullView`), so it
+    decides what a single-process run decides; :meth:`state_dict`, :meth:`density_report` and
+    :attr:`active` are then collectives (call them on every rank).
     """
 
     def __init__(
