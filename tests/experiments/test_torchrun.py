@@ -8,6 +8,7 @@ a run stopped after epoch 2 and resumed under torchrun ends where the uninterrup
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,12 +139,28 @@ STOP_AFTER_EPOCH_2 = """
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(runs, tmp_path):
+    """Stopped after epoch 2 (rank 0 raises; rank 1 waits in a collective and must be released),
+    then resumed under torchrun (bitwise the uninterrupted 2-rank run) and, from a copy, on one
+    process (the uninterrupted 1-process run's masks)."""
     script = tmp_path / "stop.py"
     script.write_text(textwrap.dedent(STOP_AFTER_EPOCH_2.format(epochs=EPOCHS)))
     run_dir = tmp_path / "resumed" / "seed0"
     stopped = torchrun(tmp_path, str(script), str(run_dir))  # the waiting rank is released, no timeout
     assert stopped.returncode != 0 and "stopped after epoch 2" in stopped.stderr + stopped.stdout
     assert checkpoint(run_dir)["epoch"] == 2 and not (run_dir / "result.json").exists()
+    one = tmp_path / "one" / "seed0"
+    shutil.copytree(run_dir, one)
+
+    # resumed with another world size (one process): sound, as the global batches are the same
+    lines = []
+    train(resolve_config(None, [("train.epochs", EPOCHS)]), one, resume=True, log=lines.append)
+    assert any("trained on 2 process(es) with 1" in line for line in lines)
+    a, b = checkpoint(one), checkpoint(runs["sparse-momentum"]["single"])
+    for k in a["sparsifier"]["masks"]:
+        assert torch.equal(a["sparsifier"]["masks"][k], b["sparsifier"]["masks"][k])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    assert a["config"]["train"]["world_size"] == 1
 
     resumed = train_cli(tmp_path, str(tmp_path / "resumed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
