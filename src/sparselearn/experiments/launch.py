@@ -83,8 +83,8 @@ class Ranks:
     def from_main(self, fn: Callable[[], T]) -> T:
         """Runs ``fn`` on rank 0 and gives its result to every rank (``broadcast_object_list``).
 
-        An error raised on rank 0 is raised on every rank (same type when it is a user error, with
-        rank 0's message), so no rank is left waiting for a result that never comes."""
+        An error raised on rank 0 is raised on every rank (the same user error, or a
+        ``RuntimeError`` naming it), so no rank is left waiting for a result that never comes."""
         if not self.distributed:
             return fn()
         box: list[Any] = [None]
@@ -99,7 +99,7 @@ class Ranks:
             if self.is_main:
                 raise value
             if isinstance(value, UserError):
-                raise type(value)(str(value))
+                raise value  # rank 0's own error, unpickled: the CLI prints it as one line on each rank
             raise RuntimeError(f"rank 0 failed: {type(value).__name__}: {value}")
         return value
 
