@@ -31,12 +31,6 @@ class Files(Dataset):
         return torch.zeros(1), i
 
 
-def _after_one_epoch(n):
-    gen = torch.Generator().manual_seed(0)
-    list(make_loader(tensor_set(n), 8, True, gen))
-    return gen
-
-
 def shards(dataset, batch, world, seed=0):
     out = []
     for r in range(world):
@@ -48,16 +42,15 @@ def shards(dataset, batch, world, seed=0):
 
 @pytest.mark.parametrize("n", [40, 37])  # 37: a ragged last batch of 5 rows
 def test_in_memory_ranks_split_the_single_process_batches(n):
-    single = list(make_loader(tensor_set(n), 8, True, torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    single = make_loader(tensor_set(n), 8, True, gen)
+    epochs = [list(single), list(single)]  # the generator carries on from epoch to epoch
     ranks = shards(tensor_set(n), 8, 2)
     assert len(ranks[0]) == len(ranks[1]) == len(single)
-    for epoch in range(2):  # the generator carries on from epoch to epoch alike on every rank
-        for b, parts in enumerate(zip(*[iter(r) for r in ranks])):
-            x, y = single[b] if epoch == 0 else second[b]
+    for expected in epochs:  # ... alike on every rank
+        for (x, y), parts in zip(expected, zip(*[iter(r) for r in ranks]), strict=True):
             assert torch.equal(torch.cat([p[1] for p in parts]), y)  # rank 0 the first rows, rank 1 the rest
             assert torch.equal(torch.cat([p[0] for p in parts]), x)  # with the same augmentation draws
-        if epoch == 0:
-            second = list(make_loader(tensor_set(n), 8, True, _after_one_epoch(n)))
     last = [r.weight for r in ranks]  # the last batch's shares: 2 and 3 of 5 rows
     if n % 8:
         assert last == [pytest.approx(2 * 2 / 5), pytest.approx(3 * 2 / 5)]

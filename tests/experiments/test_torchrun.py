@@ -107,6 +107,7 @@ def test_two_ranks_equal_one_process(runs, name):
         torch.testing.assert_close(w, single["model"][k], rtol=1e-4, atol=1e-5)
     for a, b in zip(rows(r["ddp"]), rows(r["single"])):  # metrics over all shards = the whole split's
         assert a["val_acc"] == b["val_acc"] and a["density"] == b["density"] and a["lr"] == b["lr"]
+        assert a["removed"] == b["removed"] and (a["epoch"] == EPOCHS or a["removed"] > 100)  # real updates
         assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1 / 1293 + 1e-9)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     masked = {k: w for k, w in ddp["model"].items() if k in masks}
