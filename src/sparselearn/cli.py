@@ -499,6 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    if args.command not in RANK_AWARE and os.environ.get("WORLD_SIZE", "1") != "1":
+        print(error_line(args.command, UserError(
+            "runs in one process: under torchrun only `sparselearn train` shares its work between ranks "
+            "(start this command without torchrun)")), file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except (UserError, ValueError, OSError, ImportError) as e:
@@ -514,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted; {INTERRUPT_ADVICE.get(args.command, 'nothing was lost')}", file=sys.stderr)
         return 130
 
+
+#: Commands that run under torchrun (each rank a share of the work, rank 0 the only writer).
+RANK_AWARE = ("train",)
 
 #: What to do after Ctrl-C, per command (only flags that command takes).
 INTERRUPT_ADVICE = {

@@ -92,3 +92,13 @@ def test_batch_not_divisible_names_the_key_and_valid_values():
 def test_last_batch_smaller_than_the_world_is_refused():
     with pytest.raises(ConfigError, match=r"last batch of 2 training sample\(s\) for 4 ranks"):
         shards(tensor_set(18), 8, 4)
+
+
+def test_commands_other_than_train_refuse_torchrun(monkeypatch, capsys):
+    from sparselearn.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["recipes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparselearn recipes: error: rank 1: runs in one process") and "\n" not in err
