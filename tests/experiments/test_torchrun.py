@@ -181,3 +181,16 @@ def test_batch_not_divisible_is_one_line_on_every_rank(tmp_path):
     assert len(errors) == 2 and all("'data.batch_size' (101)" in e and "100 or 102" in e for e in errors), proc.stderr
     assert {e.split("error: ")[1].split(":")[0] for e in errors} == {"rank 0", "rank 1"}
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
+def test_two_gpus_nccl_equal_one_gpu(tmp_path):
+    """The CUDA path: NCCL, cuda:LOCAL_RANK, the checkpoint broadcast over NCCL; same masks as one GPU."""
+    proc = train_cli(tmp_path, str(tmp_path / "ddp"), "--device", "cuda", "--set", "train.check_ranks=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks (nccl)" in proc.stdout + proc.stderr
+    single = single_process(tmp_path, ("train.device", "cuda"))
+    ddp, one = checkpoint(tmp_path / "ddp" / "seed0"), checkpoint(single)
+    for k, m in ddp["sparsifier"]["masks"].items():
+        assert torch.equal(m, one["sparsifier"]["masks"][k])
