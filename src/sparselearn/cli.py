@@ -89,6 +89,8 @@ SHORTCUTS = {
     "epochs": "train.epochs",
     "device": "train.device",
     "speed": "train.speed",
+    "precision": "train.precision",
+    "compile": "train.compile",
 }
 
 
@@ -106,6 +108,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                    help="masked (dense kernels on masked weights), auto (each layer on its fastest measured "
                         "path) or kernels (sparse kernels wherever they run); Starfire switches after its "
                         "era (train.speed; `sparselearn export` makes compact models)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="fp32, bf16 autocast, or fp16 autocast with a loss scaler (train.precision)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training forward (train.compile)")
     g.add_argument("--download", action="store_true", default=None,
                    help="download missing data set files into the cache (data.download)")
     g.add_argument("--batch-size", type=int, help="training batch size (data.batch_size)")

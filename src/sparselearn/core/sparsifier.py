@@ -110,6 +110,20 @@ def _group_settings(candidates, groups, structure, structure_options) -> dict[st
     return out
 
 
+def _step_skipped(optimizer) -> bool:
+    """Whether the optimizer step that just ran was skipped by a loss scaler (inf/NaN gradients).
+
+    ``torch.amp.GradScaler.step`` skips ``optimizer.step()`` on non-finite gradients, so the post-step
+    hook never runs -- except for optimizers that unscale themselves (``fused=True`` Adam/AdamW/SGD,
+    ``_step_supports_amp_scaling``): the scaler calls their ``step()`` every time, with
+    ``optimizer.found_inf`` set for the duration of the call, and the fused kernel leaves the
+    weights alone when it is non-zero. Such a step must not count either (one host sync, and only
+    on that path).
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, Tensor) and bool(found_inf.item() != 0)
+
+
 def check_density(density: float, arg: str = "density") -> float:
     if not isinstance(density, (int, float)) or isinstance(density, bool) or not (0.0 < float(density) <= 1.0):
         raise ValueError(f"{arg} must be in (0, 1] (the fraction of weights kept), got {density!r}")
@@ -462,7 +476,8 @@ class Sparsifier:
     def _after_step(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
         try:
-            self._step_hook()
+            if not _step_skipped(optimizer):
+                self._step_hook()
         finally:
             # the sparsifier's own cost (Sparse Momentum Sec. 5.1 reports it as a 0.973x slowdown);
             # host time: on a GPU it counts launches, not kernels

@@ -22,7 +22,10 @@ finish in seconds on two CPU cores (test accuracy 0.95-0.97 over seeds 0-2).
   argument (``prune_rate``, ``grow``, ``redistribute``, ``distribution``, ``dense_layers``,
   ``fully_sparse``, ...).
 * ``train``: ``epochs``, ``seed``, ``device`` (``auto``: CUDA when available), ``out_dir`` (root
-  of the run folders), ``log_every`` (optimizer steps between plain progress lines),
+  of the run folders), ``log_every`` (optimizer steps between plain progress lines), ``speed``,
+  ``precision`` (``fp32``; ``bf16`` autocast; ``fp16`` autocast with a loss scaler -- see
+  :mod:`sparselearn.experiments.precision`), ``compile`` (``torch.compile`` the training
+  forward; bookkeeping: it changes how the run executes, not what it computes, up to rounding) and
   ``check_ranks`` (under torchrun: compare a checksum of the masks across ranks after every
   topology update and fail on a difference).
 * Recorded by ``train`` (not read): ``train.world_size`` (processes, 1 without torchrun) and
@@ -62,14 +65,20 @@ META_KEYS = ("recipe", "description")
 #: resumed with different values, and they are left out of the config hash.
 BOOKKEEPING_KEYS = (
     "description", "recipe", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-    "train.device", "train.out_dir", "train.log_every",
+    "train.device", "train.out_dir", "train.log_every", "train.compile",
     # issue 12: a run is defined by its global batch (data.batch_size); how many processes share it
     # is recorded, and a run may resume with another world size (the same global batches)
     "train.world_size", "data.rank_batch_size", "train.check_ranks",
 )
 
+#: Keys added to the schema after runs were made with it: at their default they are left out of the
+#: hash and a saved config without them reads as having the default, so an earlier run keeps its
+#: folder name and ``--resume`` still continues it.
+ADDED_KEYS = ("train.precision",)
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "multistep", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +166,8 @@ FIELDS: dict[str, Field] = {
     "train.out_dir": Field(str, "runs"),
     "train.log_every": Field(int, 100, check=_positive),
     "train.speed": Field(str, "masked", check=_one_of(("masked", "auto", "kernels"))),
+    "train.precision": Field(str, "fp32", check=_one_of(PRECISIONS)),
+    "train.compile": Field(bool, False),
     "train.check_ranks": Field(bool, False),
     "train.world_size": Field(int, 1, check=_positive),
     "data.rank_batch_size": Field(int, None, nullable=True, check=_positive),
@@ -531,14 +542,16 @@ def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = ("train.seed"
     """A short hash of what the config computes: every key except :data:`BOOKKEEPING_KEYS` and
     ``ignore`` (by default the seed, so the runs of one setting with different seeds share it)."""
     skip = set(BOOKKEEPING_KEYS) | set(ignore)
-    flat = {k: v for k, v in flatten(config).items() if k not in skip}
+    flat = {k: v for k, v in flatten(config).items()
+            if k not in skip and not (k in ADDED_KEYS and v == FIELDS[k].default)}
     blob = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def changed_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Dotted keys (outside :data:`BOOKKEEPING_KEYS`) whose values differ between ``a`` and ``b``."""
-    fa, fb = flatten(a), flatten(b)
+    added = {k: FIELDS[k].default for k in ADDED_KEYS}
+    fa, fb = {**added, **flatten(a)}, {**added, **flatten(b)}
     return sorted(k for k in set(fa) | set(fb) if k not in BOOKKEEPING_KEYS and fa.get(k) != fb.get(k))
 
 

@@ -55,6 +55,7 @@ from sparselearn.experiments.config import (
 from sparselearn.experiments.data import load_dataset, make_loader
 from sparselearn.experiments.errors import Diverged, UserError
 from sparselearn.experiments.models import create_model
+from sparselearn.experiments.precision import Precision
 
 CONFIG_FILE, METRICS_FILE, RESULT_FILE = runs.CONFIG_FILE, runs.METRICS_FILE, runs.RESULT_FILE
 DIVERGED_FILE, TENSORBOARD_DIR = runs.DIVERGED_FILE, runs.TENSORBOARD_DIR
@@ -201,6 +202,7 @@ class Run:
     epochs: int
     flops: Any = None
     topology: Any = None
+    precision: Any = None
     net: Optional[nn.Module] = None  # what the steps run: the DDP wrapper under torchrun, else model
     ranks: launch.Ranks = field(default_factory=launch.Ranks)
     epoch: int = 0
@@ -225,6 +227,7 @@ class Run:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "metrics": self.history, "elapsed": self.elapsed,
             "topology": None if self.topology is None else self.topology.state_dict(),
+            "scaler": self.precision.state_dict(),
         }
 
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
@@ -243,6 +246,7 @@ class Run:
             self.history, self.elapsed = list(checkpoint["metrics"]), float(checkpoint["elapsed"])
             if self.topology is not None and checkpoint.get("topology") is not None:
                 self.topology.load_state_dict(checkpoint["topology"])
+            self.precision.load_state_dict(checkpoint.get("scaler"))
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise UserError(f"{self.run_dir / CHECKPOINT}: does not fit this run ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); --overwrite starts the run over") from e
@@ -258,6 +262,11 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device, ranks: launch.Rank
     global batch, so they equal a single-process run's."""
     seed, epochs = cfg["train"]["seed"], cfg["train"]["epochs"]
     data_cfg, optim_cfg = cfg["data"], cfg["optim"]
+    precision = Precision(cfg["train"]["precision"], device)
+    for key in ("precision", "compile"):
+        if cfg["train"][key] not in ("fp32", False) and cfg["train"]["speed"] != "masked":
+            raise ConfigError(f"config key 'train.{key}' ({cfg['train'][key]}) needs train.speed masked: "
+                              "the sparse kernels run eagerly, in fp32")
 
     # ---- data: fixed train/validation split (Sec. 4), shuffled by one seeded generator --------
     splits = load_data(data_cfg)
@@ -304,7 +313,7 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device, ranks: launch.Rank
     topology = None if sparsifier is None else TopologyTracker(sparsifier)  # per-update dynamics
     return Run(cfg, run_dir, device, splits, model, optimizer, sparsifier, criterion, lr_at,
                train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops, topology,
-               net, ranks)
+               precision, net, ranks)
 
 
 def load_data(data_cfg: Mapping[str, Any]):
@@ -333,6 +342,11 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
         + (f", {ranks.world_size} ranks ({ranks.backend}) of batch {cfg['data']['rank_batch_size']}" if ranks.distributed else ""))
     if run.start_epoch:
         log(f"resumed from epoch {run.start_epoch}/{run.epochs}")
+    # torch.compile for the training forward only: the run keeps the module itself for its
+    # state_dict (no "_orig_mod." names) and for evaluation (eval mode would be a second graph).
+    # Masks change in place and weights are multiplied in place, so topology updates do not
+    # recompile (tests/core/test_compile.py counts the compilations).
+    forward = torch.compile(net) if cfg["train"]["compile"] else net  # under torchrun: the DDP wrapper
     try:
         for cb in callbacks:
             cb.on_fit_start(run)
@@ -350,16 +364,18 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
                 run.lr = lr = run.lr_at(run.step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                logits = net(x)
-                loss = run.criterion(logits, y)
+                with run.precision.autocast():  # bf16/fp16: forward and loss only
+                    logits = forward(x)
+                    loss = run.criterion(logits, y)
                 # one sync per step: cheap next to a wasted run (all ranks stop together)
                 checked = ranks.all_sum(loss)[0] / ranks.world_size if ranks.distributed else loss
                 if not torch.isfinite(checked):
                     stop_diverged(run, epoch + 1, float(checked.detach()), lr)
                 optimizer.zero_grad(set_to_none=True)
                 weight = getattr(run.train_loader, "weight", 1.0)  # a rank's share of a ragged last batch
-                (loss if weight == 1.0 else loss * weight).backward()
-                optimizer.step()  # the sparsifier's step hook re-applies the masks (and updates them)
+                # backward and optimizer.step() (through the fp16 loss scaler, which skips steps with
+                # inf/NaN gradients); the sparsifier's step hook re-applies the masks (and updates them)
+                run.precision.backward_and_step(loss if weight == 1.0 else loss * weight, optimizer)
                 run.step += 1
                 run.step_in_epoch = i
                 with torch.no_grad():
