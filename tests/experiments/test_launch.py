@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 
 from sparselearn.experiments.config import ConfigError
 from sparselearn.experiments.data import TensorImageDataset, make_loader
-from sparselearn.experiments.launch import Ranks, shard_train_loader
+from sparselearn.experiments.launch import EvalShard, Ranks, shard_train_loader
 
 
 def jitter(x, generator):  # a random augmentation: its draws come from the run's generator
@@ -102,3 +102,11 @@ def test_commands_other_than_train_refuse_torchrun(monkeypatch, capsys):
     assert main(["recipes"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sparselearn recipes: error: rank 1: runs in one process") and "\n" not in err
+
+
+@pytest.mark.parametrize("data", [tensor_set(37), Files(37)], ids=["in-memory", "file-backed"])
+def test_evaluation_shards_hold_every_sample_once(data):
+    loader = make_loader(data, 8, False, None)
+    parts = [torch.cat([y for _, y in EvalShard(loader, Ranks(r, 3))]) for r in range(3)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(37))
+    assert all(len(p) >= 8 for p in parts)  # each rank does its share

@@ -256,13 +256,24 @@ def shard_train_loader(loader, dataset, global_batch: int, seed: int, drop_last:
 
 
 class EvalShard:
-    """Every N-th batch of an evaluation loader, starting at this rank's (the sums are then
-    all-reduced, so every rank reports the metrics of the whole split)."""
+    """This rank's part of an evaluation split, every sample on exactly one rank (the sums are then
+    all-reduced, so every rank reports the metrics of the whole split): every N-th batch of an
+    in-memory loader; every N-th sample of a file-backed one, so that a rank reads only its own
+    files (no ``DistributedSampler`` here: it pads with repeated samples, which would be counted)."""
 
     def __init__(self, loader, ranks: Ranks):
         self.loader, self.ranks = loader, ranks
 
     def __iter__(self):
+        from torch.utils.data import DataLoader, Subset
+
+        from sparselearn.experiments.data.loader import DataLoaderBatches
+
+        n, r = self.ranks.world_size, self.ranks.rank
+        if isinstance(self.loader, DataLoaderBatches):
+            mine = Subset(self.loader.dataset, range(r, len(self.loader.dataset), n))
+            yield from DataLoader(mine, batch_size=self.loader.batch_size, num_workers=self.loader.num_workers)
+            return
         for b, batch in enumerate(self.loader):
-            if b % self.ranks.world_size == self.ranks.rank:
+            if b % n == r:
                 yield batch
