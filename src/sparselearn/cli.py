@@ -32,6 +32,7 @@ This module owns the console: the experiment code reports through the ``log`` ca
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def echo(line: str = "") -> None:
 def error_line(command: str, e: BaseException) -> str:
     """The one stderr line of a user error: ``sparselearn <command>: error: <message>``."""
     message = " ".join(str(e).split()) or type(e).__name__
-    return f"sparselearn {command}: error: {message}"
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None  # under torchrun
+    return f"sparselearn {command}: error: " + (f"rank {rank}: " if rank is not None else "") + message
 
 
 SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
@@ -250,12 +252,21 @@ def run_base(config: dict, out: str | None) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparselearn.experiments import launch
+
+    config = config_from_args(args)
+    # under torchrun: one process group for all the seeds; only rank 0 prints and writes
+    with launch.process_group(config["train"]["device"]) as (ranks, _):
+        return _train_seeds(args, config, ranks)
+
+
+def _train_seeds(args: argparse.Namespace, config: dict, ranks) -> int:
     from sparselearn.experiments import train as train_module
 
     from sparselearn.experiments.callbacks import Progress
     from sparselearn.experiments.runs import folder_state
 
-    config = config_from_args(args)
+    out = echo if ranks.is_main else (lambda line="": None)
     seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [config["train"]["seed"]]
     base = run_base(config, args.out)
     if args.resume and all(folder_state(base / f"seed{s}").status == "absent" for s in seeds):
@@ -267,9 +278,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = base / f"seed{seed}"
         progress = Progress(sys.stderr, every=config["train"]["log_every"])
         result = train_module.train(run_config, run_dir, resume=args.resume, overwrite=args.overwrite,
-                                    log=progress.write, callbacks=[progress])
+                                    log=progress.write, callbacks=[progress])  # (rank 0 only: see train)
         results.append(result)
-        echo(_format_result(result))
+        out(_format_result(result))
+    if not ranks.is_main:
+        return 0
     if len(results) > 1:
         summary = summarize(results)
         from sparselearn.experiments.checkpoint import write_json
@@ -492,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    if args.command not in RANK_AWARE and os.environ.get("WORLD_SIZE", "1") != "1":
+        print(error_line(args.command, UserError(
+            "runs in one process: under torchrun only `sparselearn train` shares its work between ranks "
+            "(start this command without torchrun)")), file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except (UserError, ValueError, OSError, ImportError) as e:
@@ -507,6 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted; {INTERRUPT_ADVICE.get(args.command, 'nothing was lost')}", file=sys.stderr)
         return 130
 
+
+#: Commands that run under torchrun (each rank a share of the work, rank 0 the only writer).
+RANK_AWARE = ("train",)
 
 #: What to do after Ctrl-C, per command (only flags that command takes).
 INTERRUPT_ADVICE = {

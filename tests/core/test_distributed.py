@@ -36,15 +36,31 @@ FACTORIES = {
     "sparse_momentum": lambda m, o, **kw: sparselearn.sparse_momentum(m, o, **RUN, **kw),
     "set": lambda m, o, **kw: sparselearn.set_algorithm(m, o, **RUN, **kw),  # random growth
 }
+#: FSDP2 only: gradient growth (the gathered dense gradient) with Adam's two moments per entry
+ADAM = {"rigl_adam": lambda m, o, **kw: sparselearn.rigl(m, o, **RUN, **kw)}
 
 
-def train(scenario, rank=None, seed=0, check_ranks=False, on_update=None):
-    """Trains one scenario; ``rank=None`` is the single-process run on the whole global batches."""
+def fsdp(model):
+    """FSDP2: every Linear and the root sharded on dim 0 (5 output rows over 2 ranks: 3 and 2)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def train(scenario, rank=None, seed=0, check_ranks=False, on_update=None, shard=False, **options):
+    """Trains one scenario; ``rank=None`` is the single-process run on the whole global batches;
+    ``shard``: FSDP2 instead of DDP."""
     model = mlp()
-    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    sp = FACTORIES[scenario](net, opt, seed=seed, check_ranks=check_ranks)
-    initial = {k: m.clone() for k, m in sp.masks.items()}
+    net = model if rank is None else fsdp(model) if shard else nn.parallel.DistributedDataParallel(model)
+    if scenario in ADAM:
+        opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sp = {**FACTORIES, **ADAM}[scenario](net, opt, seed=seed, check_ranks=check_ranks, **options)
+    initial = {k: m.clone() for k, m in sp.full_masks().items()}
     updates = []
     sp.register_update_hook(lambda s, stats: updates.append({k: m.clone() for k, m in s.masks.items()}))
     if on_update is not None:
@@ -56,8 +72,14 @@ def train(scenario, rank=None, seed=0, check_ranks=False, on_update=None):
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-    weights = {k: p.detach().clone() for k, p in sp.parameters().items()}
-    return {"initial": initial, "masks": updates, "weights": weights, "names": sp.names}
+    params = sp.parameters()
+    out = {"initial": initial, "masks": updates, "names": sp.names,
+           "weights": {k: (p.full_tensor() if shard else p).detach().clone() for k, p in params.items()}}
+    if shard:  # this rank's rows: the masks sharded like their parameters, masked weights zero there
+        out["local"] = {k: (p.to_local().detach().clone(), sp.masks[k].clone()) for k, p in params.items()}
+        out["state_masks"] = sp.state_dict()["masks"]
+        out["density"] = sp.density_report()["density"]
+    return out
 
 
 def _flip_one_entry(sp, stats):
@@ -66,6 +88,21 @@ def _flip_one_entry(sp, stats):
     m = sp.masks[name].clone()
     m.view(-1)[0] = ~m.view(-1)[0]
     sp.set_mask(name, m)
+
+
+def _column_sharded_error():
+    """A tensor-parallel layout (a weight sharded on dim 1) is refused with one clear error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = mlp()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(1)]))
+    try:
+        FACTORIES["set"](model, torch.optim.SGD(model.parameters(), lr=0.1))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _worker(rank, port, outdir):
@@ -77,11 +114,14 @@ def _worker(rank, port, outdir):
         # a rank-local rule: each rank's generator seeded differently, so its initial masks and SET's
         # random growth differ; the broadcast must still leave one topology
         out["set_rank_seeded"] = train("set", rank, seed=rank)
+        for s in [*FACTORIES, *ADAM]:  # flushing subnormals every 2 steps reads the sharded optimizer state too
+            out[f"fsdp_{s}"] = train(s, rank, check_ranks=True, shard=True, flush_subnormal_every=2)
         try:
             train("sparse_momentum", rank, check_ranks=True, on_update=_flip_one_entry if rank == 1 else None)
             out["desync_error"] = None
         except RuntimeError as e:
             out["desync_error"] = str(e)
+        out["layout_error"] = _column_sharded_error()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -160,3 +200,37 @@ def test_checksum_changes_with_any_single_flip():
             m.view(-1)[i] = ~m.view(-1)[i]
             sp.set_mask(name, m)
     assert torch.equal(mask_checksum(sp), base)
+
+
+@pytest.mark.parametrize("scenario", [*FACTORIES, *ADAM])
+def test_fsdp2_masks_sharded_with_parameters_equal_single_process(ranks, scenario):
+    """FSDP2 (fully_shard): each rank keeps its rows of every mask; the topology after every update
+    equals a single-process (and the DDP) run, and masked weights are exactly zero on every shard."""
+    r0, r1 = ranks[0][f"fsdp_{scenario}"], ranks[1][f"fsdp_{scenario}"]
+    single = train(scenario)
+    assert r0["names"] == single["names"]
+    _assert_same_masks(r0["masks"], single["masks"])
+    _assert_same_masks(r1["masks"], single["masks"])
+    assert any(not torch.equal(r0["initial"][k], r0["masks"][-1][k]) for k in r0["names"])  # it moved
+    if scenario in FACTORIES:
+        _assert_same_masks(r0["masks"], ranks[0][scenario]["masks"])  # and the DDP run's
+    for k in single["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k])
+        torch.testing.assert_close(r0["weights"][k], single["weights"][k], rtol=1e-4, atol=1e-5)
+    final = single["masks"][-1]
+    for rank, out in enumerate((r0, r1)):
+        for k, (w, m) in out["local"].items():
+            assert m.shape == w.shape and m.dtype == torch.bool  # sharded like the parameter
+            n = final[k].shape[0]
+            lo = min(rank * -(-n // 2), n)
+            assert torch.equal(m, final[k][lo:lo + m.shape[0]])  # this rank's rows of the whole mask
+            assert torch.all(w[~m] == 0), f"rank {rank}: {k} has nonzero masked weights"
+            assert torch.equal(out["state_masks"][k], final[k])  # checkpoints hold whole masks
+        assert out["density"] == pytest.approx(0.2, abs=0.01)  # counted over both ranks' rows
+    assert all(r0["local"][k][1].shape[0] + r1["local"][k][1].shape[0] == final[k].shape[0] for k in final)
+
+
+def test_fsdp2_other_layouts_are_one_clear_error(ranks):
+    for out in ranks:
+        err = out["layout_error"]
+        assert err is not None and "0.weight" in err and "Shard(dim=1)" in err and "fully_shard" in err, err

@@ -8,6 +8,7 @@ from one seeded ``torch.Generator`` that is part of :meth:`Sparsifier.state_dict
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -18,7 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from . import optim_state
-from .distributed import broadcast_masks, check_masks_agree, is_distributed
+from .distributed import (
+    FullView, broadcast_masks, check_masks_agree, check_shardable, gather_mask, is_distributed, is_sharded, local,
+    local_rows, sum_over_ranks,
+)
 from .distributions import allocate_counts, density_distributions
 from .layer import LayerView
 from .ops import select_k_per_row
@@ -182,6 +186,12 @@ class Sparsifier:
     train one topology even where a rule reads rank-local data. The generator is seeded with the
     same ``seed`` on every rank, so random choices already agree before the broadcast. A model
     wrapped in ``DistributedDataParallel`` is named as its ``module``, like a single-process run.
+
+    Under FSDP2 (``fully_shard``: parameters are DTensors sharded on dim 0) each mask is sharded
+    with its parameter: ``masks[name]`` holds this rank's rows, and :meth:`full_masks` gathers them.
+    A topology update sees whole layers (:class:`~sparselearn.core.distributed.FullView`), so it
+    decides what a single-process run decides; :meth:`state_dict`, :meth:`density_report` and
+    :attr:`active` are then collectives (call them on every rank).
     """
 
     def __init__(
@@ -261,6 +271,11 @@ class Sparsifier:
             )
         self._params: list[SparseParam] = candidates
         self.dense_names = list(dense_names)
+        # FSDP2 (fully_shard): DTensor parameters sharded on dim 0; their masks are sharded alike
+        self._sharded = [sp.name for sp in candidates if is_sharded(sp.param)]
+        for sp in candidates:
+            if sp.name in self._sharded:
+                check_shardable(sp.name, sp.param)
 
         self._momentum_fn = None
         needs = getattr(updater, "needs", frozenset()) if updater is not None else frozenset()
@@ -315,15 +330,16 @@ class Sparsifier:
             self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
         if init_scale not in ("dense", "active-fan-in"):
             raise ValueError(f"init_scale must be 'dense' or 'active-fan-in', got {init_scale!r}")
-        if init_scale == "active-fan-in" and init != "dense":
-            self._scale_to_active_fan_in()
-        self._refresh_apply_cache()
-        if is_distributed():
-            broadcast_masks(self)
-        self.apply_masks()
-        if init != "dense":
-            for sp in candidates:
-                optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
+        with self._full_view():  # the masks are whole here; sharded layers keep their rows on exit
+            if init_scale == "active-fan-in" and init != "dense":
+                self._scale_to_active_fan_in()
+            self._refresh_apply_cache()
+            if is_distributed():
+                broadcast_masks(self)
+            self.apply_masks()
+            if init != "dense":
+                for sp in self._params:
+                    optim_state.reset_entries(optimizer, sp.param, ~self.masks[sp.name])
         self._hook = optimizer.register_step_post_hook(self._after_step)
         optimizer._sparselearn_sparsifier = weakref.ref(self)
         if updater is not None and hasattr(updater, "attach"):
@@ -357,6 +373,23 @@ class Sparsifier:
             scale = torch.where(active > 0, (fan_in / active.clamp_min(1)).sqrt(), torch.ones_like(active))
             w.mul_(scale.view(-1, *([1] * (w.dim() - 1))))
 
+    def _full_view(self):
+        """Whole layers for the block (gathered from FSDP2 shards; see :class:`~.distributed.FullView`),
+        or nothing to do when no sparse parameter is sharded."""
+        return FullView(self) if self._sharded else contextlib.nullcontext()
+
+    def full_masks(self) -> dict[str, Tensor]:
+        """The masks of the whole parameters: :attr:`masks` itself, except under FSDP2, where
+        :attr:`masks` holds this rank's rows and this gathers them (a collective: call it on every rank)."""
+        return {sp.name: gather_mask(sp.param, self.masks[sp.name]) if sp.name in self._sharded else self.masks[sp.name]
+                for sp in self._params}
+
+    def _active_counts(self) -> list[int]:
+        counts = [int(self.masks[sp.name].sum()) for sp in self._params]
+        if self._sharded:  # FSDP2: each rank counts its rows (a collective)
+            counts = sum_over_ranks(counts, next(iter(self.masks.values())).device)
+        return counts
+
     @property
     def budget(self) -> int:
         """The number of active sparse weights the run keeps (after a pruning era, for a dense start).
@@ -367,8 +400,8 @@ class Sparsifier:
 
     @property
     def active(self) -> int:
-        """Active sparse weights now."""
-        return sum(int(m.sum()) for m in self.masks.values())
+        """Active sparse weights now (under FSDP2 a collective over the ranks' rows)."""
+        return sum(self._active_counts())
 
     # ------------------------------------------------------------------ access
     @property
@@ -401,7 +434,7 @@ class Sparsifier:
     def _refresh_apply_cache(self) -> None:
         # Masks in the weight's dtype make the per-step apply a single fused foreach multiply (the
         # fastest form measured on this CPU); the bool masks stay the source of truth.
-        self._weights = [sp.param for sp in self._params]
+        self._weights = [local(sp.param) for sp in self._params]  # FSDP2: this rank's rows
         self._index = {sp.name: i for i, sp in enumerate(self._params)}
         self._apply = [self.masks[sp.name].to(sp.param.dtype) for sp in self._params]
 
@@ -454,21 +487,22 @@ class Sparsifier:
         self.step_count += 1
         self.apply_masks()
         if self.updater is not None and self.updater.due(self.step_count):
-            stats = self.updater(self, self.step_count)
-            self.last_update = {"step": self.step_count, **(stats or {})}
-            distributed = is_distributed()
-            if distributed:
-                broadcast_masks(self)
-            self.apply_masks()
-            log.debug("topology update at step %d: %s", self.step_count, stats)
-            for hook in list(self._update_hooks.values()):
-                hook(self, self.last_update)
-            # after the hooks: a hook that changes masks on one rank is caught too
-            if distributed and self.check_ranks:
-                check_masks_agree(self)
+            with self._full_view():  # FSDP2: the unchanged engine on whole layers, then each rank's rows
+                stats = self.updater(self, self.step_count)
+                self.last_update = {"step": self.step_count, **(stats or {})}
+                distributed = is_distributed()
+                if distributed:
+                    broadcast_masks(self)
+                self.apply_masks()
+                log.debug("topology update at step %d: %s", self.step_count, stats)
+                for hook in list(self._update_hooks.values()):
+                    hook(self, self.last_update)
+                # after the hooks: a hook that changes masks on one rank is caught too
+                if distributed and self.check_ranks:
+                    check_masks_agree(self)
         if self.flush_subnormal_every and self.step_count % self.flush_subnormal_every == 0:
-            for p in self._weights:
-                optim_state.flush_subnormal(self.optimizer, p)
+            for sp in self._params:
+                optim_state.flush_subnormal(self.optimizer, sp.param)
 
     def needs_dense_grad(self) -> bool:
         """Whether the coming optimizer step must produce the dense weight gradient (including the
@@ -511,8 +545,7 @@ class Sparsifier:
         ``model_density`` counting every parameter (dense ones fully active).
         """
         rows = []
-        for sp in self._params:
-            active = int(self.masks[sp.name].sum())
+        for sp, active in zip(self._params, self._active_counts()):
             rows.append(
                 {"name": sp.name, "shape": tuple(sp.param.shape), "active": active, "total": sp.param.numel(),
                  "density": active / sp.param.numel()}
@@ -539,9 +572,12 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Masks (bool, on CPU), step counter, RNG state and the update rule's own state."""
+        """Masks (bool, on CPU), step counter, RNG state and the update rule's own state.
+
+        Under FSDP2 the masks are gathered whole (a collective: call it on every rank), so a
+        checkpoint is the same whatever the number of ranks."""
         return {
-            "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
+            "masks": {k: v.detach().cpu().clone() for k, v in self.full_masks().items()},
             "step_count": self.step_count,
             "generator": self.generator.get_state(),
             "updater": self.updater.state_dict() if self.updater is not None else {},
@@ -549,8 +585,13 @@ class Sparsifier:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`; masks are copied in place and re-applied to the weights."""
-        masks = state["masks"]
+        """Restores :meth:`state_dict`; masks are copied in place and re-applied to the weights
+        (whole masks; under FSDP2 each rank keeps its rows)."""
+        masks = dict(state["masks"])
+        params = self.parameters()
+        for name in self._sharded:  # FSDP2: this rank's rows of the whole mask
+            if name in masks:
+                masks[name] = masks[name][local_rows(params[name])]
         if set(masks) != set(self.masks):
             raise ValueError(
                 f"checkpoint masks do not match this sparsifier: missing {sorted(set(self.masks) - set(masks))}, "

@@ -24,8 +24,12 @@ finish in seconds on two CPU cores (test accuracy 0.95-0.97 over seeds 0-2).
 * ``train``: ``epochs``, ``seed``, ``device`` (``auto``: CUDA when available), ``out_dir`` (root
   of the run folders), ``log_every`` (optimizer steps between plain progress lines), ``speed``,
   ``precision`` (``fp32``; ``bf16`` autocast; ``fp16`` autocast with a loss scaler -- see
-  :mod:`sparselearn.experiments.precision`) and ``compile`` (``torch.compile`` the training
-  forward; bookkeeping: it changes how the run executes, not what it computes, up to rounding).
+  :mod:`sparselearn.experiments.precision`), ``compile`` (``torch.compile`` the training
+  forward; bookkeeping: it changes how the run executes, not what it computes, up to rounding) and
+  ``check_ranks`` (under torchrun: compare a checksum of the masks across ranks after every
+  topology update and fail on a difference).
+* Recorded by ``train`` (not read): ``train.world_size`` (processes, 1 without torchrun) and
+  ``data.rank_batch_size`` (``data.batch_size / world_size``, each rank's share of the global batch).
 
 A recipe is a YAML file in ``recipes/`` holding any subset of these keys; ``extends: <recipe>``
 starts from another recipe. Top-level ``description`` says which paper setting it reproduces.
@@ -62,6 +66,9 @@ META_KEYS = ("recipe", "description")
 BOOKKEEPING_KEYS = (
     "description", "recipe", "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
     "train.device", "train.out_dir", "train.log_every", "train.compile",
+    # issue 12: a run is defined by its global batch (data.batch_size); how many processes share it
+    # is recorded, and a run may resume with another world size (the same global batches)
+    "train.world_size", "data.rank_batch_size", "train.check_ranks",
 )
 
 #: Keys added to the schema after runs were made with it: at their default they are left out of the
@@ -161,6 +168,9 @@ FIELDS: dict[str, Field] = {
     "train.speed": Field(str, "masked", check=_one_of(("masked", "auto", "kernels"))),
     "train.precision": Field(str, "fp32", check=_one_of(PRECISIONS)),
     "train.compile": Field(bool, False),
+    "train.check_ranks": Field(bool, False),
+    "train.world_size": Field(int, 1, check=_positive),
+    "data.rank_batch_size": Field(int, None, nullable=True, check=_positive),
 }
 
 

@@ -28,6 +28,7 @@ Run it from the command line with ``sparselearn train``.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import inspect
 import math
 import re
@@ -43,7 +44,7 @@ from torch import nn
 from sparselearn.analysis.flops import FlopCounter
 from sparselearn.analysis.topology import TopologyTracker
 from sparselearn.core.algorithms import algorithms
-from sparselearn.experiments import runs
+from sparselearn.experiments import launch, runs
 from sparselearn.experiments.callbacks import (
     Accelerate, Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
 )
@@ -96,8 +97,23 @@ def train(
     """
     cfg = validate(config)
     run_dir = Path(run_dir)
-    device = resolve_device(cfg["train"]["device"])
-    runs.check_start(run_dir, cfg, resume, overwrite, changed_keys)  # before the (slow) build
+    with launch.process_group(cfg["train"]["device"]) as (ranks, device):
+        return _train(cfg, run_dir, ranks, device, resume, overwrite, log, callbacks, on_epoch_end)
+
+
+def _train(cfg: dict, run_dir: Path, ranks: launch.Ranks, device: torch.device, resume: bool, overwrite: bool,
+           log: Callable[[str], None], callbacks: Sequence[Callback], on_epoch_end) -> dict:
+    # Under torchrun only rank 0 touches the run folder and the console (issue 12); the other ranks
+    # train with it and receive its decisions (and its checkpoint) through the process group.
+    if not ranks.is_main:
+        log, callbacks, on_epoch_end = _quiet, (), None
+    # recorded (bookkeeping keys, outside the config hash): the global batch is data.batch_size
+    cfg["train"]["world_size"] = ranks.world_size
+    cfg["data"]["rank_batch_size"] = ranks.rank_batch_size(cfg["data"]["batch_size"])
+    if ranks.distributed and cfg["train"]["speed"] != "masked":
+        raise ConfigError(f"config key 'train.speed' ({cfg['train']['speed']!r}) swaps layers of the model, which "
+                          f"DDP cannot follow; use masked under torchrun")
+    ranks.from_main(lambda: runs.check_start(run_dir, cfg, resume, overwrite, changed_keys))  # before the build
 
     # Missing weights keep a momentum that decays geometrically towards zero; on CPU those values
     # become subnormal floats that make every optimizer step several times slower (DESIGN.md).
@@ -105,27 +121,43 @@ def train(
     # experiment layer (not the core library) sets it, for the duration of the run.
     torch.set_flush_denormal(True)
     try:
-        run = build_run(cfg, run_dir, device)  # everything validated; nothing written yet
-        with runs.RunLock(run_dir, log):
-            runs.check_start(run_dir, cfg, resume, overwrite, changed_keys)  # now no one else writes
-            remove_stale_temporaries(run_dir)
-            checkpoint = None
-            if resume and (run_dir / CHECKPOINT).exists():
-                checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-                _check_same_config(run_dir, checkpoint.get("config", {}), cfg)
-            elif resume:
-                log(f"no checkpoint in {run_dir}: starting from scratch")
-            if checkpoint is None:
-                runs.clear_outputs(run_dir)  # a started-but-never-checkpointed run, or --overwrite
-            else:
+        run = build_run(cfg, run_dir, device, ranks)  # everything validated; nothing written yet
+        with contextlib.ExitStack() as stack:
+            def open_folder():  # rank 0: lock the folder, check it again, read the checkpoint
+                stack.enter_context(runs.RunLock(run_dir, log))
+                runs.check_start(run_dir, cfg, resume, overwrite, changed_keys)  # now no one else writes
+                remove_stale_temporaries(run_dir)
+                checkpoint = None
+                if resume and (run_dir / CHECKPOINT).exists():
+                    checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+                    _check_same_config(run_dir, checkpoint.get("config", {}), cfg)
+                elif resume:
+                    log(f"no checkpoint in {run_dir}: starting from scratch")
+                if checkpoint is None:
+                    runs.clear_outputs(run_dir)  # a started-but-never-checkpointed run, or --overwrite
+                write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
+                return checkpoint
+
+            checkpoint = ranks.from_main(open_folder)  # every rank resumes from rank 0's checkpoint
+            if checkpoint is not None:
+                before = checkpoint.get("config", {}).get("train", {}).get("world_size", 1)
+                if before != ranks.world_size:
+                    log(f"resuming a run trained on {before} process(es) with {ranks.world_size}: the same global "
+                        f"batches, learning rates and topology updates")
                 run.restore(checkpoint)
-            write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
-            builtin = [MetricsFile(), TensorBoardLog(), EpochLines(log), CheckpointWriter(),
-                       Accelerate(cfg["train"]["speed"], log)]
+            if ranks.is_main:
+                builtin = [MetricsFile(), TensorBoardLog(), EpochLines(log), CheckpointWriter(),
+                           Accelerate(cfg["train"]["speed"], log)]
+            else:
+                builtin = []
             extra = [] if on_epoch_end is None else [EpochCallback(on_epoch_end)]
             return fit(run, [*builtin, *callbacks, *extra], log)
     finally:
         torch.set_flush_denormal(False)
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: they print nothing."""
 
 
 def _check_same_config(run_dir: Path, saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
@@ -141,7 +173,9 @@ class Run:
 
     Attributes:
         config, run_dir, device: the resolved config, the run folder, the device.
-        model, optimizer, sparsifier: the training objects (``sparsifier`` is ``None`` if dense).
+        model, optimizer, sparsifier: the training objects (``sparsifier`` is ``None`` if dense);
+            ``net`` is what the training steps call (``model``, or its DDP wrapper), ``ranks`` the
+            :class:`~sparselearn.experiments.launch.Ranks` of this process.
         train_loader, val_loader, test_loader, data_generator: the data and the generator that
             shuffles (and augments) it; its state is part of the checkpoint.
         steps_per_epoch, epochs: the run's length.
@@ -169,6 +203,8 @@ class Run:
     flops: Any = None
     topology: Any = None
     precision: Any = None
+    net: Optional[nn.Module] = None  # what the steps run: the DDP wrapper under torchrun, else model
+    ranks: launch.Ranks = field(default_factory=launch.Ranks)
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
@@ -216,9 +252,14 @@ class Run:
                             f"{str(e).splitlines()[0][:200]}); --overwrite starts the run over") from e
 
 
-def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
+def build_run(cfg: dict, run_dir: Path, device: torch.device, ranks: launch.Ranks = launch.Ranks()) -> Run:
     """Data, model, optimizer, schedule and sparsifier of ``cfg``: everything that can reject the
-    config, built before the run folder is touched."""
+    config, built before the run folder is touched.
+
+    On several ranks the model is wrapped in ``DistributedDataParallel`` (``run.net``) and each rank
+    trains on its share of every global batch (:func:`~sparselearn.experiments.launch.shard_train_loader`);
+    the steps per epoch, the learning-rate schedule and the sparsifier's schedule are those of the
+    global batch, so they equal a single-process run's."""
     seed, epochs = cfg["train"]["seed"], cfg["train"]["epochs"]
     data_cfg, optim_cfg = cfg["data"], cfg["optim"]
     precision = Precision(cfg["train"]["precision"], device)
@@ -236,6 +277,8 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
     # A last training batch of one sample would break BatchNorm in training mode: drop it then.
     drop_last = len(splits.train) % batch_size == 1
     train_loader = make_loader(splits.train, batch_size, True, data_generator, drop_last, workers)
+    train_loader = launch.shard_train_loader(train_loader, splits.train, batch_size, seed, drop_last, workers,
+                                             ranks, data_generator)
     val_loader = None if splits.val is None else make_loader(splits.val, eval_batch_size, False, None, False, workers)
     test_loader = make_loader(splits.test, eval_batch_size, False, None, False, workers)
     steps_per_epoch = len(train_loader)
@@ -254,6 +297,9 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
     except TypeError as e:
         raise _option_error("model", cfg["model"]["name"], e) from None
     model.to(device)
+    net = model
+    if ranks.distributed:  # rank 0's initial weights everywhere; gradients averaged over ranks
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- optimizer, learning rate as a function of the optimizer step, loss ---------------------
     optimizer = build_optimizer(model.parameters(), optim_cfg)
@@ -261,13 +307,13 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device) -> Run:
     criterion = nn.CrossEntropyLoss(label_smoothing=optim_cfg["label_smoothing"])
 
     # ---- the sparsifier: masks after every step, topology updates on its own schedule ----------
-    sparsifier = build_sparsifier(model, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
-                                  criterion, splits.train, batch_size, device)
+    sparsifier = build_sparsifier(net, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
+                                  criterion, splits.train, batch_size, device, cfg["train"]["check_ranks"])
     flops = FlopCounter(model, torch.zeros(1, *splits.input_shape, device=device))  # Sec. 5.1 estimates
     topology = None if sparsifier is None else TopologyTracker(sparsifier)  # per-update dynamics
     return Run(cfg, run_dir, device, splits, model, optimizer, sparsifier, criterion, lr_at,
                train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops, topology,
-               precision)
+               precision, net, ranks)
 
 
 def load_data(data_cfg: Mapping[str, Any]):
@@ -285,24 +331,28 @@ def load_data(data_cfg: Mapping[str, Any]):
 def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = print) -> dict:
     """The training loop: epochs of optimizer steps, evaluation, and the callbacks at each seam."""
     cfg, model, optimizer, device = run.config, run.model, run.optimizer, run.device
+    net, ranks = run.net or model, run.ranks
     n_params = sum(p.numel() for p in model.parameters())
     splits = run.splits
     log(f"run {run.run_dir}: {cfg['model']['name']} ({n_params:,} parameters) on {splits.name} "
         f"({len(splits.train)} train / {0 if splits.val is None else len(splits.val)} val / {len(splits.test)} test), "
         f"{_describe_sparsity(cfg['sparsity'])}, {cfg['optim']['name']} lr {cfg['optim']['lr']:g}, "
         f"batch {cfg['data']['batch_size']}, {run.epochs} epochs of {run.steps_per_epoch} steps, "
-        f"device {device}, seed {cfg['train']['seed']}")
+        f"device {device}, seed {cfg['train']['seed']}"
+        + (f", {ranks.world_size} ranks ({ranks.backend}) of batch {cfg['data']['rank_batch_size']}" if ranks.distributed else ""))
     if run.start_epoch:
         log(f"resumed from epoch {run.start_epoch}/{run.epochs}")
     # torch.compile for the training forward only: the run keeps the module itself for its
     # state_dict (no "_orig_mod." names) and for evaluation (eval mode would be a second graph).
     # Masks change in place and weights are multiplied in place, so topology updates do not
     # recompile (tests/core/test_compile.py counts the compilations).
-    forward = torch.compile(model) if cfg["train"]["compile"] else model
+    forward = torch.compile(net) if cfg["train"]["compile"] else net  # under torchrun: the DDP wrapper
     try:
         for cb in callbacks:
             cb.on_fit_start(run)
         for epoch in range(run.start_epoch, run.epochs):
+            if hasattr(run.train_loader, "set_epoch"):  # a DistributedSampler: this epoch's permutation
+                run.train_loader.set_epoch(epoch)
             t0 = time.perf_counter()
             hook0 = 0.0 if run.sparsifier is None else run.sparsifier.hook_seconds
             model.train()
@@ -317,12 +367,15 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
                 with run.precision.autocast():  # bf16/fp16: forward and loss only
                     logits = forward(x)
                     loss = run.criterion(logits, y)
-                if not torch.isfinite(loss):  # one sync per step: cheap next to a wasted run
-                    stop_diverged(run, epoch + 1, float(loss.detach()), lr)
+                # one sync per step: cheap next to a wasted run (all ranks stop together)
+                checked = ranks.all_sum(loss)[0] / ranks.world_size if ranks.distributed else loss
+                if not torch.isfinite(checked):
+                    stop_diverged(run, epoch + 1, float(checked.detach()), lr)
                 optimizer.zero_grad(set_to_none=True)
+                weight = getattr(run.train_loader, "weight", 1.0)  # a rank's share of a ragged last batch
                 # backward and optimizer.step() (through the fp16 loss scaler, which skips steps with
                 # inf/NaN gradients); the sparsifier's step hook re-applies the masks (and updates them)
-                run.precision.backward_and_step(loss, optimizer)
+                run.precision.backward_and_step(loss if weight == 1.0 else loss * weight, optimizer)
                 run.step += 1
                 run.step_in_epoch = i
                 with torch.no_grad():
@@ -332,13 +385,14 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
                 for cb in callbacks:
                     cb.on_step_end(run, loss_sum / seen)
 
-            # Validation every epoch, test only at the last one (Sec. 4).
+            # Validation every epoch, test only at the last one (Sec. 4); over all ranks' shards.
+            loss_sum, correct, seen = ranks.all_sum(loss_sum, correct, torch.tensor(seen))
             row: dict[str, Any] = {"epoch": epoch + 1, "step": run.step, "lr": lr,
-                                   "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen}
+                                   "train_loss": float(loss_sum) / int(seen), "train_acc": float(correct) / int(seen)}
             if run.val_loader is not None:
-                row.update(evaluate(model, run.val_loader, device, prefix="val_"))
+                row.update(evaluate(model, run.val_loader, device, prefix="val_", ranks=ranks))
             if epoch + 1 == run.epochs:
-                row.update(evaluate(model, run.test_loader, device, prefix="test_"))
+                row.update(evaluate(model, run.test_loader, device, prefix="test_", ranks=ranks))
             row.update(density_metrics(run.sparsifier, model, run.step, run.steps_per_epoch))
             if run.flops is not None:  # Sec. 5.1 estimates (analysis.flops), per epoch
                 row["flops"] = run.flops.measure({} if run.sparsifier is None else run.sparsifier.masks)
@@ -356,7 +410,8 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
 
         result = make_result(run)
         log(format_report(run.sparsifier, model))
-        write_json(run.run_dir / RESULT_FILE, result)
+        if ranks.is_main:
+            write_json(run.run_dir / RESULT_FILE, result)
         for cb in callbacks:
             cb.on_fit_end(run, result)
         return result
@@ -368,8 +423,9 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
 def stop_diverged(run: Run, epoch: int, loss: float, lr: float) -> None:
     """Records ``diverged.json`` (so a sweep reports the run as diverged) and raises :class:`Diverged`."""
     step = run.step + 1
-    write_json(run.run_dir / DIVERGED_FILE, {"step": step, "epoch": epoch, "loss": str(loss), "lr": lr,
-                                             "config_hash": config_hash(run.config), "seed": run.config["train"]["seed"]})
+    if run.ranks.is_main:
+        write_json(run.run_dir / DIVERGED_FILE, {"step": step, "epoch": epoch, "loss": str(loss), "lr": lr,
+                                                 "config_hash": config_hash(run.config), "seed": run.config["train"]["seed"]})
     raise Diverged(f"{run.run_dir}: training diverged at step {step} (epoch {epoch}): loss {loss} with lr {lr:g}; "
                    f"no result written (see {DIVERGED_FILE}); try a lower --lr")
 
@@ -390,6 +446,10 @@ def make_result(run: Run) -> dict:
         "density": report["density"],
         "model_density": report["model_density"],
         "wall_time": run.elapsed,
+        # issue 12: the global batch (data.batch_size) is what defines the run; the split is bookkeeping
+        "world_size": run.ranks.world_size,
+        "global_batch_size": cfg["data"]["batch_size"],
+        "rank_batch_size": cfg["data"]["rank_batch_size"],
         "density_report": report,
         "metrics": run.history,
     }
@@ -400,13 +460,9 @@ def make_result(run: Run) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device' is 'cuda' but no CUDA device is available (use cpu or auto)")
-    return device
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error (one process;
+    see :func:`sparselearn.experiments.launch.resolve_device` for torchrun's ranks)."""
+    return launch.resolve_device(name, launch.Ranks())
 
 
 def build_optimizer(params: Iterable[nn.Parameter], optim: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -460,13 +516,14 @@ def make_lr_schedule(base_lr: float, schedule: Mapping[str, Any], steps_per_epoc
 
 
 def build_sparsifier(model, optimizer, sparsity: Mapping[str, Any], seed: int, steps_per_epoch: int, epochs: int,
-                     criterion, train_set, batch_size: int, device: torch.device):
+                     criterion, train_set, batch_size: int, device: torch.device, check_ranks: bool = False):
     """The algorithm's sparsifier, or ``None`` for ``dense``.
 
     Calls ``algorithms.get(name)(model, optimizer, density=, steps_per_epoch=, epochs=, seed=,
     **options)``; a factory with ``needs_batch = True`` (e.g. SNIP) also gets ``batch=(x, y)``, one
     shuffled training batch drawn from its own generator (so the run's data order is unchanged), and
-    ``loss_fn``.
+    ``loss_fn``. ``check_ranks`` (``train.check_ranks``) is passed on only when true, so factories
+    that do not build a :class:`~sparselearn.core.sparsifier.Sparsifier` need not know it.
     """
     name = sparsity["algorithm"]
     if name == "dense":
@@ -474,6 +531,8 @@ def build_sparsifier(model, optimizer, sparsity: Mapping[str, Any], seed: int, s
     factory = algorithms.get(name, argument="sparsity.algorithm")
     kwargs = dict(density=sparsity["density"], steps_per_epoch=steps_per_epoch, epochs=epochs, seed=seed,
                   **checked_options(factory, sparsity_options({"sparsity": sparsity}), "sparsity"))
+    if check_ranks:
+        kwargs["check_ranks"] = True
     if getattr(factory, "needs_batch", False):
         gen = torch.Generator().manual_seed(seed + 1)
         x, y = next(iter(make_loader(train_set, batch_size, True, gen)))
@@ -533,9 +592,15 @@ def _option_error(section: str, name: str, err: TypeError) -> Exception:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "") -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "",
+             ranks: launch.Ranks = launch.Ranks()) -> dict[str, float]:
     """Mean cross-entropy (without label smoothing) and accuracy over a loader, in eval mode; top-5
-    accuracy too when there are 100 classes or more (ImageNet, Tiny-ImageNet)."""
+    accuracy too when there are 100 classes or more (ImageNet, Tiny-ImageNet).
+
+    On several ranks each evaluates every N-th batch and the sums are all-reduced, so every rank
+    returns the metrics of the whole split (the counts exactly; the loss up to float64 rounding)."""
+    if ranks.distributed:
+        loader = launch.EvalShard(loader, ranks)
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -551,6 +616,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "") -
             correct5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
         n += y.size(0)
     model.train()
+    if ranks.distributed:
+        loss_sum, correct, correct5, n, top5 = ranks.all_sum(loss_sum, correct, correct5, torch.tensor(n),
+                                                             torch.tensor(int(top5)))
+        n, top5 = int(n), bool(top5)
     out = {f"{prefix}loss": float(loss_sum) / max(n, 1), f"{prefix}acc": float(correct) / max(n, 1)}
     if top5:
         out[f"{prefix}top5"] = float(correct5) / max(n, 1)
