@@ -259,3 +259,17 @@ def test_layer_mask_and_parameter_mask_are_told_apart_for_a_square_conv1d():
     sp.set_mask("0.weight", new)  # parameter orientation: input 0 feeds every output
     assert torch.equal(sp.masks["0.weight"], new)
     assert math.isclose(sp.density_report()["layers"][0]["density"], 0.2)
+
+
+def test_flop_counter_reads_conv1d_in_out_in_orientation():
+    from sparselearn.analysis.flops import FlopCounter
+
+    m = tiny_gpt2()
+    sp = sparselearn.static_sparse(m, torch.optim.SGD(m.parameters(), lr=0.1), density=0.25)
+    counter = FlopCounter(m, torch.zeros(1, 16, dtype=torch.long))
+    fc = next(l for l in counter.layers if l.name == "transformer.h.0.mlp.c_fc.weight")
+    assert fc.transposed and fc.shape == (64, 16) and fc.positions == 16
+    stats = counter.measure(sp.masks)["layers"]["transformer.h.0.mlp.c_fc.weight"]
+    assert stats["dense"] == 2 * 64 * 16 * 16
+    assert stats["sparse"] == 2 * int(sp.masks["transformer.h.0.mlp.c_fc.weight"].sum()) * 16
+    assert stats["out_channels"] == 64 and stats["in_channels"] == 16
