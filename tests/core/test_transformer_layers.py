@@ -273,3 +273,16 @@ def test_flop_counter_reads_conv1d_in_out_in_orientation():
     assert stats["dense"] == 2 * 64 * 16 * 16
     assert stats["sparse"] == 2 * int(sp.masks["transformer.h.0.mlp.c_fc.weight"].sum()) * 16
     assert stats["out_channels"] == 64 and stats["in_channels"] == 16
+
+
+def test_topology_tracker_counts_empty_output_units_of_conv1d_columns():
+    from sparselearn.analysis.topology import TopologyTracker
+
+    m = nn.Sequential(Conv1D(3, 5))  # weight (in=5, out=3)
+    sp = sparselearn.static_sparse(m, torch.optim.SGD(m.parameters(), lr=0.1), density=0.5)
+    tracker = TopologyTracker(sp)
+    new = torch.zeros(5, 3, dtype=torch.bool)
+    new[:, 0] = True  # output unit 0 reads every input; units 1 and 2 read nothing
+    sp.set_mask("0.weight", new)
+    tracker._on_update(sp, {"step": 1})
+    assert tracker.records[-1]["layers"]["0.weight"]["empty_out"] == 2
