@@ -402,7 +402,9 @@ class Sparsifier:
         return torch.zeros_like(param) if m is None else m.detach()
 
     def layers(self) -> list[LayerView]:
-        """A read-only :class:`LayerView` per sparse parameter, in model order."""
+        """A read-only :class:`LayerView` per sparse layer, in model order: a parameter, or each block
+        of a fused projection, always in ``(out, in, ...)`` orientation (a ``Conv1D`` weight is seen
+        transposed); see :class:`~sparselearn.core.layer.LayerSlot`."""
         views = []
         for slot in self._slots:
             sp = self._slot_param[slot.name]
