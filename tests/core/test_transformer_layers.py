@@ -286,3 +286,21 @@ def test_topology_tracker_counts_empty_output_units_of_conv1d_columns():
     sp.set_mask("0.weight", new)
     tracker._on_update(sp, {"step": 1})
     assert tracker.records[-1]["layers"]["0.weight"]["empty_out"] == 2
+
+
+@pytest.mark.parametrize("fc_pattern", ["fine", "block"])
+def test_starfire_fc_rules_on_conv1d_equal_the_linear_model_transposed(fc_pattern):
+    torch.manual_seed(0)
+    conv = ConvMLP().double()
+    lin = LinearMLP(conv).double()
+    sps = []
+    for model in (conv, lin):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = sparselearn.starfire(model, opt, density=0.25, fc_pattern=fc_pattern, steps_per_epoch=3, epochs=4,
+                                  era_start_epoch=1, era_end_epoch=3, update_every=1)
+        train(model, opt, batches(STEPS))
+        sps.append(sp)
+    assert sps[0].active == sps[1].active < 0.3 * sum(p.numel() for p in sps[1].parameters().values())
+    for k in sps[1].names:
+        assert torch.equal(sps[0].masks[k], sps[1].masks[k].t()), k
+        assert bool(sps[0].masks[k].any(0).all())  # Starfire's FC rule: every output unit keeps an input

@@ -65,6 +65,12 @@ def is_transposed_linear(module: nn.Module) -> bool:
                for c in type(module).__mro__)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transposed linear (HF ``Conv1D``): a fully connected layer, whose
+    weight the rules read as ``(out, in)``."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
 def _mha_in_proj(name: str, module: nn.Module, parent, p_name: str):
     if isinstance(module, nn.MultiheadAttention) and p_name == "in_proj_weight":
         return QKV

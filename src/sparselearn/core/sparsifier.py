@@ -272,6 +272,8 @@ class Sparsifier:
         by_name = {sp.name: sp for sp in candidates}
         self._slot_param = {slot.name: by_name[slot.param_name] for slot in self._slots}
         self._slot_by_name = {slot.name: slot for slot in self._slots}
+        for slot in self._slots:  # a layer has its parameter's settings (a group's Starfire pattern)
+            self.settings.setdefault(slot.name, self.settings[slot.param_name])
         slot_shapes = [slot.shape(by_name[slot.param_name].param.shape) for slot in self._slots]
         slot_group = [self.settings[slot.param_name].get("group") for slot in self._slots]
         default = [i for i, g in enumerate(slot_group) if g is None]
