@@ -97,3 +97,15 @@ def test_hf_gpt2_trains_with_masks_on_c_attn_c_proj_c_fc_and_dense_embeddings(tm
         assert m.shape == state[k].shape  # masks in the parameter's own (in, out) layout
     assert (state["model.transformer.wte.weight"] != 0).all() and (state["model.transformer.wpe.weight"] != 0).all()
     assert result["val_loss"] < 4.0  # it learned something in 120 steps (ln 256 = 5.55)
+
+
+def test_a_language_model_run_resumes_bitwise(tmp_path):
+    from test_train import _killed_and_resumed, _strip_times
+
+    cfg = _lm_config(**{"train.epochs": 2, "model.n_embd": 16, "data.block_size": 32, "data.batch_size": 256,
+                        "sparsity.algorithm": "rigl", "sparsity.density": 0.2, "sparsity.update_every": 10})
+    full, resumed = _killed_and_resumed(cfg, tmp_path, 1)
+    assert _strip_times(resumed["metrics"]) == _strip_times(full["metrics"])
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["sparsifier"]["masks"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["sparsifier"]["masks"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
