@@ -151,7 +151,7 @@ def error_line(command: str, e: BaseException) -> str:
     return f"sparselearn {command}: error: " + (f"rank {rank}: " if rank is not None else "") + message
 
 
-SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "density", "wall_time")
+SUMMARY_KEYS = ("test_acc", "test_error", "test_loss", "val_acc", "test_bpb", "val_bpb", "density", "wall_time")
 
 
 def summarize(results: Sequence[dict]) -> dict:
@@ -184,6 +184,10 @@ def format_summary(summary: dict) -> str:
         acc, err, val = r.get("test_acc"), r.get("test_error"), r.get("val_acc")
         lines.append(f"{r['seed']:>6}  {_num(acc, '.4f'):>9}  {_num(err, '.2%'):>10}  {_num(val, '.4f'):>8}  {r['run_dir']}")
     n = summary["n"]
+    if not summary["test_acc"]["values"] and summary["test_bpb"]["values"]:  # a language model
+        lines.append(f"test loss {_pm(summary['test_loss'])}, {_pm(summary['test_bpb'], fmt='.3f')} bits per byte "
+                     f"(mean ± standard error over {n} seeds)")
+        return "\n".join(lines)
     lines.append(f"test accuracy {_pm(summary['test_acc'])}, test error {_pm(summary['test_error'], 100, '.2f', '%')} "
                  f"(mean ± standard error over {n} seeds)")
     return "\n".join(lines)
@@ -301,6 +305,9 @@ def _format_result(result: dict) -> str:
         parts.append(f"test accuracy {result['test_acc']:.4f} (error {result['test_error']:.2%})")
     if result.get("val_acc") is not None:
         parts.append(f"val accuracy {result['val_acc']:.4f}")
+    for split in ("test", "val"):  # a language model
+        if result.get(f"{split}_bpb") is not None:
+            parts.append(f"{split} loss {result[split + '_loss']:.4f} ({result[split + '_bpb']:.3f} bits per byte)")
     parts.append(f"density {result['density']:.4f}")
     parts.append(f"{result['wall_time']:.1f}s")
     return f"seed {result['seed']}: " + ", ".join(parts) + f" -> {result['run_dir']}"

@@ -194,8 +194,11 @@ def test_tied_weights_counted_once_and_selection_patterns():
     sp = Sparsifier(m, opt, density=0.5, include="emb.weight")
     assert sp.names == ["emb.weight", "hidden.weight"]  # out.weight is the same tensor: counted once
     m3 = Tied()
-    sp3 = Sparsifier(m3, torch.optim.Adam(m3.parameters()), density=0.5, exclude="hidden.*")
-    assert sp3.names == ["out.weight"]
+    # a weight tied to an embedding stays dense by default, under every name it has
+    with pytest.raises(ValueError, match="no sparse-able parameter"):
+        Sparsifier(m3, torch.optim.Adam(m3.parameters()), density=0.5, exclude="hidden.*")
+    sp3 = Sparsifier(m3, torch.optim.Adam(m3.parameters()), density=0.5, exclude="hidden.*", include_embeddings=True)
+    assert sp3.names == ["emb.weight"] and sp3.masks["emb.weight"].shape == (10, 8)
 
 
 def test_same_seed_same_masks_different_seed_differs():

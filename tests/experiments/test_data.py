@@ -189,7 +189,7 @@ def fake_urlopen(files: dict[str, bytes], calls: list[str]):
 
 def test_registry_lists_all_and_rejects_unknown():
     assert set(list_datasets()) == {"digits", "mnist", "fashion-mnist", "cifar10", "tiny-imagenet", "tiny-imagenet-224",
-                                    "imagenet"}
+                                    "imagenet", "stdlib-text"}
     with pytest.raises(ValueError, match="valid names: cifar10, digits"):
         load_dataset("svhn")
     with pytest.raises(ValueError, match="val_fraction"):

@@ -26,7 +26,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from sparselearn.core.layer import out_in
 from sparselearn.core.probe import probe_forward
+from sparselearn.core.selection import is_transposed_linear
 
 from sparselearn.analysis.stats import Summary, summarize
 
@@ -44,6 +46,8 @@ class LayerCost:
         groups: convolution groups (1 for linear).
         positions: output positions per sample over which each weight is applied (summed over the
             calls of a module used more than once).
+        transposed: the weight is stored ``(in, out)`` (HF ``Conv1D``); ``shape`` is ``[out, in]``
+            and the layer's mask is read transposed.
     """
 
     name: str
@@ -51,6 +55,7 @@ class LayerCost:
     shape: tuple[int, ...]
     groups: int
     positions: int
+    transposed: bool = False
 
     @property
     def dense_flops(self) -> int:
@@ -59,7 +64,8 @@ class LayerCost:
 
 
 def layer_costs(model: nn.Module, example_input: Tensor) -> list[LayerCost]:
-    """The :class:`LayerCost` of every ``Conv1d/2d/3d`` and ``Linear`` of ``model``, in call order.
+    """The :class:`LayerCost` of every ``Conv1d/2d/3d``, ``Linear`` and transposed linear (HF
+    ``Conv1D``) of ``model``, in call order.
 
     Runs ``model(example_input)`` once in eval mode without gradients (the mode is restored); the
     batch size of ``example_input`` does not matter.
@@ -77,13 +83,15 @@ def layer_costs(model: nn.Module, example_input: Tensor) -> list[LayerCost]:
         entry[1] += positions
 
     probe_forward(model, example_input,
-                  [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*_CONV, nn.Linear))])
+                  [m.register_forward_hook(hook) for m in model.modules()
+                   if isinstance(m, (*_CONV, nn.Linear)) or is_transposed_linear(m)])
     costs = []
     for mid, (module, positions) in seen.items():
         prefix = names[mid]
-        conv = isinstance(module, _CONV)
+        conv, transposed = isinstance(module, _CONV), is_transposed_linear(module)
         costs.append(LayerCost(f"{prefix}.weight" if prefix else "weight", "conv" if conv else "linear",
-                               tuple(module.weight.shape), module.groups if conv else 1, positions))
+                               tuple(out_in(module.weight, transposed).shape), module.groups if conv else 1,
+                               positions, transposed))
     return costs
 
 
@@ -145,6 +153,8 @@ class FlopCounter:
             mask = masks.get(l.name)
             if mask is None:
                 mask = torch.ones(l.shape, dtype=torch.bool)
+            else:
+                mask = out_in(mask, l.transposed)
             if tuple(mask.shape) != l.shape:
                 raise ValueError(f"mask {l.name} has shape {tuple(mask.shape)}, the weight {l.shape}")
             u = channel_usage(mask.detach().cpu(), l.groups)

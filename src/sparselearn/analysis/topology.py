@@ -23,7 +23,7 @@ class TopologyTracker:
 
     Args:
         sparsifier: a :class:`sparselearn.core.sparsifier.Sparsifier` (only its ``masks``,
-            ``step_count`` and ``register_update_hook`` are used).
+            ``layers()``, ``step_count`` and ``register_update_hook`` are used).
 
     Attributes:
         records: one dict per update: ``{"step", "pruned", "regrown", "active", "total", "ever_active",
@@ -51,8 +51,20 @@ class TopologyTracker:
         """Stops tracking (the records stay)."""
         self._handle.remove()
 
+    @staticmethod
+    def _empty_out(sparsifier) -> dict[str, int]:
+        """Output units without an active weight, per parameter: counted on the layers the rules
+        see, in (out, in) orientation, so a Conv1D's columns and each block of a fused QKV count."""
+        out: dict[str, int] = {}
+        for layer in sparsifier.layers():
+            m = layer.mask
+            name = layer.slot.param_name if layer.slot is not None else layer.name
+            out[name] = out.get(name, 0) + (int((~m.reshape(m.shape[0], -1).any(1)).sum()) if m.dim() >= 2 else 0)
+        return out
+
     def _on_update(self, sparsifier, stats: dict) -> None:
         layers: dict[str, dict[str, Any]] = {}
+        empty = self._empty_out(sparsifier)
         for name, mask in sparsifier.masks.items():
             now = mask.detach().cpu()
             before = self._last[name]
@@ -60,7 +72,7 @@ class TopologyTracker:
             regrown = int((~before & now).sum())
             self._ever[name] |= now
             active = int(now.sum())
-            empty_out = int((~now.reshape(now.shape[0], -1).any(1)).sum()) if now.dim() >= 2 else 0
+            empty_out = empty[name]
             layers[name] = {"pruned": pruned, "regrown": regrown, "active": active, "total": now.numel(),
                             "turnover": regrown / active if active else 0.0, "empty_out": empty_out,
                             "itop": int(self._ever[name].sum()) / now.numel()}

@@ -24,7 +24,7 @@ from .distributed import (
     local_rows, sum_over_ranks,
 )
 from .distributions import allocate_counts, density_distributions
-from .layer import LayerView
+from .layer import LayerSlot, LayerView
 from .ops import select_k_per_row
 from .selection import (
     DEFAULT_SPARSE_TYPES, SparseParam, _as_patterns, _matches, candidate_parameters, check_patterns_match,
@@ -56,13 +56,13 @@ class Updater(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _structure_for(sp: SparseParam, structure, options: dict):
-    """The group structure of one layer, or ``None`` where the structure does not apply."""
+def _structure_for(name: str, shape: torch.Size, structure, options: dict):
+    """The group structure of one layer (its ``(out, in, ...)`` shape), or ``None`` where the
+    structure does not apply."""
     if structure is None or structure == "unstructured":
         return None
     from .structure import make_structure
 
-    shape = sp.param.shape
     if structure == "kernel" and (len(shape) < 3 or math.prod(shape[2:]) == 1):
         return None
     if structure == "block" and len(shape) != 2:
@@ -74,7 +74,7 @@ def _structure_for(sp: SparseParam, structure, options: dict):
     st = make_structure(structure, shape, **options)
     if not st.is_uniform:
         raise ValueError(
-            f"structure {structure!r} with options {options} does not tile {sp.name} of shape {tuple(shape)} evenly"
+            f"structure {structure!r} with options {options} does not tile {name} of shape {tuple(shape)} evenly"
         )
     return st
 
@@ -140,7 +140,15 @@ class Sparsifier:
         updater: the topology update rule, or ``None`` for a fixed (static) mask.
         distribution: per-layer initial densities: ``"uniform"`` (Sparse Momentum), ``"er"``, ``"erk"``
             or a callable ``(shapes, density) -> densities``.
-        sparse_types: module types whose ``weight`` is sparse (default Linear, Conv1d/2d/3d).
+        sparse_types: module types whose ``weight`` is sparse (default Linear, Conv1d/2d/3d); with
+            ``nn.Linear`` among them, HF ``Conv1D`` (and other transposed linears) and
+            ``nn.MultiheadAttention``'s projections too (:mod:`~sparselearn.core.selection`).
+        include_embeddings: make embedding weights (and weights tied to them) sparse too; they
+            stay dense by default, as do norms and biases.
+        split_fused: treat each block of a fused projection (``nn.MultiheadAttention``'s
+            ``in_proj_weight``, GPT-2's ``c_attn``) as its own layer, named ``"<param>[q]"`` etc., in
+            the density allocation, the per-layer updates and the density report; the mask stays
+            one tensor per parameter. A transposed-linear weight's layer is named ``"<param>.T"``.
         include / exclude: parameter-name patterns (``fnmatch``) added to / removed from the selection.
         dense_layers: ``"partial"`` for the partially dense setting of Sparse Momentum Section 4 (first
             conv and downsampling convs dense), or name patterns of layers kept dense.
@@ -205,6 +213,8 @@ class Sparsifier:
         sparse_types: Sequence[type] = DEFAULT_SPARSE_TYPES,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        include_embeddings: bool = False,
+        split_fused: bool = True,
         dense_layers: str | Sequence[str] | None = None,
         dense_last: bool = False,
         fully_sparse: bool | float = False,
@@ -246,7 +256,7 @@ class Sparsifier:
         self.hook_seconds = 0.0
         self._update_hooks: dict[int, Callable] = {}
 
-        candidates = candidate_parameters(model, sparse_types, include, exclude)
+        candidates = candidate_parameters(model, sparse_types, include, exclude, include_embeddings, split_fused)
         if dense_layers == "partial":
             dense_names = partially_dense_names(candidates, dense_last)
         else:
@@ -270,6 +280,7 @@ class Sparsifier:
                 "optimizer of this model"
             )
         self._params: list[SparseParam] = candidates
+        self._index = {sp.name: i for i, sp in enumerate(candidates)}
         self.dense_names = list(dense_names)
         # FSDP2 (fully_shard): DTensor parameters sharded on dim 0; their masks are sharded alike
         self._sharded = [sp.name for sp in candidates if is_sharded(sp.param)]
@@ -286,8 +297,16 @@ class Sparsifier:
                 raise type(e)(f"this update rule reads momentum: {e}") from None
 
         self.settings = _group_settings(candidates, groups, structure, structure_options)
-        default = [i for i, sp in enumerate(candidates) if "group" not in self.settings[sp.name]]
-        sizes = [candidates[i].param.numel() for i in default]
+        # the layers the rules see: a parameter, or each block of a fused one, in (out, in) orientation
+        self._slots: list[LayerSlot] = [slot for sp in candidates for slot in sp.slots()]
+        by_name = {sp.name: sp for sp in candidates}
+        self._slot_by_name = {slot.name: slot for slot in self._slots}
+        for slot in self._slots:  # a layer has its parameter's settings (a group's Starfire pattern)
+            self.settings.setdefault(slot.name, self.settings[slot.param_name])
+        slot_shapes = [slot.shape(by_name[slot.param_name].param.shape) for slot in self._slots]
+        slot_group = [self.settings[slot.param_name].get("group") for slot in self._slots]
+        default = [i for i, g in enumerate(slot_group) if g is None]
+        sizes = [slot_shapes[i].numel() for i in default]
         share = None
         if not isinstance(fully_sparse, bool):
             if not isinstance(fully_sparse, (int, float)) or not 0.0 <= fully_sparse < 1.0:
@@ -304,30 +323,39 @@ class Sparsifier:
         else:
             total = round(self.density * sum(sizes))
         dist = density_distributions.get(distribution, argument="distribution")
-        counts = [0] * len(candidates)
+        counts = [0] * len(self._slots)
         parts = [(default, total)] if default else []
         for g, spec in enumerate(groups or []):
-            members = [i for i, sp in enumerate(candidates) if self.settings[sp.name].get("group") == g]
+            members = [i for i, sg in enumerate(slot_group) if sg == g]
             if members:
                 d = check_density(spec.get("density", self.density), f"groups[{g}]['density']")
-                parts.append((members, round(d * sum(candidates[i].param.numel() for i in members))))
+                parts.append((members, round(d * sum(slot_shapes[i].numel() for i in members))))
         for members, t in parts:
-            shapes = [candidates[i].param.shape for i in members]
-            n = [candidates[i].param.numel() for i in members]
+            shapes = [slot_shapes[i] for i in members]
+            n = [shape.numel() for shape in shapes]
             for i, k in zip(members, allocate_counts(n, dist(shapes, t / sum(n)), max(t, len(n)))):
                 counts[i] = k
-        self.structures = {sp.name: _structure_for(sp, self.settings[sp.name]["structure"],
-                                                   self.settings[sp.name]["structure_options"]) for sp in candidates}
+        self.structures = {slot.name: _structure_for(slot.name, shape, self.settings[slot.param_name]["structure"],
+                                                     self.settings[slot.param_name]["structure_options"])
+                           for slot, shape in zip(self._slots, slot_shapes)}
         self.masks: dict[str, Tensor] = {}
+        for sp in candidates:
+            if sp.slots()[0].is_identity:
+                continue
+            self.masks[sp.name] = torch.ones_like(sp.param, dtype=torch.bool, device="cpu")
         # Per-layer final counts (a dense start, as in gradual pruning, reaches them at the era's end).
         self.target_counts: dict[str, int] = {}
-        for sp, k in zip(candidates, counts):
-            st, n = self.structures[sp.name], sp.param.numel()
+        for slot, shape, k in zip(self._slots, slot_shapes, counts):
+            st, n = self.structures[slot.name], shape.numel()
             m = self._initial_mask(n, k, st)
-            self.target_counts[sp.name] = int(m.sum())
+            self.target_counts[slot.name] = int(m.sum())
             if init == "dense":
                 m = torch.ones(n, dtype=torch.bool)
-            self.masks[sp.name] = m.view(sp.param.shape).to(sp.param.device)
+            if slot.is_identity:
+                self.masks[slot.name] = m.view(shape)
+            else:
+                slot.view(self.masks[slot.param_name]).copy_(m.view(shape))
+        self.masks = {sp.name: self.masks[sp.name].to(sp.param.device) for sp in candidates}
         if init_scale not in ("dense", "active-fan-in"):
             raise ValueError(f"init_scale must be 'dense' or 'active-fan-in', got {init_scale!r}")
         with self._full_view():  # the masks are whole here; sharded layers keep their rows on exit
@@ -364,8 +392,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def _scale_to_active_fan_in(self) -> None:
-        for sp in self._params:
-            w, m = sp.param, self.masks[sp.name]
+        for slot in self._slots:
+            w, m = slot.view(self._param_of(slot).param), slot.view(self.masks[slot.param_name])
             if w.dim() < 2:
                 continue
             rows = m.reshape(m.shape[0], -1)
@@ -422,13 +450,21 @@ class Sparsifier:
         m = self._momentum_fn(self.optimizer, param)
         return torch.zeros_like(param) if m is None else m.detach()
 
+    def _param_of(self, slot: LayerSlot) -> SparseParam:
+        # looked up in the current ``_params``: under FSDP2 a topology update swaps in whole stand-ins
+        return self._params[self._index[slot.param_name]]
+
     def layers(self) -> list[LayerView]:
-        """A read-only :class:`LayerView` per sparse parameter, in model order."""
-        return [
-            LayerView(sp.name, sp.param, self.masks[sp.name], sp.module, self.generator, self.structures[sp.name],
-                      (lambda p=sp.param: self.momentum(p)))
-            for sp in self._params
-        ]
+        """A read-only :class:`LayerView` per sparse layer, in model order: a parameter, or each block
+        of a fused projection, always in ``(out, in, ...)`` orientation (a ``Conv1D`` weight is seen
+        transposed); see :class:`~sparselearn.core.layer.LayerSlot`."""
+        views = []
+        for slot in self._slots:
+            sp = self._param_of(slot)
+            views.append(LayerView(slot.name, slot.view(sp.param), slot.view(self.masks[sp.name]), sp.module,
+                                   self.generator, self.structures[slot.name],
+                                   (lambda p=sp.param, v=slot.view: v(self.momentum(p))), sp.param, slot))
+        return views
 
     # ------------------------------------------------------------------ masks
     def _refresh_apply_cache(self) -> None:
@@ -460,7 +496,22 @@ class Sparsifier:
         Entries that become active start at weight 0 (so do entries that become inactive, by the
         mask). ``reset``: entries whose per-entry optimizer state (momentum, moments) is set to zero;
         ``None`` keeps all state, as the Sparse Momentum reference does.
+
+        ``name`` is a parameter's name (``new_mask`` shaped like the parameter) or a layer's name from
+        :meth:`layers` (shaped like that layer's ``weight``: one block of a fused projection, in
+        ``(out, in)`` orientation), which is written into the parameter's mask.
         """
+        if name not in self.masks and name in self._slot_by_name:
+            slot = self._slot_by_name[name]
+            full = self.masks[slot.param_name].clone()
+            part = slot.view(full)
+            if new_mask.shape != part.shape or new_mask.dtype != torch.bool:
+                raise ValueError(f"mask for {name} must be bool of shape {tuple(part.shape)}")
+            part.copy_(new_mask)
+            if reset is not None:
+                whole, reset = reset, torch.zeros_like(full)
+                slot.view(reset).copy_(whole)
+            name, new_mask = slot.param_name, full
         mask = self.masks[name]
         if new_mask.shape != mask.shape or new_mask.dtype != torch.bool:
             raise ValueError(f"mask for {name} must be bool of shape {tuple(mask.shape)}")
@@ -540,16 +591,18 @@ class Sparsifier:
     def density_report(self) -> dict[str, Any]:
         """Per-layer and global density of the sparse weights, and the model-wide density.
 
-        Returns a dict with ``layers`` (list of ``{name, shape, active, total, density}``), ``active``,
+        Returns a dict with ``layers`` (list of ``{name, shape, active, total, density}``, a block of a
+        fused projection on its own row, shapes in ``(out, in, ...)`` orientation), ``active``,
         ``total``, ``density`` over the sparse weights, and ``model_active`` / ``model_total`` /
         ``model_density`` counting every parameter (dense ones fully active).
         """
         rows = []
-        for sp, active in zip(self._params, self._active_counts()):
-            rows.append(
-                {"name": sp.name, "shape": tuple(sp.param.shape), "active": active, "total": sp.param.numel(),
-                 "density": active / sp.param.numel()}
-            )
+        masks = self.full_masks() if self._sharded else self.masks  # FSDP2: whole masks (a collective)
+        for slot in self._slots:  # one row per layer: a parameter, or a block of a fused one
+            m = slot.view(masks[slot.param_name])
+            active = int(m.sum())
+            rows.append({"name": slot.name, "shape": tuple(m.shape), "active": active, "total": m.numel(),
+                         "density": active / m.numel()})
         active = sum(r["active"] for r in rows)
         total = sum(r["total"] for r in rows)
         model_total = sum(p.numel() for p in self.model.parameters())

@@ -10,7 +10,8 @@ finish in seconds on two CPU cores (test accuracy 0.95-0.97 over seeds 0-2).
   keyword argument of the model factory (e.g. ``drop_rate`` for the WRNs).
 * ``data``: ``name``, ``root``, ``download``, ``batch_size``, ``eval_batch_size`` (``null``: the
   training batch size), ``val_fraction`` (Section 4: a fixed 10%), ``split_seed`` (the seed of that
-  fixed split, the same for every training seed), ``augment``, ``num_workers``.
+  fixed split, the same for every training seed), ``augment``, ``num_workers``, ``block_size``
+  (tokens per sample of a text data set; ``null``: the data set's default).
 * ``optim``: ``name`` (``sgd``, ``adam``, ``adamw``), ``lr``, ``momentum`` (SGD momentum, or
   Adam's ``beta1``), ``beta2``, ``nesterov``, ``weight_decay``, ``label_smoothing``.
 * ``lr_schedule``: ``kind`` -- ``constant``; ``step`` (multiply by ``gamma`` every ``step_size``
@@ -145,6 +146,7 @@ FIELDS: dict[str, Field] = {
     "data.split_seed": Field(int, 0),
     "data.augment": Field(bool, True),
     "data.num_workers": Field(int, 0, check=_non_negative),
+    "data.block_size": Field(int, None, nullable=True, check=_positive),
     "optim.name": Field(str, "sgd", check=_one_of(OPTIMIZERS)),
     "optim.lr": Field(float, 0.1, check=_positive),
     "optim.momentum": Field(float, 0.9, check=_unit_open),

@@ -53,6 +53,7 @@ from sparselearn.experiments.config import (
     ConfigError, changed_keys, config_hash, model_options, sparsity_options, to_yaml, validate,
 )
 from sparselearn.experiments.data import load_dataset, make_loader
+from sparselearn.experiments.data.text import bits_per_byte
 from sparselearn.experiments.errors import Diverged, UserError
 from sparselearn.experiments.models import create_model
 from sparselearn.experiments.precision import Precision
@@ -304,12 +305,13 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device, ranks: launch.Rank
     # ---- optimizer, learning rate as a function of the optimizer step, loss ---------------------
     optimizer = build_optimizer(model.parameters(), optim_cfg)
     lr_at = make_lr_schedule(optim_cfg["lr"], cfg["lr_schedule"], steps_per_epoch, epochs)
-    criterion = nn.CrossEntropyLoss(label_smoothing=optim_cfg["label_smoothing"])
+    criterion = make_criterion(splits.task, optim_cfg["label_smoothing"])
 
     # ---- the sparsifier: masks after every step, topology updates on its own schedule ----------
     sparsifier = build_sparsifier(net, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
                                   criterion, splits.train, batch_size, device, cfg["train"]["check_ranks"])
-    flops = FlopCounter(model, torch.zeros(1, *splits.input_shape, device=device))  # Sec. 5.1 estimates
+    example = torch.zeros(1, *splits.input_shape, dtype=torch.long if splits.task == "lm" else torch.float32, device=device)
+    flops = FlopCounter(model, example)  # Sec. 5.1 estimates
     topology = None if sparsifier is None else TopologyTracker(sparsifier)  # per-update dynamics
     return Run(cfg, run_dir, device, splits, model, optimizer, sparsifier, criterion, lr_at,
                train_loader, val_loader, test_loader, data_generator, steps_per_epoch, epochs, flops, topology,
@@ -321,7 +323,7 @@ def load_data(data_cfg: Mapping[str, Any]):
     try:
         return load_dataset(data_cfg["name"], root=data_cfg["root"], download=data_cfg["download"],
                             val_fraction=data_cfg["val_fraction"], seed=data_cfg["split_seed"],
-                            augment=data_cfg["augment"])
+                            augment=data_cfg["augment"], block_size=data_cfg.get("block_size"))
     except (OSError, ValueError, ImportError) as e:
         if isinstance(e, UserError):
             raise
@@ -340,6 +342,9 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
         f"batch {cfg['data']['batch_size']}, {run.epochs} epochs of {run.steps_per_epoch} steps, "
         f"device {device}, seed {cfg['train']['seed']}"
         + (f", {ranks.world_size} ranks ({ranks.backend}) of batch {cfg['data']['rank_batch_size']}" if ranks.distributed else ""))
+    if splits.source is not None and "sha256" in splits.source:
+        log(f"data {splits.name}: {splits.source['bytes']:,} bytes, sha256 {splits.source['sha256']}")
+    lm = splits.task == "lm"
     if run.start_epoch:
         log(f"resumed from epoch {run.start_epoch}/{run.epochs}")
     # torch.compile for the training forward only: the run keeps the module itself for its
@@ -380,19 +385,22 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
                 run.step_in_epoch = i
                 with torch.no_grad():
                     loss_sum += loss.detach() * y.size(0)
-                    correct += (logits.argmax(1) == y).sum()
+                    if not lm:  # a language model's metrics are its loss and bits per byte
+                        correct += (logits.argmax(1) == y).sum()
                 seen += y.size(0)
                 for cb in callbacks:
                     cb.on_step_end(run, loss_sum / seen)
 
             # Validation every epoch, test only at the last one (Sec. 4); over all ranks' shards.
             loss_sum, correct, seen = ranks.all_sum(loss_sum, correct, torch.tensor(seen))
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": run.step, "lr": lr,
-                                   "train_loss": float(loss_sum) / int(seen), "train_acc": float(correct) / int(seen)}
+            seen = int(seen)
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": run.step, "lr": lr, "train_loss": float(loss_sum) / seen,
+                                   **({"train_bpb": bits_per_byte(float(loss_sum) / seen)} if lm else
+                                      {"train_acc": float(correct) / seen})}
             if run.val_loader is not None:
-                row.update(evaluate(model, run.val_loader, device, prefix="val_", ranks=ranks))
+                row.update(evaluate(model, run.val_loader, device, prefix="val_", task=splits.task, ranks=ranks))
             if epoch + 1 == run.epochs:
-                row.update(evaluate(model, run.test_loader, device, prefix="test_", ranks=ranks))
+                row.update(evaluate(model, run.test_loader, device, prefix="test_", task=splits.task, ranks=ranks))
             row.update(density_metrics(run.sparsifier, model, run.step, run.steps_per_epoch))
             if run.flops is not None:  # Sec. 5.1 estimates (analysis.flops), per epoch
                 row["flops"] = run.flops.measure({} if run.sparsifier is None else run.sparsifier.masks)
@@ -440,8 +448,9 @@ def make_result(run: Run) -> dict:
         "config_hash": config_hash(cfg),
         "seed": cfg["train"]["seed"],
         "epochs": run.epochs,
-        **{k: final.get(k) for k in ("test_acc", "test_loss", "test_top5", "val_acc", "val_loss", "val_top5",
-                                     "train_acc", "train_loss") if k in final},
+        **{k: final.get(k) for k in ("test_acc", "test_loss", "test_top5", "test_bpb", "test_ppl", "val_acc",
+                                     "val_loss", "val_top5", "val_bpb", "val_ppl", "train_acc", "train_loss",
+                                     "train_bpb") if k in final},
         "test_error": None if final.get("test_acc") is None else 1.0 - final["test_acc"],
         "density": report["density"],
         "model_density": report["model_density"],
@@ -591,16 +600,38 @@ def _option_error(section: str, name: str, err: TypeError) -> Exception:
     return ConfigError(f"config key '{section}.{m.group(1)}': {section} {name!r} has no option {m.group(1)!r}")
 
 
+def make_criterion(task: str, label_smoothing: float) -> nn.Module:
+    """Cross-entropy over classes, or over every position of a language model's ``(B, T, vocab)``
+    logits (the mean per token)."""
+    if task == "lm":
+        return TokenCrossEntropy(label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+class TokenCrossEntropy(nn.Module):
+    """Mean next-token cross-entropy of ``(B, T, vocab)`` logits against ``(B, T)`` targets."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), label_smoothing=self.label_smoothing)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "",
+def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "", task: str = "classification",
              ranks: launch.Ranks = launch.Ranks()) -> dict[str, float]:
     """Mean cross-entropy (without label smoothing) and accuracy over a loader, in eval mode; top-5
-    accuracy too when there are 100 classes or more (ImageNet, Tiny-ImageNet).
+    accuracy too when there are 100 classes or more (ImageNet, Tiny-ImageNet). For a language model
+    (``task="lm"``): the mean loss per token (nats), bits per byte and perplexity, no accuracy.
 
     On several ranks each evaluates every N-th batch and the sums are all-reduced, so every rank
     returns the metrics of the whole split (the counts exactly; the loss up to float64 rounding)."""
     if ranks.distributed:
         loader = launch.EvalShard(loader, ranks)
+    if task == "lm":
+        return _evaluate_lm(model, loader, device, prefix, ranks)
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -624,6 +655,21 @@ def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "",
     if top5:
         out[f"{prefix}top5"] = float(correct5) / max(n, 1)
     return out
+
+
+def _evaluate_lm(model: nn.Module, loader, device: torch.device, prefix: str,
+                 ranks: launch.Ranks = launch.Ranks()) -> dict[str, float]:
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss_sum += F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum").double()
+        n += y.numel()
+    model.train()
+    loss_sum, n = ranks.all_sum(loss_sum, torch.tensor(n))  # every rank: the whole split's loss
+    loss = float(loss_sum) / max(int(n), 1)
+    return {f"{prefix}loss": loss, f"{prefix}bpb": bits_per_byte(loss), f"{prefix}ppl": math.exp(min(loss, 700.0))}
 
 
 def density_report(sparsifier, model: nn.Module) -> dict[str, Any]:
@@ -661,12 +707,12 @@ def density_metrics(sparsifier, model: nn.Module, step: int, steps_per_epoch: in
 def format_epoch(row: Mapping[str, Any], epochs: int) -> str:
     """One console line per epoch."""
     width = len(str(epochs))
-    parts = [f"epoch {row['epoch']:>{width}}/{epochs}",
-             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"]
-    if "val_acc" in row:
-        parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}")
-    if "test_acc" in row:
-        parts.append(f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
+    # accuracy for a classifier, bits per byte for a language model
+    second = lambda split: (f"acc {row[split + '_acc']:.4f}" if split + "_acc" in row else f"bpb {row[split + '_bpb']:.3f}")
+    parts = [f"epoch {row['epoch']:>{width}}/{epochs}", f"train loss {row['train_loss']:.4f} {second('train')}"]
+    for split in ("val", "test"):
+        if f"{split}_loss" in row:
+            parts.append(f"{split} loss {row[split + '_loss']:.4f} {second(split)}")
     parts.append(f"lr {row['lr']:.4g}")
     parts.append(f"density {row['density']:.4f}")
     if row.get("prune_rate") is not None:

@@ -109,8 +109,11 @@ class DeepRUpdater:
         died_total, died = 0, {}
         for layer in sparsifier.layers():
             w, mask = layer.weight, layer.mask
-            eta = lrs[id(w)]
-            s = self._sign(layer.name, w)
+            # signs are kept per parameter; a layer may be a view of one (a fused block, a Conv1D)
+            param, slot = (layer.param, layer.slot) if layer.slot is not None else (w, None)
+            eta = lrs[id(param)]
+            s = self._sign(layer.name if slot is None else slot.param_name, param)
+            s = s if slot is None else slot.view(s)
             theta = (w * s)[mask]  # theta of the active connections, after the optimizer's step
             theta -= eta * self.l1
             if temp > 0 and eta > 0 and theta.numel():

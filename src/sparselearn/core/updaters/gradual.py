@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..fc_rules import dead_output_channels, fc_mask_from_conv, keep_one_input_per_neuron
 from ..patterns import mask_patterns
 from ..schedules import era_progress
+from ..selection import is_linear
 from ..triggers import Era
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class GradualUpdater:
         has the same statistics at its first update as an uninterrupted one."""
         if not self.fc_from_conv or self._hook_handle is not None:
             return
-        fc = next((l for l in sparsifier.layers() if isinstance(l.module, nn.Linear)), None)
+        fc = next((l for l in sparsifier.layers() if is_linear(l.module)), None)
         if fc is None:
             return
 
@@ -169,7 +170,7 @@ class GradualUpdater:
     @torch.no_grad()
     def _prune_fc_from_conv(self, sparsifier, layers, masks: dict) -> int:
         convs = [l for l in layers if _is_conv(l.module)]
-        fcs = [l for l in layers if isinstance(l.module, nn.Linear)]
+        fcs = [l for l in layers if is_linear(l.module)]
         if not convs or not fcs or fcs[0].name not in self._fc_input_stats:
             return 0
         conv, fc = convs[-1], fcs[0]
@@ -204,7 +205,7 @@ class GradualUpdater:
             masks[layer.name] = self._layer_mask(layer, s, step, own) & layer.mask
         if self.keep_one_input:
             for layer in layers:
-                if isinstance(layer.module, nn.Linear):
+                if is_linear(layer.module):
                     # a row that lost every input gets back its largest (still active) weight
                     masks[layer.name] = keep_one_input_per_neuron(layer.weight.detach() * layer.mask, masks[layer.name])
                     masks[layer.name] &= layer.mask  # never re-enable what was already pruned

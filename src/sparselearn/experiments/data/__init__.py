@@ -8,7 +8,9 @@ registered data set, and ``make_loader`` iterates one split in batches:
 * ``cifar10``: the python pickle batches, downloadable, with the Sparse Momentum paper's
   augmentation (Sec. 4);
 * ``tiny-imagenet``, ``imagenet``: image folder trees (decoded with Pillow), not downloadable;
-  ImageNet uses the transforms of Starfire, Appendix 7.2.
+  ImageNet uses the transforms of Starfire, Appendix 7.2;
+* ``stdlib-text``: bytes of a few of CPython's own standard-library modules in fixed-length
+  blocks, for a language model (``task="lm"``; ``block_size`` sets the block length).
 
 Every data set holds out a fixed ``val_fraction`` (10% by default) of its training set as a
 validation split that depends only on ``seed`` (Sparse Momentum paper, Sec. 4); validation and
@@ -16,10 +18,11 @@ test are never augmented.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable, Union
 
-from . import cifar, digits, imagefolder, mnist  # noqa: F401  (register the data sets)
+from . import cifar, digits, imagefolder, mnist, text  # noqa: F401  (register the data sets)
 from .base import DATASETS, DataSplits, TensorImageDataset, cache_dir, check_val_fraction, split_indices
 from .imagefolder import ImageFileDataset
 from .loader import DataLoaderBatches, TensorBatchLoader, make_loader
@@ -51,6 +54,7 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     augment: bool = True,
+    block_size: int | None = None,
 ) -> DataSplits:
     """Loads a data set's train / validation / test splits.
 
@@ -65,6 +69,8 @@ def load_dataset(
         seed: seed of the train/validation split (only; shuffling and augmentation take the
             generator passed to :func:`make_loader`).
         augment: apply the data set's training augmentation to the training split.
+        block_size: tokens per sample of a text data set (``None``: its default); an error for
+            the others.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), bad ``val_fraction``, or
@@ -77,4 +83,9 @@ def load_dataset(
             name = key
     check_val_fraction(val_fraction)
     builder = DATASETS.get(name, argument="dataset")
-    return builder(root=root, download=download, val_fraction=val_fraction, seed=seed, augment=augment)
+    extra = {}
+    if block_size is not None:
+        if "block_size" not in inspect.signature(builder).parameters:
+            raise ValueError(f"block_size applies to text data sets only, not to {name!r}")
+        extra["block_size"] = block_size
+    return builder(root=root, download=download, val_fraction=val_fraction, seed=seed, augment=augment, **extra)

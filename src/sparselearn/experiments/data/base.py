@@ -37,15 +37,21 @@ class DataSplits:
         input_shape: ``(C, H, W)`` of one input.
         name: the registered data set name.
         class_names: optional human-readable class names, in label order.
+        task: ``"classification"`` (one label per input) or ``"lm"`` (next-token prediction:
+            ``num_classes`` is the vocabulary, ``input_shape`` is ``(block_size,)``, targets are the
+            inputs shifted by one token).
+        source: where the data came from, for the run's log (files and hashes), if the set says.
     """
 
     train: Dataset
     val: Optional[Dataset]
     test: Dataset
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     name: str
     class_names: Optional[list[str]] = None
+    task: str = "classification"
+    source: Optional[dict] = None
 
 
 def cache_dir(name: str) -> Path:

@@ -111,6 +111,6 @@ def make_loader(
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if isinstance(dataset, TensorImageDataset):
+    if isinstance(dataset, TensorImageDataset) or hasattr(dataset, "get_batch"):  # in memory (images, text)
         return TensorBatchLoader(dataset, batch_size, shuffle, generator, drop_last)
     return DataLoaderBatches(dataset, batch_size, shuffle, generator, drop_last, num_workers)

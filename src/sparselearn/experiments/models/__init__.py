@@ -16,6 +16,9 @@ Registered names (see :func:`list_models`), with their default input shape and c
 * ``resnet50-v1-tiny``, ``resnet50-v1.5-tiny`` -- ResNet-50 with a 3x3 stride-1 stem and no
   max-pool, for Tiny-ImageNet (3x64x64, 200)
 * ``small-cnn`` -- a tiny CNN for CI (3x32x32, 10)
+* ``gpt2-tiny``, ``hf-gpt2`` -- GPT-2-shaped language models (Radford et al. 2019) from a config:
+  token ids ``(T,)`` in, logits ``(T, vocab)`` out; ``hf-gpt2`` is Hugging Face's (needs
+  ``transformers``)
 
 Every model returns raw logits (use ``nn.CrossEntropyLoss``) and has an ``input_shape``
 attribute. :func:`get_classifier` returns a model's last ``nn.Linear``.
@@ -26,8 +29,9 @@ from typing import Sequence, Union
 
 from torch import nn
 
-from . import alexnet, lenet, resnet, small, vgg, wide_resnet  # noqa: F401  (registers the models)
+from . import alexnet, gpt, lenet, resnet, small, vgg, wide_resnet  # noqa: F401  (registers the models)
 from .alexnet import AlexNet
+from .gpt import GPT
 from .lenet import LeNet5Caffe, LeNet300100
 from .registry import MODELS, ModelFactory, check_input_shape, register_model
 from .resnet import Bottleneck, ResNet, resnet50
@@ -38,6 +42,7 @@ from .wide_resnet import WideBasicBlock, WideResNet
 __all__ = [
     "MODELS",
     "AlexNet",
+    "GPT",
     "Bottleneck",
     "LeNet300100",
     "LeNet5Caffe",
@@ -78,7 +83,9 @@ def create_model(
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     if input_shape is not None:
-        kwargs["input_shape"] = check_input_shape(input_shape)
+        # a language model's input is (block_size,) token ids; the others take (C, H, W)
+        lm = getattr(factory, "task", None) == "lm"
+        kwargs["input_shape"] = tuple(int(s) for s in input_shape) if lm else check_input_shape(input_shape)
     return factory(**kwargs)
 
 
