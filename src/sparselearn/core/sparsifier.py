@@ -469,24 +469,62 @@ class Sparsifier:
     # ------------------------------------------------------------------ masks
     def _refresh_apply_cache(self) -> None:
         # Masks in the weight's dtype make the per-step apply a single fused foreach multiply (the
-        # fastest form measured on this CPU); the bool masks stay the source of truth.
+        # fastest pure-PyTorch form measured on this CPU; docs/performance.md); the bool masks stay
+        # the source of truth. Weights that a mask applier takes (set_mask_applier) need no copy.
         self._weights = [local(sp.param) for sp in self._params]  # FSDP2: this rank's rows
         self._index = {sp.name: i for i, sp in enumerate(self._params)}
-        self._apply = [self.masks[sp.name].to(sp.param.dtype) for sp in self._params]
+        applier = getattr(self, "_applier", None)
+        self._selected = [i for i, (sp, w) in enumerate(zip(self._params, self._weights))
+                          if applier is not None and applier.accepts(w, self.masks[sp.name])]
+        chosen = set(self._selected)
+        self._multiplied = [i for i in range(len(self._params)) if i not in chosen]
+        self._apply = {i: self.masks[self._params[i].name].to(self._weights[i].dtype) for i in self._multiplied}
+        # the per-step argument lists, built once (the masks change in place)
+        self._select_args = ([self._weights[i] for i in self._selected],
+                             [self.masks[self._params[i].name] for i in self._selected])
+        self._multiply_args = ([self._weights[i] for i in self._multiplied], [self._apply[i] for i in self._multiplied])
+
+    def set_mask_applier(self, applier) -> None:
+        """Zeroes the masked weights with ``applier`` instead of a multiply by a float copy of the masks.
+
+        ``applier.accepts(weight, mask) -> bool`` says which weights it handles (e.g. contiguous CPU
+        float32); ``applier(weights, masks)`` must set every entry whose bool mask is False to exactly
+        0, also where the weight is inf or NaN (a select, not a multiply). The weights it accepts keep
+        no mask copy in their dtype: 1 byte of mask state per weight instead of 5 (issue 10, "Memory").
+        ``None`` goes back to the multiply. The core has no such applier of its own; the compiled one is
+        :func:`sparselearn.speed.use_native_masks`.
+        """
+        if applier is not None and not (callable(applier) and callable(getattr(applier, "accepts", None))):
+            raise TypeError("applier must be callable as applier(weights, masks) and have accepts(weight, mask)")
+        self._applier = applier
+        self._refresh_apply_cache()
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of mask state this sparsifier keeps: the bool masks, plus the copies in the weights'
+        dtype that the multiply path applies."""
+        return (sum(m.numel() * m.element_size() for m in self.masks.values())
+                + sum(t.numel() * t.element_size() for t in self._apply.values()))
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zeroes every masked weight.
 
-        One fused multiply by the masks in the weight's dtype (the fastest form measured on this
-        CPU); ``inf * 0`` would leave NaN, so when any weight is not finite the masked entries are
-        overwritten with ``masked_fill`` instead: a masked weight is exactly 0 whatever the
-        optimizer wrote there.
+        Weights taken by a mask applier (:meth:`set_mask_applier`) are zeroed by its select. The
+        others: one fused multiply by the masks in the weight's dtype (the fastest pure-PyTorch form
+        measured on this CPU); ``inf * 0`` would leave NaN, so when any of them is not finite the
+        masked entries are overwritten with ``masked_fill`` instead: a masked weight is exactly 0
+        whatever the optimizer wrote there.
         """
-        torch._foreach_mul_(self._weights, self._apply)
-        norms = torch._foreach_norm(self._weights)
+        if self._selected:
+            self._applier(*self._select_args)
+        weights, masks = self._multiply_args
+        if not weights:
+            return
+        torch._foreach_mul_(weights, masks)
+        norms = torch._foreach_norm(weights)
         if not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
-            for w, m in zip(self._weights, self._apply):
+            for w, m in zip(weights, masks):
                 w.masked_fill_(m == 0, 0)
 
     @torch.no_grad()
@@ -518,7 +556,8 @@ class Sparsifier:
         changed = new_mask ^ mask
         mask.copy_(new_mask)
         i = self._index[name]
-        self._apply[i].copy_(mask)
+        if i in self._apply:
+            self._apply[i].copy_(mask)
         param = self._params[i].param
         param.masked_fill_(changed, 0)
         if reset is not None:

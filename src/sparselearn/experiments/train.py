@@ -44,6 +44,7 @@ from torch import nn
 from sparselearn.analysis.flops import FlopCounter
 from sparselearn.analysis.topology import TopologyTracker
 from sparselearn.core.algorithms import algorithms
+from sparselearn.core.sparsifier import Sparsifier
 from sparselearn.experiments import launch, runs
 from sparselearn.experiments.callbacks import (
     Accelerate, Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
@@ -57,6 +58,7 @@ from sparselearn.experiments.data.text import bits_per_byte
 from sparselearn.experiments.errors import Diverged, UserError
 from sparselearn.experiments.models import create_model
 from sparselearn.experiments.precision import Precision
+from sparselearn.speed import use_native_masks
 
 CONFIG_FILE, METRICS_FILE, RESULT_FILE = runs.CONFIG_FILE, runs.METRICS_FILE, runs.RESULT_FILE
 DIVERGED_FILE, TENSORBOARD_DIR = runs.DIVERGED_FILE, runs.TENSORBOARD_DIR
@@ -547,11 +549,16 @@ def build_sparsifier(model, optimizer, sparsity: Mapping[str, Any], seed: int, s
         x, y = next(iter(make_loader(train_set, batch_size, True, gen)))
         kwargs.update(batch=(x.to(device), y.to(device)), loss_fn=criterion)
     try:
-        return factory(model, optimizer, **kwargs)
+        sparsifier = factory(model, optimizer, **kwargs)
     except TypeError as e:
         raise _option_error("sparsity", name, e) from None
     except ValueError as e:
         raise ConfigError(f"sparsity (algorithm {name!r}): {e}") from None
+    if isinstance(sparsifier, Sparsifier):
+        # the compiled select where a C compiler exists: the same values as the multiply (masked
+        # entries exactly 0), 1 byte of mask state per CPU fp32 weight instead of 5, and faster
+        use_native_masks(sparsifier)
+    return sparsifier
 
 
 #: Option names that count steps or items, whatever default the factory declares.

@@ -11,8 +11,11 @@ from .accelerate import Acceleration, LayerChoice, accelerate, dense_grad_policy
 from .compact import Compaction, TraceError, compact, compact_for_training
 from .export import export, sparse_state_dict
 from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
+from .masks import NativeMaskApplier, use_native_masks
 
 __all__ = [
+    "NativeMaskApplier",
+    "use_native_masks",
     "Acceleration",
     "LayerChoice",
     "accelerate",
