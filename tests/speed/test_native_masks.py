@@ -86,3 +86,17 @@ def test_applier_without_accepts_is_refused():
     sp = sparselearn.static_sparse(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.3)
     with pytest.raises(TypeError, match="accepts"):
         sp.set_mask_applier(lambda ws, ms: None)
+
+
+def test_a_weight_converted_after_the_switch_is_still_zeroed():
+    model = _net()
+    sp = sparselearn.static_sparse(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.3)
+    assert use_native_masks(sp)
+    model.to(torch.bfloat16)  # same Parameter objects, bf16 storage: no longer the fp32 select's
+    with torch.no_grad():
+        for p in sp.parameters().values():
+            p.fill_(float("nan"))
+    sp.apply_masks()
+    for n, p in sp.parameters().items():
+        assert p.dtype == torch.bfloat16
+        assert not p[~sp.masks[n]].any() and p[sp.masks[n]].isnan().all()

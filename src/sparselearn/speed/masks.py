@@ -26,7 +26,16 @@ class NativeMaskApplier:
                 and weight.is_contiguous() and mask.is_contiguous() and weight.numel() == mask.numel())
 
     def __call__(self, weights: list[Tensor], masks: list[Tensor]) -> None:
-        _native.masked_zero_(weights, masks)
+        native = [self.accepts(w, m) for w, m in zip(weights, masks)]
+        if all(native):
+            _native.masked_zero_(weights, masks)
+            return
+        # a weight converted after the sparsifier was built (model.to(torch.bfloat16)): still a select
+        for w, m, ok in zip(weights, masks, native):
+            if ok:
+                _native.masked_zero_([w], [m])
+            else:
+                w.masked_fill_(~m.to(w.device), 0)
 
 
 def use_native_masks(sparsifier) -> bool:
