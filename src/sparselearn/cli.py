@@ -104,10 +104,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="model name (model.name)")
     g.add_argument("--dataset", help="data set name (data.name)")
     g.add_argument("--data-root", metavar="DIR", help="folder holding the data set files (data.root)")
-    g.add_argument("--speed", choices=("masked", "auto", "kernels"),
+    g.add_argument("--speed", choices=("masked", "auto", "kernels", "compact"),
                    help="masked (dense kernels on masked weights), auto (each layer on its fastest measured "
-                        "path) or kernels (sparse kernels wherever they run); Starfire switches after its "
-                        "era (train.speed; `sparselearn export` makes compact models)")
+                        "path), kernels (sparse kernels wherever they run) or compact (train the model without "
+                        "its empty channels once the mask is fixed: static, snip, gmp, starfire*); Starfire "
+                        "switches after its era (train.speed; `sparselearn export` makes compact models)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="fp32, bf16 autocast, or fp16 autocast with a loss scaler (train.precision)")
     g.add_argument("--compile", action="store_true", default=None,

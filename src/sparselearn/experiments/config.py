@@ -167,7 +167,7 @@ FIELDS: dict[str, Field] = {
     "train.device": Field(str, "auto", check=_device),
     "train.out_dir": Field(str, "runs"),
     "train.log_every": Field(int, 100, check=_positive),
-    "train.speed": Field(str, "masked", check=_one_of(("masked", "auto", "kernels"))),
+    "train.speed": Field(str, "masked", check=_one_of(("masked", "auto", "kernels", "compact"))),
     "train.precision": Field(str, "fp32", check=_one_of(PRECISIONS)),
     "train.compile": Field(bool, False),
     "train.check_ranks": Field(bool, False),

@@ -50,6 +50,7 @@ from sparselearn.experiments.callbacks import (
     Accelerate, Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
 )
 from sparselearn.experiments.checkpoint import CHECKPOINT, load_checkpoint, remove_stale_temporaries, write_json, write_text
+from sparselearn.experiments.compaction import Compact, check_compactable, compaction_state, restore_compacted
 from sparselearn.experiments.config import (
     ConfigError, changed_keys, config_hash, model_options, sparsity_options, to_yaml, validate,
 )
@@ -149,8 +150,9 @@ def _train(cfg: dict, run_dir: Path, ranks: launch.Ranks, device: torch.device, 
                         f"batches, learning rates and topology updates")
                 run.restore(checkpoint)
             if ranks.is_main:
+                speed = cfg["train"]["speed"]
                 builtin = [MetricsFile(), TensorBoardLog(), EpochLines(log), CheckpointWriter(),
-                           Accelerate(cfg["train"]["speed"], log)]
+                           Compact(log) if speed == "compact" else Accelerate(speed, log)]
             else:
                 builtin = []
             extra = [] if on_epoch_end is None else [EpochCallback(on_epoch_end)]
@@ -208,6 +210,7 @@ class Run:
     precision: Any = None
     net: Optional[nn.Module] = None  # what the steps run: the DDP wrapper under torchrun, else model
     ranks: launch.Ranks = field(default_factory=launch.Ranks)
+    compaction: Optional[dict] = None  # --speed compact, once switched (experiments.compaction)
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
@@ -231,15 +234,19 @@ class Run:
             "metrics": self.history, "elapsed": self.elapsed,
             "topology": None if self.topology is None else self.topology.state_dict(),
             "scaler": self.precision.state_dict(),
+            "compaction": compaction_state(self),
         }
 
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
         """Loads a :meth:`state_dict` (a checkpoint missing a piece is reported, not guessed)."""
         try:
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            if self.sparsifier is not None:
-                self.sparsifier.load_state_dict(checkpoint["sparsifier"])
+            if checkpoint.get("compaction") is not None:  # switched to the compact model (--speed compact)
+                restore_compacted(self, checkpoint)
+            else:
+                self.model.load_state_dict(checkpoint["model"])
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
+                if self.sparsifier is not None:
+                    self.sparsifier.load_state_dict(checkpoint["sparsifier"])
             self.data_generator.set_state(checkpoint["data_generator"])
             torch.set_rng_state(checkpoint["torch_rng"])
             if self.device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
@@ -312,6 +319,8 @@ def build_run(cfg: dict, run_dir: Path, device: torch.device, ranks: launch.Rank
     # ---- the sparsifier: masks after every step, topology updates on its own schedule ----------
     sparsifier = build_sparsifier(net, optimizer, cfg["sparsity"], seed, steps_per_epoch, epochs,
                                   criterion, splits.train, batch_size, device, cfg["train"]["check_ranks"])
+    if cfg["train"]["speed"] == "compact":
+        check_compactable(cfg["sparsity"]["algorithm"], sparsifier)
     example = torch.zeros(1, *splits.input_shape, dtype=torch.long if splits.task == "lm" else torch.float32, device=device)
     flops = FlopCounter(model, example)  # Sec. 5.1 estimates
     topology = None if sparsifier is None else TopologyTracker(sparsifier)  # per-update dynamics
@@ -357,6 +366,9 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
     try:
         for cb in callbacks:
             cb.on_fit_start(run)
+        if run.model is not model:  # --speed compact on a mask fixed from the start
+            model, optimizer, net = run.model, run.optimizer, run.net or run.model
+            forward = torch.compile(net) if cfg["train"]["compile"] else net
         for epoch in range(run.start_epoch, run.epochs):
             if hasattr(run.train_loader, "set_epoch"):  # a DistributedSampler: this epoch's permutation
                 run.train_loader.set_epoch(epoch)
@@ -392,6 +404,9 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
                 seen += y.size(0)
                 for cb in callbacks:
                     cb.on_step_end(run, loss_sum / seen)
+                if run.model is not model:  # --speed compact swapped in the compact model and its optimizer
+                    model, optimizer, net = run.model, run.optimizer, run.net or run.model
+                    forward = torch.compile(net) if cfg["train"]["compile"] else net
 
             # Validation every epoch, test only at the last one (Sec. 4); over all ranks' shards.
             loss_sum, correct, seen = ranks.all_sum(loss_sum, correct, torch.tensor(seen))
