@@ -182,3 +182,28 @@ def test_blocked_index_matches_masked_dense(batch):
     x = torch.randn(batch, 600, generator=g)
     gy = torch.randn(batch, 300, generator=g)
     _assert_linear_matches(fast, lin, mask, x, gy)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 31, 32, 161, 300])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_weight_gradient_of_active_entries_matches_masked_dense(batch, blocked):
+    # batches around the kernel's 128- and 32-wide register chunks and its scalar tail; empty rows
+    # (rows 0 and 7); one column block or three, the last holding only 8 columns
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(700, 11)
+    mask = torch.rand(11, 700, generator=g) < 0.2
+    mask[0] = mask[7] = False
+    mask[:, 520:] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    if blocked:
+        fast.block_bytes = 1
+        fast.rebuild(mask)
+    assert len(fast._index.rowptrs) == (3 if blocked else 1)
+    x = torch.randn(batch, 700, generator=g)
+    gy = torch.randn(batch, 11, generator=g)
+    _assert_linear_matches(fast, lin, mask, x, gy)
+    _, dots = _grads(fast, x, lin.weight, lin.bias, gy)
+    torch.testing.assert_close(dots[1], (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)

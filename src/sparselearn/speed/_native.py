@@ -61,6 +61,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
     lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, i64, i32]
+    lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i32]
     return lib
 
 
@@ -145,3 +146,15 @@ def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: 
                                 _check(col16, torch.int16), _check(val, torch.float32), y.data_ptr(), rows,
                                 torch.get_num_threads())
     return y
+
+
+def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: int, cols: int) -> Tensor:
+    """The (rows, cols) float32 matrix ``out[c, col[p]] = g[c] . x[col[p]]`` over the entries ``p`` of
+    each row, zero elsewhere: the weight gradient of a sparse linear layer (``g`` (rows, B) output
+    gradient and ``x`` (cols, B) input, batch innermost; ``rowptrs`` (blocks, rows + 1))."""
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    b = g.shape[-1]
+    library().sparse_dots_dense(_check(g, torch.float32), _check(x, torch.float32), b, _check(rowptrs, torch.int64),
+                                rowptrs.shape[0], _check(col, torch.int32), out.data_ptr(), rows, cols,
+                                torch.get_num_threads())
+    return out

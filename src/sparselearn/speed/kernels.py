@@ -370,6 +370,8 @@ class _SparseLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if ctx.dense:
                 gw = g2.t() @ xt.view(cols, b).t()
+            elif layer.backend == "native":  # the active entries' dots written straight into the dense gradient
+                gw = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols)
             else:
                 gw = _scatter(layer._dots(gt, xt, idx, b), idx.flat, ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -447,8 +449,8 @@ class SparseLinear(_SparseLayer):
         return (mat @ src.view(cols, b)).view(1, rows, b)
 
     def _dots(self, gt, xt, idx, b):
-        if self.backend == "native":
-            return _native.sparse_dots(gt, xt, idx.row32, idx.col32, self._zeros, b)
+        """The active entries' weight gradients in CSR order (torch backend; the native one writes
+        them straight into the dense gradient, ``_native.sparse_dots_dense``)."""
         out = torch.empty(idx.nnz)
         g, x = gt.view(-1, b), xt.view(-1, b)
         step = max(1, (1 << 22) // max(b, 1))  # bounded temporaries: at most ~16 MB per chunk
