@@ -207,3 +207,23 @@ def test_weight_gradient_of_active_entries_matches_masked_dense(batch, blocked):
     _assert_linear_matches(fast, lin, mask, x, gy)
     _, dots = _grads(fast, x, lin.weight, lin.bias, gy)
     torch.testing.assert_close(dots[1], (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("shape,blocks", [((300, 600), 256), ((9, 13), None), ((1, 1), None), ((517, 260), 256)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+def test_native_index_builder_equals_torch_builder(shape, blocks, density):
+    from sparselearn.speed.kernels import SparseIndex
+    g = torch.Generator().manual_seed(6)
+    mask = torch.rand(shape, generator=g) < density
+    if density == 0.1:
+        mask[shape[0] // 2] = False  # an empty row
+    ref = SparseIndex(mask, block_cols=blocks, block_rows=blocks)
+    fast = SparseIndex(mask, block_cols=blocks, block_rows=blocks, native=True)
+    for name in ("flat", "row32", "col32", "perm", "row32_t", "col32_t", "tap"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+    assert fast.fan_in == ref.fan_in
+    for mine, theirs in ((fast.rowptrs, ref.rowptrs), (fast.colptrs, ref.colptrs)):
+        # the torch builder stops at the last non-empty block; later blocks are empty here
+        assert len(mine) >= len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        assert all(int(a[0]) == int(a[-1]) for a in mine[len(theirs):])

@@ -61,6 +61,9 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
     lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, i64, i32]
+    lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
+    lib.csr_csc_count.restype = i64
+    lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
     lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i32]
     return lib
 
@@ -158,3 +161,22 @@ def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: 
                                 rowptrs.shape[0], _check(col, torch.int32), out.data_ptr(), rows, cols,
                                 torch.get_num_threads())
     return out
+
+
+def csr_csc_index(mask: Tensor, block_cols: int, block_rows: int) -> dict[str, Tensor]:
+    """The entry lists of a 2-D bool ``mask`` (see ``csr_csc_index`` in ``_native.c``): ``flat``,
+    ``row``, ``col`` in CSR order by (column block, row, col); ``perm``, ``row_t``, ``col_t`` in CSC
+    order by (row block, col, row); ``rowptr`` / ``colptr`` the blocks' absolute pointers, one
+    ``rows + 1`` (``cols + 1``) array per block, blocks of ``block_cols`` columns (``block_rows`` rows)."""
+    rows, cols = mask.shape
+    lib, m = library(), _check(mask, torch.bool)
+    nbc, nbr = max(1, -(-cols // block_cols)), max(1, -(-rows // block_rows))
+    i64, i32 = torch.int64, torch.int32
+    t = dict(rowptr=torch.empty(nbc * rows + 1, dtype=i64), colptr=torch.empty(nbr * cols + 1, dtype=i64))
+    nnz = lib.csr_csc_count(m, rows, cols, block_cols, nbc, block_rows, t["rowptr"].data_ptr(), t["colptr"].data_ptr())
+    t.update(flat=torch.empty(nnz, dtype=i64), row=torch.empty(nnz, dtype=i32), col=torch.empty(nnz, dtype=i32),
+             perm=torch.empty(nnz, dtype=i64), row_t=torch.empty(nnz, dtype=i32), col_t=torch.empty(nnz, dtype=i32))
+    lib.csr_csc_index(m, rows, cols, block_cols, nbc, block_rows, nbr, *(v.data_ptr() for v in t.values()))
+    t["rowptrs"] = [t["rowptr"][k * rows: (k + 1) * rows + 1] for k in range(nbc)]
+    t["colptrs"] = [t["colptr"][k * cols: (k + 1) * cols + 1] for k in range(nbr)]
+    return t

