@@ -227,3 +227,50 @@ def test_native_index_builder_equals_torch_builder(shape, blocks, density):
         # the torch builder stops at the last non-empty block; later blocks are empty here
         assert len(mine) >= len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
         assert all(int(a[0]) == int(a[-1]) for a in mine[len(theirs):])
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(37,), (1, 37), (1, 1, 37)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["fanin", "unstructured", "empty_rows"])
+def test_one_sample_inference_path(shape, bias, kind):
+    # the no-autograd one-sample path (gathers with masked row tails, bias fused) equals the masked layer
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(37, 21, bias=bias)
+    if kind == "fanin":  # 19 inputs per row: one 16-wide gather and a 3-wide masked tail
+        mask = torch.zeros(21, 37, dtype=torch.bool)
+        mask.scatter_(1, torch.rand(21, 37, generator=g).topk(19, dim=1).indices, True)
+    else:
+        mask = torch.rand(21, 37, generator=g) < 0.6
+        if kind == "empty_rows":
+            mask[3] = mask[20] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    fast.block_bytes = 1
+    fast.rebuild(mask)  # blocks of 256 > 37 columns: one block; and with the default blocks
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        y = fast(x)
+        assert y.shape == lin(x).shape
+        torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
+        lin.weight.mul_(2.0)  # a changed weight is gathered again
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-4)
+    y = fast(x)  # grad mode, weight requires grad: the autograd path
+    assert y.requires_grad
+
+
+@needs_native
+def test_one_sample_path_long_rows_in_blocks():
+    # rows of 300 and more entries split over three column blocks (32-wide gathers, masked tails)
+    g = torch.Generator().manual_seed(8)
+    lin = nn.Linear(700, 5)
+    mask = torch.rand(5, 700, generator=g) < 0.7
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+        fast = SparseLinear(lin, mask, backend="native")
+        fast.block_bytes = 1
+        fast.rebuild(mask)
+        assert len(fast._index.rowptrs) == 3
+        x = torch.randn(1, 700, generator=g)
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)

@@ -142,12 +142,45 @@ void masked_zero_f32(float *w, const uint8_t *mask, int64_t n)
     for (int64_t i = 0; i < n; i++) w[i] = mask[i] ? w[i] : 0.0f;
 }
 
-/* y[c] = sum_{p in row c} val[p] * x[col[p]]: a linear layer on one sample with 16-bit column
- * indices (in_features <= 65536), 6 bytes read per active weight instead of 12 (memory bound).
- * rowptr holds nblocks row-pointer arrays of rows + 1 entries (the index's column blocks): row c is
- * the union of its segments in every block, summed in one pass. */
+/* y[c] = bias[c] + sum_{p in row c} val[p] * x[col[p]] (bias may be NULL): a linear layer on one
+ * sample with 16-bit column indices (in_features <= 65536), 6 bytes read per active weight instead
+ * of 12 (memory bound). rowptr holds nblocks row-pointer arrays of rows + 1 entries (the index's
+ * column blocks): row c is the union of its segments in every block, summed in one pass.
+ * With AVX-512 the loads are explicit 16-lane gathers of x (which sits in L1) with the row tail as
+ * one masked gather: the compiler's scalar-gather loop ran at ~10 GB/s, a third of what the dense
+ * matrix-vector product streams. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
 void sparse_matvec_u16(const float *x, const int64_t *rowptr, int64_t nblocks, const uint16_t *col,
-                       const float *val, float *y, int64_t rows, int threads)
+                       const float *val, const float *bias, float *y, int64_t rows, int threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < rows; c++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t *ptr = rowptr + b * (rows + 1);
+            int64_t p = ptr[c];
+            const int64_t p1 = ptr[c + 1];
+            for (; p + 32 <= p1; p += 32) {
+                const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(col + p)));
+                const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(col + p + 16)));
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + p), _mm512_i32gather_ps(i0, x, 4), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + p + 16), _mm512_i32gather_ps(i1, x, 4), a1);
+            }
+            for (; p < p1; p += 16) {
+                const __mmask16 k = p + 16 <= p1 ? (__mmask16)0xFFFF : (__mmask16)((1u << (p1 - p)) - 1);
+                const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, col + p));
+                const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, i0, x, 4);
+                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, val + p), xv, a0);
+            }
+        }
+        const float a = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        y[c] = bias ? bias[c] + a : a;
+    }
+}
+#else
+void sparse_matvec_u16(const float *x, const int64_t *rowptr, int64_t nblocks, const uint16_t *col,
+                       const float *val, const float *bias, float *y, int64_t rows, int threads)
 {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < rows; c++) {
@@ -162,9 +195,10 @@ void sparse_matvec_u16(const float *x, const int64_t *rowptr, int64_t nblocks, c
             for (; p < p1; p++) a += val[p] * x[col[p]];
         }
         for (int j = 0; j < 16; j++) a += lane[j];
-        y[c] = a;
+        y[c] = bias ? bias[c] + a : a;
     }
 }
+#endif
 
 /* Asks the OS for 2 MiB pages over the whole 2 MiB-aligned interior of a fresh, untouched buffer of
  * n bytes (a hint: where transparent huge pages are off it does nothing). A 4096x4096 float

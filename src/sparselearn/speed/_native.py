@@ -60,7 +60,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
-    lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, i64, i32]
+    lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
     lib.csr_csc_count.restype = i64
     lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
@@ -141,12 +141,14 @@ def masked_zero_(weights: list[Tensor], masks: list[Tensor]) -> None:
         lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
 
 
-def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int) -> Tensor:
-    """``y[c] = sum_{p in row c} val[p] * x[col16[p]]`` (one sample; ``col16`` int16 holding uint16;
-    ``rowptrs`` (blocks, rows + 1) row pointers, one array per column block)."""
+def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """``y[c] = bias[c] + sum_{p in row c} val[p] * x[col16[p]]`` (one sample; ``col16`` int16 holding
+    uint16; ``rowptrs`` (blocks, rows + 1) row pointers, one array per column block; no bias if None)."""
     y = torch.empty(rows, dtype=torch.float32)
     library().sparse_matvec_u16(_check(x, torch.float32), _check(rowptrs, torch.int64), rowptrs.shape[0],
-                                _check(col16, torch.int16), _check(val, torch.float32), y.data_ptr(), rows,
+                                _check(col16, torch.int16), _check(val, torch.float32),
+                                None if bias is None else _check(bias, torch.float32), y.data_ptr(), rows,
                                 torch.get_num_threads())
     return y
 
