@@ -154,15 +154,21 @@ def test_constant_fan_in_detection():
 
 
 @needs_native
-def test_one_sample_path_with_wide_inputs():
-    # columns >= 32768 travel as uint16 in the one-sample kernel
+@pytest.mark.parametrize("cols,rows,density,small_blocks,blocks", [(40000, 3, 0.05, False, 20), (700, 5, 0.7, True, 3)])
+def test_one_sample_path_with_wide_inputs(cols, rows, density, small_blocks, blocks):
+    # columns >= 32768 travel as uint16 in the one-sample kernel; rows of 300+ entries split over
+    # three column blocks of 256 (32-wide gathers, masked tails)
     g = torch.Generator().manual_seed(2)
-    lin = nn.Linear(40000, 3)
-    mask = torch.rand(3, 40000, generator=g) < 0.05
+    lin = nn.Linear(cols, rows)
+    mask = torch.rand(rows, cols, generator=g) < density
     with torch.no_grad():
         lin.weight.mul_(mask)
         fast = SparseLinear(lin, mask, backend="native")
-        x = torch.randn(1, 40000, generator=g)
+        if small_blocks:
+            fast.block_bytes = 1
+            fast.rebuild(mask)
+        assert len(fast._index.rowptrs) == blocks
+        x = torch.randn(1, cols, generator=g)
         torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
 
 
@@ -259,18 +265,3 @@ def test_one_sample_inference_path(shape, bias, kind):
     y = fast(x)  # grad mode, weight requires grad: the autograd path
     assert y.requires_grad
 
-
-@needs_native
-def test_one_sample_path_long_rows_in_blocks():
-    # rows of 300 and more entries split over three column blocks (32-wide gathers, masked tails)
-    g = torch.Generator().manual_seed(8)
-    lin = nn.Linear(700, 5)
-    mask = torch.rand(5, 700, generator=g) < 0.7
-    with torch.no_grad():
-        lin.weight.mul_(mask)
-        fast = SparseLinear(lin, mask, backend="native")
-        fast.block_bytes = 1
-        fast.rebuild(mask)
-        assert len(fast._index.rowptrs) == 3
-        x = torch.randn(1, 700, generator=g)
-        torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
