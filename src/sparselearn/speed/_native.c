@@ -27,11 +27,16 @@ static inline float hsum16(v16 v)
 }
 
 /* dst[n, c, q] = sum_{p in rowptr[c] .. rowptr[c+1]} val[p] * src[n, chan[p], q + off[p]],  q < Ldst.
- * The caller guarantees q + off[p] < Lsrc. */
-void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
-                 const int64_t *rowptr, const int32_t *chan, const int32_t *off, const float *val,
-                 float *dst, int64_t Cdst, int64_t Ldst, int threads)
+ * The caller guarantees q + off[p] < Lsrc. With use_w (linear layers, off = 0) the values are read
+ * straight from the dense (Cdst, wcols) weight, val[p] = w[c, chan[p]], instead of a gathered copy:
+ * a training step's separate gather pass over the whole weight (~5 ms at 4096x4096) folds into
+ * the loop, whose time the input rows' L2 reads already set. */
+static inline __attribute__((always_inline)) void
+rows_impl(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc, const int64_t *rowptr, const int32_t *chan,
+          const int32_t *off, const float *val, const float *w, int64_t wcols, const int use_w,
+          float *dst, int64_t Cdst, int64_t Ldst, int threads)
 {
+#define VAL(p) (use_w ? wr[chan[p]] : val[p])
     /* Two samples at a time share every entry's index loads and give eight independent
      * accumulator chains (the add latency, not the arithmetic, bounds one chain). */
     const int64_t NP = (N + 1) / 2;
@@ -45,12 +50,13 @@ void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
             const float *s0 = src + n * Csrc * Lsrc;
             const float *s1 = two ? s0 + Csrc * Lsrc : s0;
             const int64_t p0 = rowptr[c], p1 = rowptr[c + 1];
+            const float *wr = use_w ? w + c * wcols : val;
             int64_t q0 = 0;
             if (!two) {  /* one sample (odd batch, linear layers): eight chains along the row */
                 for (; q0 + 2 * CHUNK <= Ldst; q0 += 2 * CHUNK) {
                     v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
                     for (int64_t p = p0; p < p1; p++) {
-                        const float v = val[p];
+                        const float v = VAL(p);
                         const v16 *t = (const v16 *)(s0 + (int64_t)chan[p] * Lsrc + off[p] + q0);
                         a0 += v * t[0]; a1 += v * t[1]; a2 += v * t[2]; a3 += v * t[3];
                         a4 += v * t[4]; a5 += v * t[5]; a6 += v * t[6]; a7 += v * t[7];
@@ -62,7 +68,7 @@ void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
             for (; q0 + CHUNK <= Ldst; q0 += CHUNK) {
                 v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
                 for (int64_t p = p0; p < p1; p++) {
-                    const float v = val[p];
+                    const float v = VAL(p);
                     const int64_t o = (int64_t)chan[p] * Lsrc + off[p] + q0;
                     const v16 *s = (const v16 *)(s0 + o), *t = (const v16 *)(s1 + o);
                     a0 += v * s[0]; a1 += v * s[1]; a2 += v * s[2]; a3 += v * s[3];
@@ -76,8 +82,8 @@ void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
                 v16 a0 = {0}, b0 = {0};
                 for (int64_t p = p0; p < p1; p++) {
                     const int64_t o = (int64_t)chan[p] * Lsrc + off[p] + q0;
-                    a0 += val[p] * *(const v16 *)(s0 + o);
-                    b0 += val[p] * *(const v16 *)(s1 + o);
+                    a0 += VAL(p) * *(const v16 *)(s0 + o);
+                    b0 += VAL(p) * *(const v16 *)(s1 + o);
                 }
                 if (two) *(v16 *)(e + q0) = b0;
                 *(v16 *)(d + q0) = a0;
@@ -87,12 +93,28 @@ void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
                 float *dk = k ? e : d;
                 for (int64_t q = q0; q < Ldst; q++) {
                     float a = 0.0f;
-                    for (int64_t p = p0; p < p1; p++) a += val[p] * sk[(int64_t)chan[p] * Lsrc + off[p] + q];
+                    for (int64_t p = p0; p < p1; p++) a += VAL(p) * sk[(int64_t)chan[p] * Lsrc + off[p] + q];
                     dk[q] = a;
                 }
             }
         }
     }
+}
+#undef VAL
+
+void sparse_rows(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
+                 const int64_t *rowptr, const int32_t *chan, const int32_t *off, const float *val,
+                 float *dst, int64_t Cdst, int64_t Ldst, int threads)
+{
+    rows_impl(src, N, Csrc, Lsrc, rowptr, chan, off, val, 0, 0, 0, dst, Cdst, Ldst, threads);
+}
+
+/* sparse_rows with val[p] = w[c * wcols + chan[p]] (see rows_impl). */
+void sparse_rows_w(const float *src, int64_t N, int64_t Csrc, int64_t Lsrc,
+                   const int64_t *rowptr, const int32_t *chan, const int32_t *off, const float *w, int64_t wcols,
+                   float *dst, int64_t Cdst, int64_t Ldst, int threads)
+{
+    rows_impl(src, N, Csrc, Lsrc, rowptr, chan, off, 0, w, wcols, 1, dst, Cdst, Ldst, threads);
 }
 
 /* out[p] = sum_n sum_{q < Lq} a[n, row[p], q] * b[n, chan[p], q + off[p]]: the weight gradient of the

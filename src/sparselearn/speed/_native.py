@@ -56,6 +56,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(target))
     i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sparse_rows.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i32]
+    lib.sparse_rows_w.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i64, i64, i32]
     lib.sparse_dots.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, i64, p, i32]
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
@@ -104,6 +105,18 @@ def sparse_rows(src: Tensor, rowptr: Tensor, chan: Tensor, off: Tensor, val: Ten
     lib.sparse_rows(_check(src, torch.float32), n, c, l, _check(rowptr, torch.int64), _check(chan, torch.int32),
                     _check(off, torch.int32), _check(val, torch.float32), dst.data_ptr(), rows, length,
                     torch.get_num_threads())
+    return dst
+
+
+def sparse_rows_w(src: Tensor, rowptr: Tensor, col: Tensor, off: Tensor, weight: Tensor, length: int) -> Tensor:
+    """:func:`sparse_rows` of a linear layer (``off`` all 0) reading its values from the dense (rows,
+    cols) float32 ``weight``: ``val[p] = weight[c, col[p]]`` for the entries of row ``c``."""
+    lib = library()
+    n, c, l = src.shape
+    rows, cols = weight.shape
+    dst = torch.empty(n, rows, length, dtype=torch.float32)
+    lib.sparse_rows_w(_check(src, torch.float32), n, c, l, _check(rowptr, torch.int64), _check(col, torch.int32),
+                      _check(off, torch.int32), _check(weight, torch.float32), cols, dst.data_ptr(), rows, length, torch.get_num_threads())
     return dst
 
 

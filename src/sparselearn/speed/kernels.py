@@ -363,18 +363,21 @@ class _SparseLinearFn(torch.autograd.Function):
         b, cols = x2.shape
         rows = weight.shape[0]
         xt = x2.t().contiguous().view(1, cols, b)
-        vals = layer._values.get(weight, idx)
-        yt = layer._rows(xt, idx.rowptrs, idx.col32, vals, rows, b, idx)
+        if layer.backend == "native" and b > 1:  # values read from the weight inside the kernel
+            w = weight.detach()
+            yt = _accumulate(_native.sparse_rows_w(xt, ptr, idx.col32, layer._zeros, w, b) for ptr in idx.rowptrs)
+        else:
+            yt = layer._rows(xt, idx.rowptrs, idx.col32, layer._values.get(weight, idx), rows, b, idx)
         y = yt.view(rows, b).t()
         y = y + bias.detach() if bias is not None else y.contiguous()
-        ctx.save_for_backward(xt, vals)
+        ctx.save_for_backward(xt)
         ctx.layer, ctx.has_bias, ctx.lead, ctx.w_shape = layer, bias is not None, lead, weight.shape
         ctx.dense = _wants_dense(layer.dense_weight_grad) if ctx.needs_input_grad[1] else False
         return y.reshape(*lead, rows)
 
     @staticmethod
     def backward(ctx, grad):
-        xt, _ = ctx.saved_tensors
+        (xt,) = ctx.saved_tensors
         layer, idx = ctx.layer, ctx.layer._index
         rows, cols = ctx.w_shape
         g2 = grad.reshape(-1, rows).float()
@@ -394,6 +397,15 @@ class _SparseLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None
+
+
+def _accumulate(parts) -> Tensor:
+    """The sum of the kernel's per-block outputs (one block of inputs at a time: its slice of the
+    input stays in cache), summed in place into the first."""
+    out = None
+    for part in parts:
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def _zero_offsets(n: int) -> Tensor:
@@ -452,11 +464,7 @@ class SparseLinear(_SparseLayer):
         if self.backend == "native":
             if b == 1 and chan is idx.col32 and self._col16 is not None:
                 return _native.sparse_matvec(src.view(-1), self._rowptr_stack, self._col16, vals, rows).view(1, rows, 1)
-            out = None
-            for ptr in ptrs:  # one block of inputs at a time: its slice of ``src`` stays in cache
-                part = _native.sparse_rows(src, ptr, chan, self._zeros, vals, rows, b)
-                out = part if out is None else out.add_(part)
-            return out
+            return _accumulate(_native.sparse_rows(src, ptr, chan, self._zeros, vals, rows, b) for ptr in ptrs)
         # torch.sparse: the (rows x cols) CSR of the current values times the transposed input.
         (ptr,) = ptrs
         cols = src.shape[1]
