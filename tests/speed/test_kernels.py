@@ -265,3 +265,32 @@ def test_one_sample_inference_path(shape, bias, kind):
     y = fast(x)  # grad mode, weight requires grad: the autograd path
     assert y.requires_grad
 
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [2, 33, 130])
+def test_first_layer_training_reads_weights_in_kernel(batch):
+    # an input without gradient (a first layer): the forward reads the values from the weight inside
+    # the kernel; after an in-place weight change the output follows; no_grad inference uses the cache
+    g = torch.Generator().manual_seed(9)
+    lin = nn.Linear(300, 40)
+    mask = torch.rand(40, 300, generator=g) < 0.15
+    mask[5] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    fast.block_bytes = 1
+    fast.rebuild(mask)
+    x = torch.randn(batch, 300, generator=g)
+    gy = torch.randn(batch, 40, generator=g)
+    for _ in range(2):
+        y = fast(x)
+        assert not fast._values.fresh(lin.weight, fast._index)  # no gathered copy was made
+        (gw,) = torch.autograd.grad(y, [lin.weight], gy)
+        torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gw, (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            lin.weight.add_(0.5 * torch.randn(40, 300, generator=g) * mask)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-4)
+        assert fast._values.fresh(lin.weight, fast._index)
