@@ -130,9 +130,13 @@ def sparse_dots(a: Tensor, b: Tensor, row: Tensor, chan: Tensor, off: Tensor, le
     return out
 
 
-def gather(src: Tensor, idx: Tensor) -> Tensor:
-    """``src.reshape(-1)[idx]`` for a contiguous float32 ``src`` and int64 ``idx``."""
-    out = torch.empty(idx.numel(), dtype=torch.float32)
+def gather(src: Tensor, idx: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``src.reshape(-1)[idx]`` for a contiguous float32 ``src`` and int64 ``idx``, into ``out`` if given."""
+    if out is None:
+        out = torch.empty(idx.numel(), dtype=torch.float32)
+    elif out.numel() != idx.numel():
+        raise ValueError(f"gather: out has {out.numel()} entries, idx {idx.numel()}")
+    _check(out, torch.float32)
     library().gather_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
     return out
 
