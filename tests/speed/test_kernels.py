@@ -114,6 +114,16 @@ def _assert_linear_matches(fast, lin, mask, x, gy):
     return rgrads
 
 
+def _masked_linear(cols, rows, density, seed):
+    """A generator, an ``nn.Linear(cols, rows)`` with its weight masked, and its random mask."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(cols, rows)
+    mask = torch.rand(rows, cols, generator=g) < density
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return g, lin, mask
+
+
 BACKENDS = ["torch"] + (["native"] if _native.available() else [])
 
 
@@ -176,11 +186,7 @@ def test_one_sample_path_with_wide_inputs(cols, rows, density, small_blocks, blo
 @pytest.mark.parametrize("batch", [1, 5])
 def test_blocked_index_matches_masked_dense(batch):
     # inputs and outputs in blocks of 256: three input blocks, two output blocks
-    g = torch.Generator().manual_seed(4)
-    lin = nn.Linear(600, 300)
-    mask = torch.rand(300, 600, generator=g) < 0.1
-    with torch.no_grad():
-        lin.weight.mul_(mask)
+    g, lin, mask = _masked_linear(600, 300, 0.1, 4)
     fast = SparseLinear(lin, mask, backend="native")
     fast.block_bytes = 1  # the smallest blocks (256)
     fast.rebuild(mask)
@@ -294,3 +300,19 @@ def test_first_layer_training_reads_weights_in_kernel(batch):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-4)
         assert fast._values.fresh(lin.weight, fast._index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_regathered_in_place_after_weight_steps(backend):
+    # the cached CSR / CSC values are refreshed in their own buffers after each in-place update
+    g, lin, mask = _masked_linear(50, 30, 0.3, 10)
+    fast = SparseLinear(lin, mask, backend=backend)
+    x, gy = torch.randn(6, 50, generator=g), torch.randn(6, 30, generator=g)
+    buffers = None
+    for _ in range(3):
+        _assert_linear_matches(fast, lin, mask, x, gy)
+        now = (fast._values.vals.data_ptr(), fast._values.vals_t.data_ptr())
+        assert buffers is None or now == buffers
+        buffers = now
+        with torch.no_grad():
+            lin.weight.add_(torch.randn(30, 50, generator=g) * mask)
