@@ -114,6 +114,16 @@ def _assert_linear_matches(fast, lin, mask, x, gy):
     return rgrads
 
 
+def _masked_linear(cols, rows, density, seed):
+    """A generator, an ``nn.Linear(cols, rows)`` with its weight masked, and its random mask."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(cols, rows)
+    mask = torch.rand(rows, cols, generator=g) < density
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return g, lin, mask
+
+
 BACKENDS = ["torch"] + (["native"] if _native.available() else [])
 
 
@@ -154,15 +164,21 @@ def test_constant_fan_in_detection():
 
 
 @needs_native
-def test_one_sample_path_with_wide_inputs():
-    # columns >= 32768 travel as uint16 in the one-sample kernel
+@pytest.mark.parametrize("cols,rows,density,small_blocks,blocks", [(40000, 3, 0.05, False, 20), (700, 5, 0.7, True, 3)])
+def test_one_sample_path_with_wide_inputs(cols, rows, density, small_blocks, blocks):
+    # columns >= 32768 travel as uint16 in the one-sample kernel; rows of 300+ entries split over
+    # three column blocks of 256 (32-wide gathers, masked tails)
     g = torch.Generator().manual_seed(2)
-    lin = nn.Linear(40000, 3)
-    mask = torch.rand(3, 40000, generator=g) < 0.05
+    lin = nn.Linear(cols, rows)
+    mask = torch.rand(rows, cols, generator=g) < density
     with torch.no_grad():
         lin.weight.mul_(mask)
         fast = SparseLinear(lin, mask, backend="native")
-        x = torch.randn(1, 40000, generator=g)
+        if small_blocks:
+            fast.block_bytes = 1
+            fast.rebuild(mask)
+        assert len(fast._index.rowptrs) == blocks
+        x = torch.randn(1, cols, generator=g)
         torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
 
 
@@ -170,11 +186,7 @@ def test_one_sample_path_with_wide_inputs():
 @pytest.mark.parametrize("batch", [1, 5])
 def test_blocked_index_matches_masked_dense(batch):
     # inputs and outputs in blocks of 256: three input blocks, two output blocks
-    g = torch.Generator().manual_seed(4)
-    lin = nn.Linear(600, 300)
-    mask = torch.rand(300, 600, generator=g) < 0.1
-    with torch.no_grad():
-        lin.weight.mul_(mask)
+    g, lin, mask = _masked_linear(600, 300, 0.1, 4)
     fast = SparseLinear(lin, mask, backend="native")
     fast.block_bytes = 1  # the smallest blocks (256)
     fast.rebuild(mask)
@@ -182,3 +194,125 @@ def test_blocked_index_matches_masked_dense(batch):
     x = torch.randn(batch, 600, generator=g)
     gy = torch.randn(batch, 300, generator=g)
     _assert_linear_matches(fast, lin, mask, x, gy)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 31, 32, 161, 300])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_weight_gradient_of_active_entries_matches_masked_dense(batch, blocked):
+    # batches around the kernel's 128- and 32-wide register chunks and its scalar tail; empty rows
+    # (rows 0 and 7); one column block or three, the last holding only 8 columns
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(700, 11)
+    mask = torch.rand(11, 700, generator=g) < 0.2
+    mask[0] = mask[7] = False
+    mask[:, 520:] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    if blocked:
+        fast.block_bytes = 1
+        fast.rebuild(mask)
+    assert len(fast._index.rowptrs) == (3 if blocked else 1)
+    x = torch.randn(batch, 700, generator=g)
+    gy = torch.randn(batch, 11, generator=g)
+    _assert_linear_matches(fast, lin, mask, x, gy)
+    _, dots = _grads(fast, x, lin.weight, lin.bias, gy)
+    torch.testing.assert_close(dots[1], (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("shape,blocks", [((300, 600), 256), ((9, 13), None), ((1, 1), None), ((517, 260), 256)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+def test_native_index_builder_equals_torch_builder(shape, blocks, density):
+    from sparselearn.speed.kernels import SparseIndex
+    g = torch.Generator().manual_seed(6)
+    mask = torch.rand(shape, generator=g) < density
+    if density == 0.1:
+        mask[shape[0] // 2] = False  # an empty row
+    ref = SparseIndex(mask, block_cols=blocks, block_rows=blocks)
+    fast = SparseIndex(mask, block_cols=blocks, block_rows=blocks, native=True)
+    for name in ("flat", "row32", "col32", "perm", "row32_t", "col32_t", "tap"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+    assert fast.fan_in == ref.fan_in
+    for mine, theirs in ((fast.rowptrs, ref.rowptrs), (fast.colptrs, ref.colptrs)):
+        # the torch builder stops at the last non-empty block; later blocks are empty here
+        assert len(mine) >= len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        assert all(int(a[0]) == int(a[-1]) for a in mine[len(theirs):])
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(37,), (1, 37), (1, 1, 37)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["fanin", "unstructured", "empty_rows"])
+def test_one_sample_inference_path(shape, bias, kind):
+    # the no-autograd one-sample path (gathers with masked row tails, bias fused) equals the masked layer
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(37, 21, bias=bias)
+    if kind == "fanin":  # 19 inputs per row: one 16-wide gather and a 3-wide masked tail
+        mask = torch.zeros(21, 37, dtype=torch.bool)
+        mask.scatter_(1, torch.rand(21, 37, generator=g).topk(19, dim=1).indices, True)
+    else:
+        mask = torch.rand(21, 37, generator=g) < 0.6
+        if kind == "empty_rows":
+            mask[3] = mask[20] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    fast.block_bytes = 1
+    fast.rebuild(mask)  # blocks of 256 > 37 columns: one block; and with the default blocks
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        y = fast(x)
+        assert y.shape == lin(x).shape
+        torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
+        lin.weight.mul_(2.0)  # a changed weight is gathered again
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-4)
+    y = fast(x)  # grad mode, weight requires grad: the autograd path
+    assert y.requires_grad
+
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [2, 33, 130])
+def test_first_layer_training_reads_weights_in_kernel(batch):
+    # an input without gradient (a first layer): the forward reads the values from the weight inside
+    # the kernel; after an in-place weight change the output follows; no_grad inference uses the cache
+    g = torch.Generator().manual_seed(9)
+    lin = nn.Linear(300, 40)
+    mask = torch.rand(40, 300, generator=g) < 0.15
+    mask[5] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = SparseLinear(lin, mask, backend="native")
+    fast.block_bytes = 1
+    fast.rebuild(mask)
+    x = torch.randn(batch, 300, generator=g)
+    gy = torch.randn(batch, 40, generator=g)
+    for _ in range(2):
+        y = fast(x)
+        assert not fast._values.fresh(lin.weight, fast._index)  # no gathered copy was made
+        (gw,) = torch.autograd.grad(y, [lin.weight], gy)
+        torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gw, (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            lin.weight.add_(0.5 * torch.randn(40, 300, generator=g) * mask)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-4)
+        assert fast._values.fresh(lin.weight, fast._index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_regathered_in_place_after_weight_steps(backend):
+    # the cached CSR / CSC values are refreshed in their own buffers after each in-place update
+    g, lin, mask = _masked_linear(50, 30, 0.3, 10)
+    fast = SparseLinear(lin, mask, backend=backend)
+    x, gy = torch.randn(6, 50, generator=g), torch.randn(6, 30, generator=g)
+    buffers = None
+    for _ in range(3):
+        _assert_linear_matches(fast, lin, mask, x, gy)
+        now = (fast._values.vals.data_ptr(), fast._values.vals_t.data_ptr())
+        assert buffers is None or now == buffers
+        buffers = now
+        with torch.no_grad():
+            lin.weight.add_(torch.randn(30, 50, generator=g) * mask)

@@ -56,11 +56,16 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(target))
     i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sparse_rows.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i32]
+    lib.sparse_rows_w.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i64, i64, i32]
     lib.sparse_dots.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, i64, p, i32]
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
-    lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, i64, i32]
+    lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, p, i64, i32]
+    lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
+    lib.csr_csc_count.restype = i64
+    lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
+    lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i32]
     return lib
 
 
@@ -103,6 +108,18 @@ def sparse_rows(src: Tensor, rowptr: Tensor, chan: Tensor, off: Tensor, val: Ten
     return dst
 
 
+def sparse_rows_w(src: Tensor, rowptr: Tensor, col: Tensor, off: Tensor, weight: Tensor, length: int) -> Tensor:
+    """:func:`sparse_rows` of a linear layer (``off`` all 0) reading its values from the dense (rows,
+    cols) float32 ``weight``: ``val[p] = weight[c, col[p]]`` for the entries of row ``c``."""
+    lib = library()
+    n, c, l = src.shape
+    rows, cols = weight.shape
+    dst = torch.empty(n, rows, length, dtype=torch.float32)
+    lib.sparse_rows_w(_check(src, torch.float32), n, c, l, _check(rowptr, torch.int64), _check(col, torch.int32),
+                      _check(off, torch.int32), _check(weight, torch.float32), cols, dst.data_ptr(), rows, length, torch.get_num_threads())
+    return dst
+
+
 def sparse_dots(a: Tensor, b: Tensor, row: Tensor, chan: Tensor, off: Tensor, length: int) -> Tensor:
     """``out[p] = sum_n sum_{q < length} a[n, row[p], q] * b[n, chan[p], q + off[p]]`` (float32)."""
     lib = library()
@@ -113,9 +130,13 @@ def sparse_dots(a: Tensor, b: Tensor, row: Tensor, chan: Tensor, off: Tensor, le
     return out
 
 
-def gather(src: Tensor, idx: Tensor) -> Tensor:
-    """``src.reshape(-1)[idx]`` for a contiguous float32 ``src`` and int64 ``idx``."""
-    out = torch.empty(idx.numel(), dtype=torch.float32)
+def gather(src: Tensor, idx: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``src.reshape(-1)[idx]`` for a contiguous float32 ``src`` and int64 ``idx``, into ``out`` if given."""
+    if out is None:
+        out = torch.empty(idx.numel(), dtype=torch.float32)
+    elif out.numel() != idx.numel():
+        raise ValueError(f"gather: out has {out.numel()} entries, idx {idx.numel()}")
+    _check(out, torch.float32)
     library().gather_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
     return out
 
@@ -137,11 +158,44 @@ def masked_zero_(weights: list[Tensor], masks: list[Tensor]) -> None:
         lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
 
 
-def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int) -> Tensor:
-    """``y[c] = sum_{p in row c} val[p] * x[col16[p]]`` (one sample; ``col16`` int16 holding uint16;
-    ``rowptrs`` (blocks, rows + 1) row pointers, one array per column block)."""
+def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """``y[c] = bias[c] + sum_{p in row c} val[p] * x[col16[p]]`` (one sample; ``col16`` int16 holding
+    uint16; ``rowptrs`` (blocks, rows + 1) row pointers, one array per column block; no bias if None)."""
     y = torch.empty(rows, dtype=torch.float32)
     library().sparse_matvec_u16(_check(x, torch.float32), _check(rowptrs, torch.int64), rowptrs.shape[0],
-                                _check(col16, torch.int16), _check(val, torch.float32), y.data_ptr(), rows,
+                                _check(col16, torch.int16), _check(val, torch.float32),
+                                None if bias is None else _check(bias, torch.float32), y.data_ptr(), rows,
                                 torch.get_num_threads())
     return y
+
+
+def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: int, cols: int) -> Tensor:
+    """The (rows, cols) float32 matrix ``out[c, col[p]] = g[c] . x[col[p]]`` over the entries ``p`` of
+    each row, zero elsewhere: the weight gradient of a sparse linear layer (``g`` (rows, B) output
+    gradient and ``x`` (cols, B) input, batch innermost; ``rowptrs`` (blocks, rows + 1))."""
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    b = g.shape[-1]
+    library().sparse_dots_dense(_check(g, torch.float32), _check(x, torch.float32), b, _check(rowptrs, torch.int64),
+                                rowptrs.shape[0], _check(col, torch.int32), out.data_ptr(), rows, cols,
+                                torch.get_num_threads())
+    return out
+
+
+def csr_csc_index(mask: Tensor, block_cols: int, block_rows: int) -> dict[str, Tensor]:
+    """The entry lists of a 2-D bool ``mask`` (see ``csr_csc_index`` in ``_native.c``): ``flat``,
+    ``row``, ``col`` in CSR order by (column block, row, col); ``perm``, ``row_t``, ``col_t`` in CSC
+    order by (row block, col, row); ``rowptr`` / ``colptr`` the blocks' absolute pointers, one
+    ``rows + 1`` (``cols + 1``) array per block, blocks of ``block_cols`` columns (``block_rows`` rows)."""
+    rows, cols = mask.shape
+    lib, m = library(), _check(mask, torch.bool)
+    nbc, nbr = max(1, -(-cols // block_cols)), max(1, -(-rows // block_rows))
+    i64, i32 = torch.int64, torch.int32
+    t = dict(rowptr=torch.empty(nbc * rows + 1, dtype=i64), colptr=torch.empty(nbr * cols + 1, dtype=i64))
+    nnz = lib.csr_csc_count(m, rows, cols, block_cols, nbc, block_rows, t["rowptr"].data_ptr(), t["colptr"].data_ptr())
+    t.update(flat=torch.empty(nnz, dtype=i64), row=torch.empty(nnz, dtype=i32), col=torch.empty(nnz, dtype=i32),
+             perm=torch.empty(nnz, dtype=i64), row_t=torch.empty(nnz, dtype=i32), col_t=torch.empty(nnz, dtype=i32))
+    lib.csr_csc_index(m, rows, cols, block_cols, nbc, block_rows, nbr, *(v.data_ptr() for v in t.values()))
+    t["rowptrs"] = [t["rowptr"][k * rows: (k + 1) * rows + 1] for k in range(nbc)]
+    t["colptrs"] = [t["colptr"][k * cols: (k + 1) * cols + 1] for k in range(nbr)]
+    return t
