@@ -70,7 +70,9 @@ def test_a_static_mask_is_compacted_from_the_first_step(tmp_path):
                              "train.epochs": 2}), tmp_path / "r", log=lambda s: None)
     speed = json.loads((tmp_path / "r" / "speed.json").read_text())
     assert speed["from_step"] == 0
-    assert speed["parameters_after"] <= speed["parameters_before"]
+    # a random 2% mask leaves most hidden units without inputs or readers: 50,610 -> 10,090 measured
+    assert speed["parameters_after"] < 0.3 * speed["parameters_before"]
+    assert speed["removed"]["fc1"]["out"] == speed["removed"]["fc2"]["in"] > 100
     assert result["density"] == pytest.approx(0.02, abs=1e-3)
 
 

@@ -127,6 +127,15 @@ def _masked_linear(cols, rows, density, seed):
 BACKENDS = ["torch"] + (["native"] if _native.available() else [])
 
 
+def _native_linear(lin, mask, small_blocks: bool) -> SparseLinear:
+    """The native SparseLinear of ``lin``; ``small_blocks``: its index in the smallest column blocks (256)."""
+    fast = SparseLinear(lin, mask, backend="native")
+    if small_blocks:
+        fast.block_bytes = 1
+        fast.rebuild(mask)
+    return fast
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [(1,), (3,), (2, 5), (17,)])
 @pytest.mark.parametrize("kind", ["unstructured", "fanin", "empty", "full"])
@@ -173,10 +182,7 @@ def test_one_sample_path_with_wide_inputs(cols, rows, density, small_blocks, blo
     mask = torch.rand(rows, cols, generator=g) < density
     with torch.no_grad():
         lin.weight.mul_(mask)
-        fast = SparseLinear(lin, mask, backend="native")
-        if small_blocks:
-            fast.block_bytes = 1
-            fast.rebuild(mask)
+        fast = _native_linear(lin, mask, small_blocks)
         assert len(fast._index.rowptrs) == blocks
         x = torch.randn(1, cols, generator=g)
         torch.testing.assert_close(fast(x), lin(x), atol=1e-4, rtol=1e-4)
@@ -187,9 +193,7 @@ def test_one_sample_path_with_wide_inputs(cols, rows, density, small_blocks, blo
 def test_blocked_index_matches_masked_dense(batch):
     # inputs and outputs in blocks of 256: three input blocks, two output blocks
     g, lin, mask = _masked_linear(600, 300, 0.1, 4)
-    fast = SparseLinear(lin, mask, backend="native")
-    fast.block_bytes = 1  # the smallest blocks (256)
-    fast.rebuild(mask)
+    fast = _native_linear(lin, mask, small_blocks=True)
     assert len(fast._index.rowptrs) == 3 and len(fast._index.colptrs) == 2
     x = torch.randn(batch, 600, generator=g)
     gy = torch.randn(batch, 300, generator=g)
@@ -209,10 +213,7 @@ def test_weight_gradient_of_active_entries_matches_masked_dense(batch, blocked):
     mask[:, 520:] = False
     with torch.no_grad():
         lin.weight.mul_(mask)
-    fast = SparseLinear(lin, mask, backend="native")
-    if blocked:
-        fast.block_bytes = 1
-        fast.rebuild(mask)
+    fast = _native_linear(lin, mask, blocked)
     assert len(fast._index.rowptrs) == (3 if blocked else 1)
     x = torch.randn(batch, 700, generator=g)
     gy = torch.randn(batch, 11, generator=g)

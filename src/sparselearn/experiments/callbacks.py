@@ -220,6 +220,16 @@ def eta_seconds(done: int, total: int, elapsed: float) -> float:
     return math.inf if done <= 0 else elapsed / done * (total - done)
 
 
+def fixed_from(sparsifier) -> Optional[int]:
+    """The step from which ``sparsifier``'s masks no longer change: 0 without an update rule, the
+    end of a pruning era (``updater.end_step``), or ``None`` for a rule that updates to the end."""
+    updater = sparsifier.updater
+    if updater is None:
+        return 0
+    end = getattr(updater, "end_step", None)
+    return None if end is None else int(end)
+
+
 class Accelerate(Callback):
     """Runs the sparse layers on their fastest path (:func:`sparselearn.speed.accelerate`).
 
@@ -234,7 +244,9 @@ class Accelerate(Callback):
     def _maybe(self, run) -> None:
         if self.done or run.sparsifier is None or self.mode == "masked":
             return
-        end = getattr(run.sparsifier.updater, "end_step", None)
+        # dynamic rules switch at once (the fast layers rebuild their indices at each update);
+        # a pruning era once its mask is fixed
+        end = fixed_from(run.sparsifier)
         if end is not None and run.step < end:
             return
         from sparselearn.speed import accelerate

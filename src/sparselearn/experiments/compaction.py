@@ -19,19 +19,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from sparselearn.core.sparsifier import Sparsifier
-from sparselearn.experiments.callbacks import Callback
+from sparselearn.experiments.callbacks import Callback, fixed_from
 from sparselearn.experiments.checkpoint import write_json
 from sparselearn.experiments.config import ConfigError
-
-
-def fixed_from(sparsifier) -> Optional[int]:
-    """The step from which ``sparsifier``'s masks no longer change: 0 without an update rule, the
-    end of a pruning era (``updater.end_step``), or ``None`` for a rule that updates to the end."""
-    updater = sparsifier.updater
-    if updater is None:
-        return 0
-    end = getattr(updater, "end_step", None)
-    return None if end is None else int(end)
 
 
 def check_compactable(algorithm: str, sparsifier) -> None:

@@ -341,10 +341,21 @@ def load_data(data_cfg: Mapping[str, Any]):
         raise UserError(" ".join(str(e).split())) from e
 
 
+def _training_objects(run: Run):
+    """The model, optimizer and training forward of ``run`` now (``--speed compact`` swaps them once).
+
+    torch.compile wraps the training forward only: the run keeps the module itself for its
+    state_dict (no "_orig_mod." names) and for evaluation (eval mode would be a second graph). Masks
+    change in place and weights are multiplied in place, so topology updates do not recompile
+    (tests/core/test_compile.py counts the compilations)."""
+    net = run.net or run.model
+    return run.model, run.optimizer, torch.compile(net) if run.config["train"]["compile"] else net
+
+
 def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = print) -> dict:
     """The training loop: epochs of optimizer steps, evaluation, and the callbacks at each seam."""
     cfg, model, optimizer, device = run.config, run.model, run.optimizer, run.device
-    net, ranks = run.net or model, run.ranks
+    ranks = run.ranks
     n_params = sum(p.numel() for p in model.parameters())
     splits = run.splits
     log(f"run {run.run_dir}: {cfg['model']['name']} ({n_params:,} parameters) on {splits.name} "
@@ -358,17 +369,12 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
     lm = splits.task == "lm"
     if run.start_epoch:
         log(f"resumed from epoch {run.start_epoch}/{run.epochs}")
-    # torch.compile for the training forward only: the run keeps the module itself for its
-    # state_dict (no "_orig_mod." names) and for evaluation (eval mode would be a second graph).
-    # Masks change in place and weights are multiplied in place, so topology updates do not
-    # recompile (tests/core/test_compile.py counts the compilations).
-    forward = torch.compile(net) if cfg["train"]["compile"] else net  # under torchrun: the DDP wrapper
+    model, optimizer, forward = _training_objects(run)  # under torchrun, forward is the DDP wrapper
     try:
         for cb in callbacks:
             cb.on_fit_start(run)
         if run.model is not model:  # --speed compact on a mask fixed from the start
-            model, optimizer, net = run.model, run.optimizer, run.net or run.model
-            forward = torch.compile(net) if cfg["train"]["compile"] else net
+            model, optimizer, forward = _training_objects(run)
         for epoch in range(run.start_epoch, run.epochs):
             if hasattr(run.train_loader, "set_epoch"):  # a DistributedSampler: this epoch's permutation
                 run.train_loader.set_epoch(epoch)
@@ -405,8 +411,7 @@ def fit(run: Run, callbacks: Sequence[Callback], log: Callable[[str], None] = pr
                 for cb in callbacks:
                     cb.on_step_end(run, loss_sum / seen)
                 if run.model is not model:  # --speed compact swapped in the compact model and its optimizer
-                    model, optimizer, net = run.model, run.optimizer, run.net or run.model
-                    forward = torch.compile(net) if cfg["train"]["compile"] else net
+                    model, optimizer, forward = _training_objects(run)
 
             # Validation every epoch, test only at the last one (Sec. 4); over all ranks' shards.
             loss_sum, correct, seen = ranks.all_sum(loss_sum, correct, torch.tensor(seen))
