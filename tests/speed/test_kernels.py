@@ -44,13 +44,15 @@ CONVS = [
     dict(cin=4, cout=6, k=3, pad=0, hw=(5, 8), bias=True),
     dict(cin=6, cout=3, k=1, pad=0, hw=(4, 3), bias=True),
     dict(cin=2, cout=5, k=5, pad=(2, 1), hw=(7, 5), bias=True),
+    dict(cin=8, cout=6, k=3, pad=2, hw=(4, 6), bias=True),
 ]
 
 
 @needs_native
 @pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"{c['cin']}-{c['cout']}-k{c['k']}-p{c['pad']}")
 @pytest.mark.parametrize("kind", ["ck", "window", "unstructured", "empty", "full"])
-def test_sparse_conv_matches_masked_dense(cfg, kind):
+@pytest.mark.parametrize("batch", [3, 17], ids=["rows", "lanes"])  # the row kernel / the batch-lane kernel
+def test_sparse_conv_matches_masked_dense(cfg, kind, batch):
     g = torch.Generator().manual_seed(3)
     conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=cfg["bias"])
     shape = conv.weight.shape
@@ -61,7 +63,7 @@ def test_sparse_conv_matches_masked_dense(cfg, kind):
         conv.weight.mul_(mask)
     fast = SparseConv2d(conv, mask)
     assert fast.weight is conv.weight  # shares the Parameter the optimizer trains
-    x = torch.randn(3, cfg["cin"], *cfg["hw"], generator=g)
+    x = torch.randn(batch, cfg["cin"], *cfg["hw"], generator=g)
     ref_y = conv(x)
     gy = torch.randn(ref_y.shape, generator=g)
     y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
@@ -78,14 +80,40 @@ def test_sparse_conv_matches_masked_dense(cfg, kind):
 
 
 @needs_native
-def test_sparse_conv_rebuild_and_weight_updates():
+@needs_native
+def test_lane_path_runs_whole_kernels_for_ck_and_taps_for_window():
+    g = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    shape = conv.weight.shape
+    ck, window = SparseConv2d(conv, _ck_mask(shape, 0.2, g)), SparseConv2d(conv, _window_mask(shape, 2, g))
+    assert ck._lane.fwd_kernels and ck._lane.wgrad_kernels
+    assert not window._lane.fwd_kernels and not window._lane.wgrad_kernels
+    assert ck._lane.kernels == int(ck._index.nnz / 9)
+    # the kernel values: 9 per kept kernel, zeros where a tap is inactive, each weight once
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(shape, generator=g))
+    k = ck._lane_values.get(ck, "k")
+    assert k.shape == (ck._lane.kernels, 9)
+    assert torch.equal(torch.sort(k.reshape(-1)).values, torch.sort(conv.weight.detach()[_mask_of(ck)]).values)
+
+
+def _mask_of(layer):
+    """The layer's mask rebuilt from its index (what the kernel lists must cover)."""
+    mask = torch.zeros(layer.weight.numel(), dtype=torch.bool)
+    mask[layer._index.flat] = True
+    return mask.view(layer.weight.shape)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [2, 16])
+def test_sparse_conv_rebuild_and_weight_updates(batch):
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1)
     mask = _ck_mask(conv.weight.shape, 0.5, g)
     with torch.no_grad():
         conv.weight.mul_(mask)
     fast = SparseConv2d(conv, mask)
-    x = torch.randn(2, 4, 6, 6, generator=g)
+    x = torch.randn(batch, 4, 6, 6, generator=g)
     with torch.no_grad():
         fast(x)
         conv.weight.add_(mask * 0.5)  # an optimizer step: the cached values must follow

@@ -25,7 +25,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("_native.c")
+_SOURCES = [Path(__file__).with_name("_native.c"), Path(__file__).with_name("_conv.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99", "-ffp-contract=fast"]
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
@@ -41,14 +41,14 @@ def _build() -> Optional[ctypes.CDLL]:
     if cc is None:
         log.info("no C compiler found: sparse kernels unavailable, dense paths kept")
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"sparselearn_native_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("compiling the sparse kernels failed, dense paths kept:\n%s", proc.stderr[-2000:])
                 return None
@@ -66,7 +66,20 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.csr_csc_count.restype = i64
     lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
     lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i32]
+    _declare_lane_kernels(lib)
     return lib
+
+
+def _declare_lane_kernels(lib: ctypes.CDLL) -> None:
+    """Argument types of the batch-lane convolution kernels of ``_conv.c``."""
+    i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.b16_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, p, i64, i64, i32]
+    lib.b16_unpack.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i32]
+    lib.b16_conv3.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
+    lib.b16_conv_taps.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
+    lib.b16_wgrad3.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, i32]
+    lib.b16_wgrad_taps.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p,
+                                   p, i32]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -199,3 +212,93 @@ def csr_csc_index(mask: Tensor, block_cols: int, block_rows: int) -> dict[str, T
     t["rowptrs"] = [t["rowptr"][k * rows: (k + 1) * rows + 1] for k in range(nbc)]
     t["colptrs"] = [t["colptr"][k * cols: (k + 1) * cols + 1] for k in range(nbr)]
     return t
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-lane convolution (_conv.c): feature maps as (ceil(N / 16), C, H, W, 16) blocks
+
+LANES = 16
+
+
+def _lane_out(out: Optional[Tensor], *shape: int) -> Tensor:
+    if out is None:
+        return torch.empty(*shape, LANES, dtype=torch.float32)
+    if tuple(out.shape) != (*shape, LANES):
+        raise ValueError(f"lane buffer of shape {tuple(out.shape)}, expected {(*shape, LANES)}")
+    _check(out, torch.float32)
+    return out
+
+
+def lane_pack(x: Tensor, oy: int, ox: int, hb: int, wb: int, out: Optional[Tensor] = None) -> Tensor:
+    """(N, C, H, W) float32 -> (ceil(N / 16), C, hb, wb, 16), ``x[n, c, y, x]`` at ``[n // 16, c, y + oy,
+    x + ox, n % 16]`` and zeros elsewhere (written into ``out`` when given)."""
+    n, c, h, w = x.shape
+    if oy + h > hb or ox + w > wb:
+        raise ValueError(f"lane_pack: a {h}x{w} map at ({oy}, {ox}) does not fit {hb}x{wb}")
+    out = _lane_out(out, -(-n // LANES), c, hb, wb)
+    library().b16_pack(_check(x, torch.float32), n, c, h, w, oy, ox, out.data_ptr(), hb, wb, torch.get_num_threads())
+    return out
+
+
+def lane_unpack(src: Tensor, n: int, h: int, w: int, bias: Optional[Tensor] = None) -> Tensor:
+    """The (n, C, h, w) top-left corner of a lane buffer (+ ``bias`` per channel): inverse of :func:`lane_pack`."""
+    nb, c, hs, ws, _ = src.shape
+    if h > hs or w > ws or -(-n // LANES) != nb:
+        raise ValueError(f"lane_unpack: ({n}, {h}, {w}) does not fit a buffer of shape {tuple(src.shape)}")
+    out = torch.empty(n, c, h, w, dtype=torch.float32)
+    library().b16_unpack(_check(src, torch.float32), c, hs, ws, out.data_ptr(), n, h, w,
+                         None if bias is None else _check(bias, torch.float32), torch.get_num_threads())
+    return out
+
+
+def lane_conv3(src: Tensor, ptr: Tensor, chan: Tensor, kval: Tensor, rows: int, ho: int, wo: int,
+               out: Optional[Tensor] = None) -> Tensor:
+    """Whole-kernel 3x3 convolution of a lane buffer (see ``b16_conv3``): ``ptr`` (blocks, rows + 1),
+    ``chan`` int32 source channel and ``kval`` (kernels, 9) weights per kernel; returns
+    (NB, rows, ho, wo, 16) (into ``out`` when given), ``ho``/``wo`` multiples of 4."""
+    nb, c, hb, wb, _ = src.shape
+    if ho % 4 or wo % 4 or hb < ho + 2 or wb < wo + 2:
+        raise ValueError(f"lane_conv3: output {ho}x{wo} does not suit a {hb}x{wb} source")
+    dst = _lane_out(out, nb, rows, ho, wo)
+    library().b16_conv3(_check(src, torch.float32), nb, c, hb, wb, ptr.shape[0], _check(ptr, torch.int64),
+                        _check(chan, torch.int32), _check(kval, torch.float32), dst.data_ptr(), rows, ho, wo,
+                        torch.get_num_threads())
+    return dst
+
+
+def lane_conv_taps(src: Tensor, ptr: Tensor, off: Tensor, val: Tensor, rows: int, ho: int, wo: int,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """Tap-list convolution of a lane buffer (see ``b16_conv_taps``): ``off`` int64 float offsets of
+    each entry's first read inside one sample's block; returns (NB, rows, ho, wo, 16)."""
+    nb, c, hb, wb, _ = src.shape
+    if ho % 4 or wo % 4:
+        raise ValueError(f"lane_conv_taps: output {ho}x{wo} is not in whole 4x4 tiles")
+    dst = _lane_out(out, nb, rows, ho, wo)
+    library().b16_conv_taps(_check(src, torch.float32), nb, c * hb * wb * LANES, wb, ptr.shape[0],
+                            _check(ptr, torch.int64), _check(off, torch.int64), _check(val, torch.float32),
+                            dst.data_ptr(), rows, ho, wo, torch.get_num_threads())
+    return dst
+
+
+def lane_wgrad3(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: Tensor, chan: Tensor) -> Tensor:
+    """(kernels, 9) weight gradient of whole 3x3 kernels (see ``b16_wgrad3``)."""
+    nb, cg, hg, wg, _ = g.shape
+    _, cx, hb, wb, _ = xs.shape
+    k = row.numel()
+    out = torch.empty(k, 9, dtype=torch.float32)
+    library().b16_wgrad3(_check(g, torch.float32), cg, hg, wg, gy, gx, _check(xs, torch.float32), cx, hb, wb, nb,
+                         ho, wo, k, _check(row, torch.int32), _check(chan, torch.int32), out.data_ptr(),
+                         torch.get_num_threads())
+    return out
+
+
+def lane_wgrad_taps(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: Tensor, chan: Tensor,
+                    tr: Tensor, ts: Tensor) -> Tensor:
+    """Weight gradient of single taps (see ``b16_wgrad_taps``), one float per entry."""
+    nb, cg, hg, wg, _ = g.shape
+    _, cx, hb, wb, _ = xs.shape
+    out = torch.empty(row.numel(), dtype=torch.float32)
+    library().b16_wgrad_taps(_check(g, torch.float32), cg, hg, wg, gy, gx, _check(xs, torch.float32), cx, hb, wb, nb,
+                             ho, wo, row.numel(), _check(row, torch.int32), _check(chan, torch.int32),
+                             _check(tr, torch.int32), _check(ts, torch.int32), out.data_ptr(), torch.get_num_threads())
+    return out

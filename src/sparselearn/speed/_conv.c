@@ -1,0 +1,243 @@
+/* Batch-lane direct convolution kernels of sparselearn.speed (compiled with _native.c by _native.py).
+ *
+ * Layout "B16": a feature map batch is stored as (NB, C, Hb, Wb, 16) floats, NB = ceil(N / 16):
+ * the 16 lanes of one vector are the same pixel of 16 samples. Every load is then one aligned
+ * 64-byte vector whatever the image width (no row tails, no shifted unaligned loads), and one
+ * loaded input pixel serves every tap that reads it: a whole 3x3 kernel applied to a 4x4 output tile
+ * is 36 loads for 144 multiply-adds, where the row-wise kernel of _native.c needs one (unaligned,
+ * often cache-line splitting) load per multiply-add. That ratio is what lets a kernel-sparse
+ * convolution run near the arithmetic rate instead of the L2 bandwidth.
+ *
+ * Two entry formats:
+ *  - kernels (3x3 only): CSR over output channels of whole kernels, kchan[k] the input channel and
+ *    kval[9k .. 9k+8] its weights (inactive taps hold 0): Starfire CK masks (Sec. 2.1.1), where
+ *    every kept kernel is whole;
+ *  - taps (any kernel size): CSR of single active taps with their offset inside the source buffer:
+ *    window masks (a few taps per kernel, Sec. 2.1) and unstructured ones.
+ * The input gradient is the same convolution on the transposed (CSC) lists with mirrored taps over
+ * the output gradient, padded by kernel - 1 - padding.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16a __attribute__((vector_size(64)));
+#define TR 4 /* output tile: TR rows x TP pixels, 16 accumulators */
+#define TP 4
+
+/* Keeps a loaded vector in a register: without it GCC folds the load into each of the up to 9
+ * multiply-adds that use the vector, 144 loads per tile instead of 36 (the loads, not the
+ * arithmetic, then set the speed). */
+#define PIN(v) __asm__("" : "+v"(v))
+
+static inline float hsum(v16a v)
+{
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += v[l];
+    return s;
+}
+
+/* dst[nb, c, y + oy, x + ox, l] = x[16 nb + l, c, y, x]; zero elsewhere (padding, lanes >= N). */
+void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t oy, int64_t ox,
+              float *dst, int64_t Hb, int64_t Wb, int threads)
+{
+    const int64_t NB = (N + 15) / 16, plane = Hb * Wb * 16;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t c = 0; c < C; c++) {
+            float *d = dst + (nb * C + c) * plane;
+            memset(d, 0, sizeof(float) * plane);
+            for (int64_t y = 0; y < H; y++) {
+                float *row = d + ((y + oy) * Wb + ox) * 16;
+                for (int64_t l = 0; l < 16 && nb * 16 + l < N; l++) {
+                    const float *s = x + ((nb * 16 + l) * C + c) * H * W + y * W;
+                    for (int64_t k = 0; k < W; k++) row[k * 16 + l] = s[k];
+                }
+            }
+        }
+}
+
+/* out[n, c, y, x] = src[n / 16, c, y, x, n % 16] (+ bias[c]) for y < H, x < W: the inverse of the
+ * pack of an (NB, C, Hs, Ws, 16) buffer's top-left H x W corner. One source plane at a time: it is
+ * read from L1 by its 16 samples in turn. */
+void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out, int64_t N, int64_t H, int64_t W,
+                const float *bias, int threads)
+{
+    const int64_t NB = (N + 15) / 16, plane = Hs * Ws * 16;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t c = 0; c < C; c++) {
+            const float *s = src + (nb * C + c) * plane;
+            const float b = bias ? bias[c] : 0.0f;
+            for (int64_t l = 0; l < 16 && nb * 16 + l < N; l++) {
+                float *o = out + ((nb * 16 + l) * C + c) * H * W;
+                for (int64_t y = 0; y < H; y++)
+                    for (int64_t k = 0; k < W; k++) o[y * W + k] = s[(y * Ws + k) * 16 + l] + b;
+            }
+        }
+}
+
+/* The tile loop shared by both entry formats. Entries are ordered by (input channel block, output
+ * channel): ptr holds nblk row-pointer arrays of Cd + 1 absolute positions. For one output tile the
+ * input pixels of one block of channels (16 channels: 37 KB for a 4x4 tile of a 3x3 convolution)
+ * stay in L1 while every output channel runs over them; without the blocks each entry's lines came
+ * from L2 again for every output channel (measured 0.6 multiply-adds per cycle for window masks).
+ * The first block writes each tile, later ones add to it. The body adds entry p to acc[TR][TP]
+ * reading from b0, the tile's corner in the sample's source. */
+#define TILE_LOOP(...)                                                                                \
+    const int64_t bands = Ho / TR, tiles = Wo / TP;                                                  \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)")                \
+    for (int64_t nb = 0; nb < NB; nb++)                                                              \
+        for (int64_t band = 0; band < bands; band++)                                                 \
+            for (int64_t t = 0; t < tiles; t++) {                                                    \
+                const float *b0 = src + nb * sstride + (band * TR * Wb + t * TP) * 16;               \
+                for (int64_t bk = 0; bk < nblk; bk++) {                                              \
+                    const int64_t *pt = ptr + bk * (Cd + 1);                                         \
+                    for (int64_t o = 0; o < Cd; o++) {                                               \
+                        const int64_t p0 = pt[o], p1 = pt[o + 1];                                    \
+                        if (bk > 0 && p0 == p1) continue;                                            \
+                        float *d = dst + (((nb * Cd + o) * Ho + band * TR) * Wo + t * TP) * 16;      \
+                        v16a acc[TR][TP];                                                            \
+                        for (int a = 0; a < TR; a++)                                                 \
+                            for (int b = 0; b < TP; b++)                                             \
+                                acc[a][b] = bk ? *(const v16a *)(d + (a * Wo + b) * 16) : (v16a){0}; \
+                        for (int64_t p = p0; p < p1; p++) { __VA_ARGS__ }                                 \
+                        for (int a = 0; a < TR; a++)                                                 \
+                            for (int b = 0; b < TP; b++) *(v16a *)(d + (a * Wo + b) * 16) = acc[a][b]; \
+                    }                                                                                \
+                }                                                                                    \
+            }
+
+/* dst[nb, o, y, x] = sum_{k in row o} sum_{r, s < 3} kval[9k + 3r + s] * src[nb, kchan[k], y + r, x + s]
+ * for y < Ho, x < Wo (multiples of TR, TP); src is (NB, Cs, Hb, Wb, 16) with Hb >= Ho + 2, Wb >= Wo + 2.
+ * Per kernel and tile: the 6 x 6 input pixels are loaded once each and feed all 9 taps. */
+void b16_conv3(const float *src, int64_t NB, int64_t Cs, int64_t Hb, int64_t Wb, int64_t nblk, const int64_t *ptr,
+               const int32_t *kchan, const float *kval, float *dst, int64_t Cd, int64_t Ho, int64_t Wo, int threads)
+{
+    const int64_t plane = Hb * Wb * 16, sstride = Cs * plane;
+    TILE_LOOP(
+        const float *w = kval + 9 * p;
+        v16a wv[9];
+        for (int j = 0; j < 9; j++) wv[j] = (v16a){0} + w[j];
+        const float *c0 = b0 + kchan[p] * plane;
+        _Pragma("GCC unroll 6")
+        for (int yy = 0; yy < TR + 2; yy++) {
+            _Pragma("GCC unroll 6")
+            for (int xx = 0; xx < TP + 2; xx++) {
+                v16a v = *(const v16a *)(c0 + (yy * Wb + xx) * 16);
+                PIN(v);
+                _Pragma("GCC unroll 3")
+                for (int r = 0; r < 3; r++) {
+                    _Pragma("GCC unroll 3")
+                    for (int s = 0; s < 3; s++) {
+                        const int a = yy - r, b = xx - s;
+                        if (a >= 0 && a < TR && b >= 0 && b < TP) acc[a][b] += wv[3 * r + s] * v;
+                    }
+                }
+            }
+        }
+    )
+}
+
+/* dst[nb, o, y, x] = sum_{p in row o} val[p] * src[nb * sstride + off[p] + (y * Wb + x) * 16] for y < Ho,
+ * x < Wo (multiples of TR, TP): one entry per active tap, off[p] = (chan * Hb * Wb + r * Wb + s) * 16. */
+void b16_conv_taps(const float *src, int64_t NB, int64_t sstride, int64_t Wb, int64_t nblk, const int64_t *ptr,
+                   const int64_t *off, const float *val, float *dst, int64_t Cd, int64_t Ho, int64_t Wo, int threads)
+{
+    TILE_LOOP(
+        const v16a w = (v16a){0} + val[p];
+        const float *c0 = b0 + off[p];
+        _Pragma("GCC unroll 4")
+        for (int a = 0; a < TR; a++) {
+            _Pragma("GCC unroll 4")
+            for (int b = 0; b < TP; b++) acc[a][b] += w * *(const v16a *)(c0 + (a * Wb + b) * 16);
+        }
+    )
+}
+
+/* The weight gradients run band by band (WB output rows of one sample at a time): a band's output
+ * gradient and input rows of every channel (~1.5 MB at 128 channels of 16x16) stay in L2 while all
+ * kernels run over them; whole planes per kernel went to L3 once per kernel. Each band's partial
+ * dot products are added to out (zeroed first). */
+#define WB 4
+
+/* acc[3r + s] += sum_{b < CH} g[b] * x[r, b + s] for CH output pixels (a constant after inlining):
+ * the CH gradient vectors stay in registers and CH + 2 input vectors per kernel row feed 3 CH
+ * multiply-adds. */
+static inline __attribute__((always_inline)) void
+wgrad3_chunk(v16a *acc, const float *grow, const float *xrow, int64_t Wb, const int CH)
+{
+    v16a gv[8];
+    for (int b = 0; b < CH; b++) gv[b] = *(const v16a *)(grow + b * 16);
+    #pragma GCC unroll 3
+    for (int r = 0; r < 3; r++) {
+        const float *xr = xrow + r * Wb * 16;
+        #pragma GCC unroll 10
+        for (int j = 0; j < CH + 2; j++) {
+            const v16a v = *(const v16a *)(xr + j * 16);
+            #pragma GCC unroll 3
+            for (int s = 0; s < 3; s++) {
+                const int b = j - s;
+                if (b >= 0 && b < CH) acc[3 * r + s] += gv[b] * v;
+            }
+        }
+    }
+}
+
+/* The weight gradient of whole 3x3 kernels:
+ * out[9k + 3r + s] = sum_{nb, y < Ho, x < Wo} g[nb, krow[k], y + gy, x + gx] * xs[nb, kchan[k], y + r, x + s],
+ * g an (NB, Cg, Hg, Wg, 16) output gradient (zero where it has no output), xs the forward's
+ * (NB, Cx, Hb, Wb, 16) packed input; Wo a multiple of 4; chunks of 8 output pixels, then 4. */
+void b16_wgrad3(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, int64_t gx,
+                const float *xs, int64_t Cx, int64_t Hb, int64_t Wb, int64_t NB, int64_t Ho, int64_t Wo,
+                int64_t K, const int32_t *krow, const int32_t *kchan, float *out, int threads)
+{
+    memset(out, 0, sizeof(float) * 9 * K);
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t y0 = 0; y0 < Ho; y0 += WB) {
+            const int64_t y1 = y0 + WB < Ho ? y0 + WB : Ho;
+            #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t k = 0; k < K; k++) {
+                v16a acc[9];
+                for (int j = 0; j < 9; j++) acc[j] = (v16a){0};
+                const float *gp = g + ((nb * Cg + krow[k]) * Hg + gy) * Wg * 16 + gx * 16;
+                const float *xp = xs + (nb * Cx + kchan[k]) * Hb * Wb * 16;
+                for (int64_t y = y0; y < y1; y++) {
+                    const float *grow = gp + y * Wg * 16, *xrow = xp + y * Wb * 16;
+                    int64_t x = 0;
+                    for (; x + 8 <= Wo; x += 8) wgrad3_chunk(acc, grow + x * 16, xrow + x * 16, Wb, 8);
+                    for (; x < Wo; x += 4) wgrad3_chunk(acc, grow + x * 16, xrow + x * 16, Wb, 4);
+                }
+                for (int j = 0; j < 9; j++) out[9 * k + j] += hsum(acc[j]);
+            }
+        }
+}
+
+/* The weight gradient of single taps: out[p] = sum_{nb, y < Ho, x < Wo} g[nb, row[p], y + gy, x + gx] *
+ * xs[nb, chan[p], y + r[p], x + s[p]] (layouts as in b16_wgrad3, Wo a multiple of 4). */
+void b16_wgrad_taps(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, int64_t gx,
+                    const float *xs, int64_t Cx, int64_t Hb, int64_t Wb, int64_t NB, int64_t Ho, int64_t Wo,
+                    int64_t nnz, const int32_t *row, const int32_t *chan, const int32_t *tr, const int32_t *ts,
+                    float *out, int threads)
+{
+    memset(out, 0, sizeof(float) * nnz);
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t y0 = 0; y0 < Ho; y0 += WB) {
+            const int64_t y1 = y0 + WB < Ho ? y0 + WB : Ho;
+            #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t p = 0; p < nnz; p++) {
+                v16a a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                const float *gp = g + ((nb * Cg + row[p]) * Hg + gy) * Wg * 16 + gx * 16;
+                const float *xp = xs + ((nb * Cx + chan[p]) * Hb + tr[p]) * Wb * 16 + ts[p] * 16;
+                for (int64_t y = y0; y < y1; y++) {
+                    const v16a *gr = (const v16a *)(gp + y * Wg * 16), *xr = (const v16a *)(xp + y * Wb * 16);
+                    for (int64_t x = 0; x < Wo; x += 4) {
+                        a0 += gr[x] * xr[x];
+                        a1 += gr[x + 1] * xr[x + 1];
+                        a2 += gr[x + 2] * xr[x + 2];
+                        a3 += gr[x + 3] * xr[x + 3];
+                    }
+                }
+                out[p] += hsum(a0 + a1 + a2 + a3);
+            }
+        }
+}
