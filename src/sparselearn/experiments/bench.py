@@ -362,15 +362,15 @@ class Suite:
             for n_ in convs:
                 w = sp.parameters()[n_]
                 keep = torch.rand(w.shape[0], w.shape[1], 1, 1, generator=g) < 1 - sparsity
-                sp.set_mask(n_, keep.expand(w.shape).contiguous(), reset_state=False)
+                sp.set_mask(n_, keep.expand(w.shape).contiguous())
             for n_ in sp.names:
                 if n_ not in convs:
-                    sp.set_mask(n_, torch.ones_like(sp.masks[n_]), reset_state=False)
+                    sp.set_mask(n_, torch.ones_like(sp.masks[n_]))
             fast = copy.deepcopy(model)
             fopt = torch.optim.SGD(fast.parameters(), lr=0.01, momentum=0.9)
             fsp = sparselearn.static_sparse(fast, fopt, density=1.0 - 1e-9)
             for n_ in sp.names:
-                fsp.set_mask(n_, sp.masks[n_].clone(), reset_state=False)
+                fsp.set_mask(n_, sp.masks[n_].clone())
             x = torch.randn(batch, *shape, generator=g)
             y = torch.randint(0, 10, (batch,), generator=g)
             acc_train = accelerate(fast, fsp, mode="auto", example_input=x, rounds=3)

@@ -212,32 +212,62 @@ void b16_wgrad3(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, 
         }
 }
 
-/* The weight gradient of single taps: out[p] = sum_{nb, y < Ho, x < Wo} g[nb, row[p], y + gy, x + gx] *
- * xs[nb, chan[p], y + r[p], x + s[p]] (layouts as in b16_wgrad3, Wo a multiple of 4). */
+/* The weight gradient of single taps: out[p] = sum_{nb, y < Ho, x < Wo} g[nb, o, y + gy, x + gx] *
+ * xs[nb, chan[p], y + r[p], x + s[p]] for the entries p of each row o (CSR, rowptr), layouts as in
+ * b16_wgrad3, Wo a multiple of 4. Four entries of a row at a time share each loaded gradient
+ * vector: 5 loads per 4 multiply-adds instead of 8 (window masks keep ~2 taps per kernel, so
+ * whole-kernel dots would waste 7 of 9). */
 void b16_wgrad_taps(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, int64_t gx,
                     const float *xs, int64_t Cx, int64_t Hb, int64_t Wb, int64_t NB, int64_t Ho, int64_t Wo,
-                    int64_t nnz, const int32_t *row, const int32_t *chan, const int32_t *tr, const int32_t *ts,
+                    int64_t rows, const int64_t *rowptr, const int32_t *chan, const int32_t *tr, const int32_t *ts,
                     float *out, int threads)
 {
-    memset(out, 0, sizeof(float) * nnz);
+    memset(out, 0, sizeof(float) * rowptr[rows]);
+    const int64_t xplane = Hb * Wb * 16;
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t y0 = 0; y0 < Ho; y0 += WB) {
             const int64_t y1 = y0 + WB < Ho ? y0 + WB : Ho;
-            #pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t p = 0; p < nnz; p++) {
-                v16a a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                const float *gp = g + ((nb * Cg + row[p]) * Hg + gy) * Wg * 16 + gx * 16;
-                const float *xp = xs + ((nb * Cx + chan[p]) * Hb + tr[p]) * Wb * 16 + ts[p] * 16;
-                for (int64_t y = y0; y < y1; y++) {
-                    const v16a *gr = (const v16a *)(gp + y * Wg * 16), *xr = (const v16a *)(xp + y * Wb * 16);
-                    for (int64_t x = 0; x < Wo; x += 4) {
-                        a0 += gr[x] * xr[x];
-                        a1 += gr[x + 1] * xr[x + 1];
-                        a2 += gr[x + 2] * xr[x + 2];
-                        a3 += gr[x + 3] * xr[x + 3];
+            #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+            for (int64_t o = 0; o < rows; o++) {
+                const float *gp = g + ((nb * Cg + o) * Hg + gy) * Wg * 16 + gx * 16;
+                const float *x0 = xs + nb * Cx * xplane;
+                int64_t p = rowptr[o];
+                const int64_t p1 = rowptr[o + 1];
+                for (; p + 4 <= p1; p += 4) {
+                    const float *xp[4];
+                    for (int j = 0; j < 4; j++)
+                        xp[j] = x0 + chan[p + j] * xplane + (tr[p + j] * Wb + ts[p + j]) * 16;
+                    v16a a[4][2];
+                    for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = (v16a){0};
+                    for (int64_t y = y0; y < y1; y++) {
+                        const v16a *gr = (const v16a *)(gp + y * Wg * 16);
+                        const int64_t row = y * Wb;
+                        for (int64_t x = 0; x < Wo; x += 2) {
+                            const v16a g0 = gr[x], g1 = gr[x + 1];
+                            #pragma GCC unroll 4
+                            for (int j = 0; j < 4; j++) {
+                                const v16a *xr = (const v16a *)xp[j] + row;
+                                a[j][0] += g0 * xr[x];
+                                a[j][1] += g1 * xr[x + 1];
+                            }
+                        }
                     }
+                    for (int j = 0; j < 4; j++) out[p + j] += hsum(a[j][0] + a[j][1]);
                 }
-                out[p] += hsum(a0 + a1 + a2 + a3);
+                for (; p < p1; p++) {
+                    const v16a *xr0 = (const v16a *)(x0 + chan[p] * xplane + (tr[p] * Wb + ts[p]) * 16);
+                    v16a a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    for (int64_t y = y0; y < y1; y++) {
+                        const v16a *gr = (const v16a *)(gp + y * Wg * 16), *xr = xr0 + y * Wb;
+                        for (int64_t x = 0; x < Wo; x += 4) {
+                            a0 += gr[x] * xr[x];
+                            a1 += gr[x + 1] * xr[x + 1];
+                            a2 += gr[x + 2] * xr[x + 2];
+                            a3 += gr[x + 3] * xr[x + 3];
+                        }
+                    }
+                    out[p] += hsum(a0 + a1 + a2 + a3);
+                }
             }
         }
 }

@@ -292,13 +292,14 @@ def lane_wgrad3(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: 
     return out
 
 
-def lane_wgrad_taps(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: Tensor, chan: Tensor,
+def lane_wgrad_taps(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, rowptr: Tensor, chan: Tensor,
                     tr: Tensor, ts: Tensor) -> Tensor:
-    """Weight gradient of single taps (see ``b16_wgrad_taps``), one float per entry."""
+    """Weight gradient of single taps (see ``b16_wgrad_taps``), one float per entry of the CSR
+    ``rowptr`` (output channels) / ``chan`` (input channel) / ``tr``, ``ts`` (tap row and column) lists."""
     nb, cg, hg, wg, _ = g.shape
     _, cx, hb, wb, _ = xs.shape
-    out = torch.empty(row.numel(), dtype=torch.float32)
+    out = torch.empty(chan.numel(), dtype=torch.float32)
     library().b16_wgrad_taps(_check(g, torch.float32), cg, hg, wg, gy, gx, _check(xs, torch.float32), cx, hb, wb, nb,
-                             ho, wo, row.numel(), _check(row, torch.int32), _check(chan, torch.int32),
+                             ho, wo, rowptr.numel() - 1, _check(rowptr, torch.int64), _check(chan, torch.int32),
                              _check(tr, torch.int32), _check(ts, torch.int32), out.data_ptr(), torch.get_num_threads())
     return out

@@ -498,7 +498,7 @@ class _LaneConvFn(torch.autograd.Function):
                 kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo4, lane.k_row, lane.k_chan)
                 gw = _scatter(_gather(kg, lane.k_slot), index.flat, ctx.w_shape)
             else:
-                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo4, index.row32, index.col32,
+                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo4, index.rowptr, index.col32,
                                              lane.tr, lane.ts)
                 gw = _scatter(eg, index.flat, ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
