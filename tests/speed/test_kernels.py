@@ -45,6 +45,8 @@ CONVS = [
     dict(cin=6, cout=3, k=1, pad=0, hw=(4, 3), bias=True),
     dict(cin=2, cout=5, k=5, pad=(2, 1), hw=(7, 5), bias=True),
     dict(cin=8, cout=6, k=3, pad=2, hw=(4, 6), bias=True),
+    dict(cin=8, cout=8, k=3, pad=1, hw=(2, 2), bias=True),  # 2x2 lane tiles (VGG's last block on CIFAR)
+    dict(cin=4, cout=5, k=3, pad=1, hw=(5, 2), bias=False),
 ]
 
 

@@ -21,8 +21,6 @@
 #include <string.h>
 
 typedef float v16a __attribute__((vector_size(64)));
-#define TR 4 /* output tile: TR rows x TP pixels, 16 accumulators */
-#define TP 4
 
 /* Keeps a loaded vector in a register: without it GCC folds the load into each of the up to 9
  * multiply-adds that use the vector, 144 loads per tile instead of 36 (the loads, not the
@@ -180,7 +178,7 @@ void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out,
  * from L2 again for every output channel (measured 0.6 multiply-adds per cycle for window masks).
  * The first block writes each tile, later ones add to it. The body adds entry p to acc[TR][TP]
  * reading from b0, the tile's corner in the sample's source. */
-#define TILE_LOOP(...)                                                                                \
+#define TILE_LOOP(TR, TP, ...)                                                                       \
     const int64_t bands = Ho / TR, tiles = Wo / TP;                                                  \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)")                \
     for (int64_t nb = 0; nb < NB; nb++)                                                              \
@@ -205,50 +203,73 @@ void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out,
             }
 
 /* dst[nb, o, y, x] = sum_{k in row o} sum_{r, s < 3} kval[9k + 3r + s] * src[nb, kchan[k], y + r, x + s]
- * for y < Ho, x < Wo (multiples of TR, TP); src is (NB, Cs, Hb, Wb, 16) with Hb >= Ho + 2, Wb >= Wo + 2.
+ * for y < Ho, x < Wo (multiples of the tile); src is (NB, Cs, Hb, Wb, 16) with Hb >= Ho + 2, Wb >= Wo + 2.
  * Per kernel and tile: the 6 x 6 input pixels are loaded once each and feed all 9 taps. */
+#define DEFINE_CONV3(NAME, TR, TP)                                                                             \
+static void NAME(const float *src, int64_t NB, int64_t Cs, int64_t Hb, int64_t Wb, int64_t nblk,                 \
+                 const int64_t *ptr, const int32_t *kchan, const float *kval, float *dst, int64_t Cd,          \
+                 int64_t Ho, int64_t Wo, int threads)                                                          \
+{                                                                                                              \
+    const int64_t plane = Hb * Wb * 16, sstride = Cs * plane;                                                  \
+    TILE_LOOP(TR, TP,                                                                                          \
+        const float *w = kval + 9 * p;                                                                         \
+        v16a wv[9];                                                                                            \
+        for (int j = 0; j < 9; j++) wv[j] = (v16a){0} + w[j];                                                  \
+        const float *c0 = b0 + kchan[p] * plane;                                                               \
+        _Pragma("GCC unroll 6")                                                                                \
+        for (int yy = 0; yy < TR + 2; yy++) {                                                                  \
+            _Pragma("GCC unroll 6")                                                                            \
+            for (int xx = 0; xx < TP + 2; xx++) {                                                              \
+                v16a v = *(const v16a *)(c0 + (yy * Wb + xx) * 16);                                            \
+                PIN(v);                                                                                        \
+                _Pragma("GCC unroll 3")                                                                        \
+                for (int r = 0; r < 3; r++) {                                                                  \
+                    _Pragma("GCC unroll 3")                                                                    \
+                    for (int s = 0; s < 3; s++) {                                                              \
+                        const int a = yy - r, b = xx - s;                                                      \
+                        if (a >= 0 && a < TR && b >= 0 && b < TP) acc[a][b] += wv[3 * r + s] * v;              \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    )                                                                                                          \
+}
+DEFINE_CONV3(conv3_4x4, 4, 4)
+DEFINE_CONV3(conv3_2x2, 2, 2)
+
+/* 4x4 output tiles, or 2x2 where the output is 2 wide or high (512-channel VGG layers at 2x2 on
+ * CIFAR: a 4x4 tile there computed 4 times the output) */
 void b16_conv3(const float *src, int64_t NB, int64_t Cs, int64_t Hb, int64_t Wb, int64_t nblk, const int64_t *ptr,
                const int32_t *kchan, const float *kval, float *dst, int64_t Cd, int64_t Ho, int64_t Wo, int threads)
 {
-    const int64_t plane = Hb * Wb * 16, sstride = Cs * plane;
-    TILE_LOOP(
-        const float *w = kval + 9 * p;
-        v16a wv[9];
-        for (int j = 0; j < 9; j++) wv[j] = (v16a){0} + w[j];
-        const float *c0 = b0 + kchan[p] * plane;
-        _Pragma("GCC unroll 6")
-        for (int yy = 0; yy < TR + 2; yy++) {
-            _Pragma("GCC unroll 6")
-            for (int xx = 0; xx < TP + 2; xx++) {
-                v16a v = *(const v16a *)(c0 + (yy * Wb + xx) * 16);
-                PIN(v);
-                _Pragma("GCC unroll 3")
-                for (int r = 0; r < 3; r++) {
-                    _Pragma("GCC unroll 3")
-                    for (int s = 0; s < 3; s++) {
-                        const int a = yy - r, b = xx - s;
-                        if (a >= 0 && a < TR && b >= 0 && b < TP) acc[a][b] += wv[3 * r + s] * v;
-                    }
-                }
-            }
-        }
-    )
+    (Ho % 4 || Wo % 4 ? conv3_2x2 : conv3_4x4)(src, NB, Cs, Hb, Wb, nblk, ptr, kchan, kval, dst, Cd, Ho, Wo, threads);
 }
 
 /* dst[nb, o, y, x] = sum_{p in row o} val[p] * src[nb * sstride + off[p] + (y * Wb + x) * 16] for y < Ho,
- * x < Wo (multiples of TR, TP): one entry per active tap, off[p] = (chan * Hb * Wb + r * Wb + s) * 16. */
+ * x < Wo (multiples of the tile): one entry per active tap, off[p] = (chan * Hb * Wb + r * Wb + s) * 16. */
+#define DEFINE_CONV_TAPS(NAME, TR, TP)                                                                         \
+static void NAME(const float *src, int64_t NB, int64_t sstride, int64_t Wb, int64_t nblk, const int64_t *ptr,    \
+                 const int64_t *off, const float *val, float *dst, int64_t Cd, int64_t Ho, int64_t Wo,         \
+                 int threads)                                                                                  \
+{                                                                                                              \
+    TILE_LOOP(TR, TP,                                                                                          \
+        const v16a w = (v16a){0} + val[p];                                                                     \
+        const float *c0 = b0 + off[p];                                                                         \
+        _Pragma("GCC unroll 4")                                                                                \
+        for (int a = 0; a < TR; a++) {                                                                         \
+            _Pragma("GCC unroll 4")                                                                            \
+            for (int b = 0; b < TP; b++) acc[a][b] += w * *(const v16a *)(c0 + (a * Wb + b) * 16);             \
+        }                                                                                                      \
+    )                                                                                                          \
+}
+DEFINE_CONV_TAPS(conv_taps_4x4, 4, 4)
+DEFINE_CONV_TAPS(conv_taps_2x2, 2, 2)
+
 void b16_conv_taps(const float *src, int64_t NB, int64_t sstride, int64_t Wb, int64_t nblk, const int64_t *ptr,
                    const int64_t *off, const float *val, float *dst, int64_t Cd, int64_t Ho, int64_t Wo, int threads)
 {
-    TILE_LOOP(
-        const v16a w = (v16a){0} + val[p];
-        const float *c0 = b0 + off[p];
-        _Pragma("GCC unroll 4")
-        for (int a = 0; a < TR; a++) {
-            _Pragma("GCC unroll 4")
-            for (int b = 0; b < TP; b++) acc[a][b] += w * *(const v16a *)(c0 + (a * Wb + b) * 16);
-        }
-    )
+    (Ho % 4 || Wo % 4 ? conv_taps_2x2 : conv_taps_4x4)(src, NB, sstride, Wb, nblk, ptr, off, val, dst, Cd, Ho, Wo,
+                                                         threads);
 }
 
 /* The weight gradients run band by band (WB output rows of one sample at a time): a band's output

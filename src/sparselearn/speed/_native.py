@@ -255,9 +255,10 @@ def lane_conv3(src: Tensor, ptr: Tensor, chan: Tensor, kval: Tensor, rows: int, 
                out: Optional[Tensor] = None) -> Tensor:
     """Whole-kernel 3x3 convolution of a lane buffer (see ``b16_conv3``): ``ptr`` (blocks, rows + 1),
     ``chan`` int32 source channel and ``kval`` (kernels, 9) weights per kernel; returns
-    (NB, rows, ho, wo, 16) (into ``out`` when given), ``ho``/``wo`` multiples of 4."""
+    (NB, rows, ho, wo, 16) (into ``out`` when given); 4x4 output tiles where ``ho`` and ``wo`` are
+    multiples of 4, else 2x2 (both even)."""
     nb, c, hb, wb, _ = src.shape
-    if ho % 4 or wo % 4 or hb < ho + 2 or wb < wo + 2:
+    if ho % 2 or wo % 2 or hb < ho + 2 or wb < wo + 2:
         raise ValueError(f"lane_conv3: output {ho}x{wo} does not suit a {hb}x{wb} source")
     dst = _lane_out(out, nb, rows, ho, wo)
     library().b16_conv3(_check(src, torch.float32), nb, c, hb, wb, ptr.shape[0], _check(ptr, torch.int64),
@@ -271,8 +272,8 @@ def lane_conv_taps(src: Tensor, ptr: Tensor, off: Tensor, val: Tensor, rows: int
     """Tap-list convolution of a lane buffer (see ``b16_conv_taps``): ``off`` int64 float offsets of
     each entry's first read inside one sample's block; returns (NB, rows, ho, wo, 16)."""
     nb, c, hb, wb, _ = src.shape
-    if ho % 4 or wo % 4:
-        raise ValueError(f"lane_conv_taps: output {ho}x{wo} is not in whole 4x4 tiles")
+    if ho % 2 or wo % 2:
+        raise ValueError(f"lane_conv_taps: output {ho}x{wo} is not in whole 2x2 or 4x4 tiles")
     dst = _lane_out(out, nb, rows, ho, wo)
     library().b16_conv_taps(_check(src, torch.float32), nb, c * hb * wb * LANES, wb, ptr.shape[0],
                             _check(ptr, torch.int64), _check(off, torch.int64), _check(val, torch.float32),

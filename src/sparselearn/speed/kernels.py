@@ -320,6 +320,14 @@ def _round4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
+def _tiled(h: int, w: int) -> tuple[int, int]:
+    """A map's size rounded up to whole output tiles of the lane kernels: 4x4, or 2x2 where the map
+    is at most 2 high or wide (a 4x4 tile on a 2x2 map computes 4 times its output)."""
+    if h <= 2 or w <= 2:
+        return h + h % 2, w + w % 2
+    return _round4(h), _round4(w)
+
+
 def _blocked_rows(row: Tensor, chan: Tensor, rows: int, n_chan: int) -> tuple[Tensor, Tensor]:
     """Entries ordered by (``chan`` block of ``_LANE_BLOCK``, ``row``), stably (the given order within),
     and their row pointers: (blocks, rows + 1) absolute positions."""
@@ -376,8 +384,9 @@ class _LaneIndex:
 class _LaneGeometry:
     """Buffer sizes of the batch-lane path for one input size, and the tap offsets inside them.
 
-    Forward: input at (ph, pw) in an (Ho4 + R - 1, Wo4 + S - 1) buffer, output (Ho4, Wo4) (sizes
-    rounded up to whole 4x4 tiles; the extra rows and columns are computed and dropped). Input
+    Forward: input at (ph, pw) in an (Ho4 + R - 1, round4(Wo) + S - 1) buffer, output (Ho4, Wo4)
+    (sizes rounded up to whole tiles, :func:`_tiled`; the extra rows and columns are computed and
+    dropped). Input
     gradient: the output gradient at (R - 1 - ph, S - 1 - pw) of an (Hg, Wg) buffer, convolved with
     the mirrored kernels into (H4, W4); the weight gradient reads the same buffer.
     """
@@ -387,12 +396,15 @@ class _LaneGeometry:
         self.ph, self.pw = padding
         self.h, self.w = h, w
         self.ho, self.wo = h + 2 * self.ph - r_ + 1, w + 2 * self.pw - s_ + 1
-        self.ho4, self.wo4 = _round4(self.ho), _round4(self.wo)
-        self.hb, self.wb = self.ho4 + r_ - 1, self.wo4 + s_ - 1
-        self.h4, self.w4 = _round4(h), _round4(w)
+        self.ho4, self.wo4 = _tiled(self.ho, self.wo)
+        # the weight gradient runs over columns in chunks of 4 whatever the tile: its reads need the width
+        wo_wgrad = _round4(self.wo)
+        self.hb, self.wb = self.ho4 + r_ - 1, wo_wgrad + s_ - 1
+        self.h4, self.w4 = _tiled(h, w)
         self.gy, self.gx = r_ - 1 - self.ph, s_ - 1 - self.pw
         self.hg = max(self.h4 + r_ - 1, self.gy + self.ho)
-        self.wg = max(self.w4 + s_ - 1, self.gx + self.wo4)
+        self.wg = max(self.w4 + s_ - 1, self.gx + wo_wgrad)
+        self.wo_wgrad = wo_wgrad
         lanes = _native.LANES
         if not lane.fwd_kernels:
             self.t_off = ((lane.t_chan * (self.hb * self.wb) + torch.div(lane.t_tap, s_, rounding_mode="floor")
@@ -495,10 +507,10 @@ class _LaneConvFn(torch.autograd.Function):
             if ctx.dense:
                 gw = torch.nn.grad.conv2d_weight(saved, ctx.w_shape, grad, padding=(geo.ph, geo.pw))
             elif lane.wgrad_kernels:
-                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo4, lane.k_row, lane.k_chan)
+                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.k_row, lane.k_chan)
                 gw = _scatter(_gather(kg, lane.k_slot), index.flat, ctx.w_shape)
             else:
-                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo4, index.rowptr, index.col32,
+                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, index.rowptr, index.col32,
                                              lane.tr, lane.ts)
                 gw = _scatter(eg, index.flat, ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
