@@ -77,7 +77,7 @@ def _declare_lane_kernels(lib: ctypes.CDLL) -> None:
     lib.b16_unpack.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i32]
     lib.b16_conv3.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.b16_conv_taps.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
-    lib.b16_wgrad3.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, i32]
+    lib.b16_wgrad3.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i32]
     lib.b16_wgrad_taps.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p,
                                    p, i32]
 
@@ -281,15 +281,17 @@ def lane_conv_taps(src: Tensor, ptr: Tensor, off: Tensor, val: Tensor, rows: int
     return dst
 
 
-def lane_wgrad3(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: Tensor, chan: Tensor) -> Tensor:
-    """(kernels, 9) weight gradient of whole 3x3 kernels (see ``b16_wgrad3``)."""
+def lane_wgrad3(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: Tensor, chan: Tensor,
+                pairs: Tensor) -> Tensor:
+    """(kernels, 9) weight gradient of whole 3x3 kernels (see ``b16_wgrad3``); ``pairs`` (P, 2) int32:
+    every kernel once, paired with one of the same input channel where there is one (else -1)."""
     nb, cg, hg, wg, _ = g.shape
     _, cx, hb, wb, _ = xs.shape
     k = row.numel()
     out = torch.empty(k, 9, dtype=torch.float32)
     library().b16_wgrad3(_check(g, torch.float32), cg, hg, wg, gy, gx, _check(xs, torch.float32), cx, hb, wb, nb,
-                         ho, wo, k, _check(row, torch.int32), _check(chan, torch.int32), out.data_ptr(),
-                         torch.get_num_threads())
+                         ho, wo, k, _check(row, torch.int32), _check(chan, torch.int32), pairs.shape[0],
+                         _check(pairs, torch.int32), out.data_ptr(), torch.get_num_threads())
     return out
 
 

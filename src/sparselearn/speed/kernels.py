@@ -341,6 +341,24 @@ def _blocked_rows(row: Tensor, chan: Tensor, rows: int, n_chan: int) -> tuple[Te
     return order, ptr.contiguous()
 
 
+def _pairs_by_channel(chan: Tensor) -> Tensor:
+    """(P, 2) int32 pairs of list positions of kernels reading the same input channel (the weight
+    gradient shares their input loads), with -1 for a kernel left over; every kernel once."""
+    by_chan = torch.sort(chan, stable=True).indices
+    c = chan[by_chan]
+    # rank of each kernel among those of its channel: even ranks open a pair, the next odd one joins
+    first = torch.ones_like(c, dtype=torch.bool)
+    first[1:] = c[1:] != c[:-1]
+    starts = torch.nonzero(first).squeeze(1)
+    rank = torch.arange(c.numel()) - starts[torch.cumsum(first.long(), 0) - 1]
+    second = torch.full_like(by_chan, -1)
+    has_next = torch.zeros_like(first)
+    has_next[:-1] = c[1:] == c[:-1]
+    opens = (rank % 2 == 0)
+    second[opens & has_next] = by_chan[1:][(opens & has_next)[:-1]]
+    return torch.stack([by_chan[opens], second[opens]], 1).to(torch.int32).contiguous()
+
+
 class _LaneIndex:
     """The entry lists of the batch-lane kernels, built from a :class:`SparseIndex` at each rebuild.
 
@@ -374,6 +392,7 @@ class _LaneIndex:
             pos[order] = torch.arange(order.numel())
             self.k_slot = pos[inv] * 9 + tap  # entry -> its weight's place in the (kernels, 9) values
             self.k_row, self.k_chan = krow[order].to(torch.int32), kchan[order].to(torch.int32)
+            self.k_pairs = _pairs_by_channel(self.k_chan.long())
             order_t, self.kt_ptr = _blocked_rows(kchan, krow, cols, rows)
             pos_t = torch.empty_like(order_t)
             pos_t[order_t] = torch.arange(order_t.numel())
@@ -507,7 +526,8 @@ class _LaneConvFn(torch.autograd.Function):
             if ctx.dense:
                 gw = torch.nn.grad.conv2d_weight(saved, ctx.w_shape, grad, padding=(geo.ph, geo.pw))
             elif lane.wgrad_kernels:
-                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.k_row, lane.k_chan)
+                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.k_row, lane.k_chan,
+                                         lane.k_pairs)
                 gw = _scatter(_gather(kg, lane.k_slot), index.flat, ctx.w_shape)
             else:
                 eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, index.rowptr, index.col32,
