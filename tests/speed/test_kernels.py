@@ -347,3 +347,19 @@ def test_values_regathered_in_place_after_weight_steps(backend):
         buffers = now
         with torch.no_grad():
             lin.weight.add_(torch.randn(30, 50, generator=g) * mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weight_gradient_pairs_cover_every_kernel_once_with_a_shared_channel(seed):
+    from sparselearn.speed.kernels import _pairs_by_channel
+
+    g = torch.Generator().manual_seed(seed)
+    chan = torch.randint(0, 5, (23,), generator=g)
+    pairs = _pairs_by_channel(chan)
+    firsts, seconds = pairs[:, 0].long(), pairs[:, 1].long()
+    listed = torch.cat([firsts, seconds[seconds >= 0]])
+    assert sorted(listed.tolist()) == list(range(23))  # every kernel exactly once
+    paired = seconds >= 0
+    assert torch.equal(chan[firsts[paired]], chan[seconds[paired]])  # a pair reads one input channel
+    # at most one kernel per channel is left without a partner
+    assert int((~paired).sum()) == int((torch.bincount(chan, minlength=5) % 2).sum())
