@@ -59,6 +59,20 @@ _MODELS = [("lenet300-100", (1, 28, 28), 100), ("lenet5-caffe", (1, 28, 28), 100
 _QUICK_MODELS = [("lenet300-100", (1, 8, 8), 8)]
 
 
+def _sm_wrn(depth: int, k: int, density: float, steps: int, x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+    """A WRN under Sparse Momentum trained ``steps`` SGD steps on ``x`` plus noise, an update every 5
+    steps (prune rate 0.5): masks from the engine's own redistribution and growth."""
+    from sparselearn.experiments.models import WideResNet
+
+    model = WideResNet(depth, k, 10, (3, 32, 32), drop_rate=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sp = sparselearn.sparse_momentum(model, opt, density=density, update_every=5, prune_rate=0.5,
+                                     steps_per_epoch=5, epochs=steps // 5 + 1)
+    for _ in range(steps):
+        _sgd_step(model, opt, x + 0.1 * torch.randn(x.shape, generator=g), y)()
+    return model, opt, sp
+
+
 def _sgd_step(m: nn.Module, o: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One training step: zero_grad, forward, cross-entropy, backward, optimizer step."""
     def run():
@@ -401,8 +415,6 @@ class Suite:
     # ------------------------------------------------------------------ Sparse Momentum + sparse kernels
     def sm_kernels(self) -> None:
         """Sparse Momentum Table 3's "sparse convolution" estimate next to a measured training step."""
-        from sparselearn.experiments.models import WideResNet
-
         depth, k, batch, steps = (16, 4, 32, 60) if not self.quick else (10, 1, 16, 4)
         t = Table(f"Sparse Momentum on WRN-{depth}-{k}: sparse convolution, measured and estimated",
                   f"WRN-{depth}-{k} (3x32x32, batch {batch}); `sparselearn.sparse_momentum` at the given density "
@@ -424,12 +436,7 @@ class Suite:
         y = torch.randint(0, 10, (batch,), generator=g)
         for density in (0.05, 0.3):
             torch.manual_seed(5)
-            model = WideResNet(depth, k, 10, (3, 32, 32), drop_rate=0.0)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-            sp = sparselearn.sparse_momentum(model, opt, density=density, update_every=5, prune_rate=0.5,
-                                             steps_per_epoch=5, epochs=steps // 5 + 1)
-            for _ in range(steps):
-                _sgd_step(model, opt, x + 0.1 * torch.randn(x.shape, generator=g), y)()
+            model, opt, sp = _sm_wrn(depth, k, density, steps, x, y, g)
             fast = copy.deepcopy(model)
             fopt = torch.optim.SGD(fast.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
             fsp = sparselearn.sparse_momentum(fast, fopt, density=density, update_every=10 ** 9, prune_rate=0.5,
@@ -503,14 +510,11 @@ class Suite:
         for label, empty_frac in (("Sparse Momentum run", None), ("constructed, 25% empty", 0.25),
                                   ("constructed, 50% empty", 0.5)):
             torch.manual_seed(4)
-            model = WideResNet(depth, k, 10, (3, 32, 32), drop_rate=0.0)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
             if empty_frac is None:
-                sp = sparselearn.sparse_momentum(model, opt, density=0.02, update_every=5, prune_rate=0.5,
-                                                 steps_per_epoch=5, epochs=steps // 5 + 1)
-                for _ in range(steps):
-                    _sgd_step(model, opt, x + 0.1 * torch.randn(x.shape, generator=g), y)()
+                model, opt, sp = _sm_wrn(depth, k, 0.02, steps, x, y, g)
             else:
+                model = WideResNet(depth, k, 10, (3, 32, 32), drop_rate=0.0)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
                 sp = sparselearn.static_sparse(model, opt, density=0.05)
                 for name in sp.names:
                     w = sp.parameters()[name]
