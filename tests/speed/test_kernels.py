@@ -363,3 +363,28 @@ def test_weight_gradient_pairs_cover_every_kernel_once_with_a_shared_channel(see
     assert torch.equal(chan[firsts[paired]], chan[seconds[paired]])  # a pair reads one input channel
     # at most one kernel per channel is left without a partner
     assert int((~paired).sum()) == int((torch.bincount(chan, minlength=5) % 2).sum())
+
+
+@needs_native
+def test_lane_buffers_held_by_a_pending_backward_are_not_reused():
+    # three forwards of one layer (and of a second layer of the same shape) before one backward:
+    # each saved packed input must survive the later calls that reuse the pool
+    from sparselearn.speed import release_buffers
+
+    g = torch.Generator().manual_seed(5)
+    conv, conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+    masks = [_ck_mask(conv.weight.shape, 0.5, g), _window_mask(conv.weight.shape, 2, g)]
+    with torch.no_grad():
+        conv.weight.mul_(masks[0])
+        conv2.weight.mul_(masks[1])
+    fast, fast2 = SparseConv2d(conv, masks[0]), SparseConv2d(conv2, masks[1])
+    xs = [torch.randn(16, 8, 6, 6, generator=g) for _ in range(3)]
+    for layer, ref in ((fast, conv), (fast2, conv2)):
+        got = sum((layer(x) * (i + 1)).sum() for i, x in enumerate(xs))
+        want = sum((ref(x) * (i + 1)).sum() for i, x in enumerate(xs))
+        gw = torch.autograd.grad(got, layer.weight)[0]
+        rw = torch.autograd.grad(want, ref.weight)[0]
+        mask = masks[0] if layer is fast else masks[1]
+        torch.testing.assert_close(gw * mask, rw * mask, atol=1e-3, rtol=1e-4)
+    assert release_buffers() > 0
+    assert release_buffers() == 0

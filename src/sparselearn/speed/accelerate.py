@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _native
 from .compact import compact
-from .kernels import SparseConv2d, SparseLinear, _SparseLayer, conv_supported
+from .kernels import SparseConv2d, SparseLinear, _SparseLayer, conv_supported, release_buffers
 from .timing import round_robin
 from ..core.probe import probe_forward
 
@@ -71,6 +71,7 @@ class Acceleration:
         for undo in reversed(self._restore):
             undo()
         self._restore.clear()
+        release_buffers()
 
     def format(self) -> str:
         """The per-layer report as a Markdown table."""

@@ -26,6 +26,7 @@ gradient: the gradient of the sparse layer with respect to its active weights on
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Optional, Union
 
@@ -456,28 +457,50 @@ class _LaneValues:
 
 
 class _LaneBuffers:
-    """Reused lane buffers of one layer. Fresh buffers of a few MB cost their page faults at every
-    call (measured: a CK-80% 128-channel training step 20-32 ms with fresh buffers, 12-16 ms with
-    the faults gone). A buffer is handed out again only when nothing else holds it
-    (``Tensor._use_count() == 1``: the packed input saved for a backward that has not run yet is
-    held by autograd), so no caller ever sees its data overwritten."""
+    """Reused lane buffers, shared by every lane layer of the process and keyed by shape (layers of
+    one shape share them, so the memory kept is per shape, not per layer). Fresh buffers of a few MB
+    cost their page faults at every call (measured: a CK-80% 128-channel training step 20-32 ms with
+    fresh buffers, 12-16 ms with the faults gone). A buffer is handed out again only when nothing
+    else holds it (``Tensor._use_count() == 1``: the packed input saved for a backward that has not
+    run yet is held by autograd), so no caller ever sees its data overwritten; the lock keeps two
+    threads from taking the same one."""
 
-    _MAX = 3  # per name: the packed input of a few pending backwards (e.g. gradient accumulation)
+    _MAX = 4  # per (name, shape): e.g. the packed inputs of a VGG block's layers, alive until backward
 
     def __init__(self):
-        self.pool: dict[str, list[Tensor]] = {}
+        self.pool: dict[tuple, list[Tensor]] = {}
+        self.lock = threading.Lock()
 
-    def get(self, name: str, *shape: int) -> Optional[Tensor]:
+    def get(self, name: str, *shape: int) -> Tensor:
         shape = (*shape, _native.LANES)
-        bufs = self.pool.setdefault(name, [])
-        for b in bufs:
-            if tuple(b.shape) == shape and b._use_count() == 1:
-                return b
-        b = torch.empty(shape, dtype=torch.float32)
-        if len(bufs) >= self._MAX:
-            bufs.pop(0)
-        bufs.append(b)
-        return b
+        with self.lock:
+            bufs = self.pool.setdefault((name, shape), [])
+            for b in bufs:
+                if b._use_count() == 1:
+                    return b
+            b = torch.empty(shape, dtype=torch.float32)
+            if len(bufs) < self._MAX:  # beyond that, a one-off buffer freed as usual
+                bufs.append(b)
+            return b
+
+    def clear(self) -> None:
+        with self.lock:
+            self.pool.clear()
+
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(b.numel() * 4 for bufs in self.pool.values() for b in bufs)
+
+
+_BUFFERS = _LaneBuffers()
+
+
+def release_buffers() -> int:
+    """Frees the lane kernels' reused buffers (they are kept for the next call of any layer of the
+    same shape); returns the bytes released. :meth:`Acceleration.remove` calls it."""
+    n = _BUFFERS.nbytes()
+    _BUFFERS.clear()
+    return n
 
 
 class _LaneConvFn(torch.autograd.Function):
@@ -500,7 +523,7 @@ class _LaneConvFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         lane, geo = layer._lane, layer._lane_geometry(x.shape[-2], x.shape[-1])
         n, nb = x.shape[0], -(-x.shape[0] // _native.LANES)
-        bufs, rows = layer._lane_buffers, weight.shape[0]
+        bufs, rows = _BUFFERS, weight.shape[0]
         xb = _native.lane_pack(x.detach().contiguous(), geo.ph, geo.pw, geo.hb, geo.wb,
                                bufs.get("x", nb, x.shape[1], geo.hb, geo.wb))
         ob = _LaneConvFn._convolve(layer, geo, xb, False, bufs.get("y", nb, rows, geo.ho4, geo.wo4))
@@ -516,7 +539,7 @@ class _LaneConvFn(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         layer, geo = ctx.layer, ctx.geo
         lane, index = layer._lane, layer._index
-        grad, bufs, nb = grad.contiguous(), layer._lane_buffers, -(-ctx.n // _native.LANES)
+        grad, bufs, nb = grad.contiguous(), _BUFFERS, -(-ctx.n // _native.LANES)
         gb = _native.lane_pack(grad, geo.gy, geo.gx, geo.hg, geo.wg, bufs.get("g", nb, ctx.w_shape[0], geo.hg, geo.wg))
         gx = gw = gb_ = None
         if ctx.needs_input_grad[0]:
@@ -583,7 +606,6 @@ class SparseConv2d(_SparseLayer):
         self._lane = _LaneIndex(self._index, tuple(self.weight.shape))
         self._lane_geometries: dict[tuple[int, int], _LaneGeometry] = {}
         self._lane_values = _LaneValues()
-        self._lane_buffers = _LaneBuffers()
 
     def _lane_geometry(self, h: int, w: int) -> _LaneGeometry:
         geo = self._lane_geometries.get((h, w))
