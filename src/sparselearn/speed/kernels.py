@@ -13,7 +13,12 @@ update, :meth:`SparseConv2d.rebuild`), never per step.
   is one contiguous multiply-add over a whole feature map (columns ``w >= Wo`` are computed and
   dropped). Whole zero kernels (Starfire CK, Sec. 2.1.1) and zero taps inside kernels (window
   pruning) are skipped alike. The input gradient is the same kernel on the transposed (CSC) entry
-  list with mirrored offsets; the weight gradient is one dot product per active tap.
+  list with mirrored offsets; the weight gradient is one dot product per active tap. That is the
+  path below batch 8; from batch 8 on the "batch-lane" kernels of ``_conv.c`` run instead: the maps
+  repacked as (N / 16, C, H, W, 16) blocks (16 samples per vector), whole 3x3 kernels on 4x4 output
+  tiles where the mask keeps whole kernels (CK) and single taps otherwise (window, unstructured),
+  with the same input gradient (mirrored kernels over the output gradient) and the weight gradient
+  of the active kernels or taps.
 * Linear layers: the same kernel with rows of length ``batch`` (inputs transposed), covering both
   unstructured CSR and constant fan-in (SRigL, Lasby et al. 2024, Sec. 3: every output row keeps the
   same number of inputs, the "condensed" layout is the CSR with equal row lengths).
@@ -406,9 +411,9 @@ class _LaneGeometry:
 
     Forward: input at (ph, pw) in an (Ho4 + R - 1, round4(Wo) + S - 1) buffer, output (Ho4, Wo4)
     (sizes rounded up to whole tiles, :func:`_tiled`; the extra rows and columns are computed and
-    dropped). Input
-    gradient: the output gradient at (R - 1 - ph, S - 1 - pw) of an (Hg, Wg) buffer, convolved with
-    the mirrored kernels into (H4, W4); the weight gradient reads the same buffer.
+    dropped). Input gradient: the output gradient at (R - 1 - ph, S - 1 - pw) of an (Hg, Wg)
+    buffer, convolved with the mirrored kernels into (H4, W4); the weight gradient reads the same
+    buffer.
     """
 
     def __init__(self, lane: _LaneIndex, kernel: tuple[int, int], padding: tuple[int, int], h: int, w: int):
