@@ -388,3 +388,20 @@ def test_lane_buffers_held_by_a_pending_backward_are_not_reused():
         torch.testing.assert_close(gw * mask, rw * mask, atol=1e-3, rtol=1e-4)
     assert release_buffers() > 0
     assert release_buffers() == 0
+
+
+@needs_native
+@pytest.mark.parametrize("dense", [False, True])
+def test_first_layer_weight_gradient_without_input_gradient(dense):
+    # the input needs no gradient (a network's first layer): only the weight gradient is computed
+    g = torch.Generator().manual_seed(6)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    mask = _window_mask(conv.weight.shape, 3, g)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    fast = SparseConv2d(conv, mask, dense_weight_grad=dense)
+    x = torch.randn(16, 3, 7, 7, generator=g)
+    gy = torch.randn(16, 8, 7, 7, generator=g)
+    gw = torch.autograd.grad(fast(x), conv.weight, gy)[0]
+    rw = torch.autograd.grad(conv(x), conv.weight, gy)[0]
+    torch.testing.assert_close(gw, rw if dense else rw * mask, atol=1e-4, rtol=1e-4)

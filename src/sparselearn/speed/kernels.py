@@ -529,7 +529,7 @@ class _LaneConvFn(torch.autograd.Function):
         lane, geo = layer._lane, layer._lane_geometry(x.shape[-2], x.shape[-1])
         n, nb = x.shape[0], -(-x.shape[0] // _native.LANES)
         bufs, rows = _BUFFERS, weight.shape[0]
-        xb = _native.lane_pack(x.detach().contiguous(), geo.ph, geo.pw, geo.hb, geo.wb,
+        xb = _native.lane_pack(x.detach().float().contiguous(), geo.ph, geo.pw, geo.hb, geo.wb,
                                bufs.get("x", nb, x.shape[1], geo.hb, geo.wb))
         ob = _LaneConvFn._convolve(layer, geo, xb, False, bufs.get("y", nb, rows, geo.ho4, geo.wo4))
         out = _native.lane_unpack(ob, n, geo.ho, geo.wo, None if bias is None else bias.detach().contiguous())
@@ -544,9 +544,11 @@ class _LaneConvFn(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         layer, geo = ctx.layer, ctx.geo
         lane, index = layer._lane, layer._index
-        grad, bufs, nb = grad.contiguous(), _BUFFERS, -(-ctx.n // _native.LANES)
-        gb = _native.lane_pack(grad, geo.gy, geo.gx, geo.hg, geo.wg, bufs.get("g", nb, ctx.w_shape[0], geo.hg, geo.wg))
+        grad, bufs, nb = grad.float().contiguous(), _BUFFERS, -(-ctx.n // _native.LANES)
         gx = gw = gb_ = None
+        if ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and not ctx.dense):  # else only oneDNN reads grad
+            gb = _native.lane_pack(grad, geo.gy, geo.gx, geo.hg, geo.wg,
+                                   bufs.get("g", nb, ctx.w_shape[0], geo.hg, geo.wg))
         if ctx.needs_input_grad[0]:
             dxb = _LaneConvFn._convolve(layer, geo, gb, True, bufs.get("gx", nb, ctx.w_shape[1], geo.h4, geo.w4))
             gx = _native.lane_unpack(dxb, ctx.n, geo.h, geo.w)
