@@ -373,22 +373,28 @@ void b16_wgrad3(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, 
 }
 
 /* The weight gradient of single taps: out[p] = sum_{nb, y < Ho, x < Wo} g[nb, o, y + gy, x + gx] *
- * xs[nb, chan[p], y + r[p], x + s[p]] for the entries p of each row o (CSR, rowptr), layouts as in
- * b16_wgrad3, Wo a multiple of 4. Four entries of a row at a time share each loaded gradient
- * vector: 5 loads per 4 multiply-adds instead of 8 (window masks keep ~2 taps per kernel, so
- * whole-kernel dots would waste 7 of 9). */
+ * xs[nb, chan[p], y + r[p], x + s[p]] for the entries p of row o, layouts as in b16_wgrad3, Wo a
+ * multiple of 4. Entries come ordered by (block of input channels, row) with nblk row-pointer arrays
+ * of rows + 1 absolute positions: a band's input rows of one block (4 channels: ~28 KB for a 3x3
+ * layer at 16x16) stay in L1 while every output row runs over them, where entry after entry from
+ * all channels streamed ~110 bytes per multiply-add from L2. Four entries of a row at a time share
+ * each loaded gradient vector: 5 loads per 4 multiply-adds instead of 8 (window masks keep ~2 taps
+ * per kernel, so whole-kernel dots would waste 7 of 9). */
 void b16_wgrad_taps(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, int64_t gx,
                     const float *xs, int64_t Cx, int64_t Hb, int64_t Wb, int64_t NB, int64_t Ho, int64_t Wo,
-                    int64_t rows, const int64_t *rowptr, const int32_t *chan, const int32_t *tr, const int32_t *ts,
-                    float *out, int threads)
+                    int64_t rows, int64_t nblk, const int64_t *ptr, const int32_t *chan, const int32_t *tr,
+                    const int32_t *ts, float *out, int threads)
 {
-    memset(out, 0, sizeof(float) * rowptr[rows]);
+    memset(out, 0, sizeof(float) * ptr[nblk * (rows + 1) - 1]);
     const int64_t xplane = Hb * Wb * 16;
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t y0 = 0; y0 < Ho; y0 += WB) {
             const int64_t y1 = y0 + WB < Ho ? y0 + WB : Ho;
-            #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+            /* a thread per block: blocks hold disjoint entries, so no two threads write one out[p] */
+            #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+            for (int64_t bk = 0; bk < nblk; bk++)
             for (int64_t o = 0; o < rows; o++) {
+                const int64_t *rowptr = ptr + bk * (rows + 1);
                 const float *gp = g + ((nb * Cg + o) * Hg + gy) * Wg * 16 + gx * 16;
                 const float *x0 = xs + nb * Cx * xplane;
                 int64_t p = rowptr[o];

@@ -78,8 +78,8 @@ def _declare_lane_kernels(lib: ctypes.CDLL) -> None:
     lib.b16_conv3.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.b16_conv_taps.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.b16_wgrad3.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i32]
-    lib.b16_wgrad_taps.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p,
-                                   p, i32]
+    lib.b16_wgrad_taps.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, p, p, p,
+                                   p, p, i32]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -295,14 +295,15 @@ def lane_wgrad3(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: 
     return out
 
 
-def lane_wgrad_taps(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, rowptr: Tensor, chan: Tensor,
+def lane_wgrad_taps(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, ptr: Tensor, chan: Tensor,
                     tr: Tensor, ts: Tensor) -> Tensor:
-    """Weight gradient of single taps (see ``b16_wgrad_taps``), one float per entry of the CSR
-    ``rowptr`` (output channels) / ``chan`` (input channel) / ``tr``, ``ts`` (tap row and column) lists."""
+    """Weight gradient of single taps (see ``b16_wgrad_taps``), one float per entry of the lists
+    ``ptr`` ((blocks, rows + 1) row pointers over output channels) / ``chan`` (input channel) /
+    ``tr``, ``ts`` (tap row and column)."""
     nb, cg, hg, wg, _ = g.shape
     _, cx, hb, wb, _ = xs.shape
     out = torch.empty(chan.numel(), dtype=torch.float32)
     library().b16_wgrad_taps(_check(g, torch.float32), cg, hg, wg, gy, gx, _check(xs, torch.float32), cx, hb, wb, nb,
-                             ho, wo, rowptr.numel() - 1, _check(rowptr, torch.int64), _check(chan, torch.int32),
+                             ho, wo, ptr.shape[1] - 1, ptr.shape[0], _check(ptr, torch.int64), _check(chan, torch.int32),
                              _check(tr, torch.int32), _check(ts, torch.int32), out.data_ptr(), torch.get_num_threads())
     return out

@@ -334,11 +334,11 @@ def _tiled(h: int, w: int) -> tuple[int, int]:
     return _round4(h), _round4(w)
 
 
-def _blocked_rows(row: Tensor, chan: Tensor, rows: int, n_chan: int) -> tuple[Tensor, Tensor]:
-    """Entries ordered by (``chan`` block of ``_LANE_BLOCK``, ``row``), stably (the given order within),
+def _blocked_rows(row: Tensor, chan: Tensor, rows: int, n_chan: int, block: int = _LANE_BLOCK) -> tuple[Tensor, Tensor]:
+    """Entries ordered by (``chan`` block of ``block``, ``row``), stably (the given order within),
     and their row pointers: (blocks, rows + 1) absolute positions."""
-    blocks = max(1, -(-n_chan // _LANE_BLOCK))
-    key = torch.div(chan, _LANE_BLOCK, rounding_mode="floor") * rows + row
+    blocks = max(1, -(-n_chan // block))
+    key = torch.div(chan, block, rounding_mode="floor") * rows + row
     order = torch.sort(key, stable=True).indices
     counts = torch.bincount(key, minlength=blocks * rows)
     ptr = torch.zeros(blocks, rows + 1, dtype=torch.int64)
@@ -385,7 +385,12 @@ class _LaneIndex:
         self.t_chan, self.t_tap = col[self.t_order], tap[self.t_order]
         self.tt_order, self.tt_ptr = _blocked_rows(col, row, cols, rows)
         self.tt_chan, self.tt_tap = row[self.tt_order], taps - 1 - tap[self.tt_order]
-        self.tr, self.ts = (tap // s_).to(torch.int32), (tap % s_).to(torch.int32)
+        # the tap weight gradient's lists: blocks of 4 input channels, whose band of input rows stays in L1
+        self.w_order, self.w_ptr = _blocked_rows(row, col, rows, cols, block=4)
+        self.w_chan = col[self.w_order].to(torch.int32)
+        self.w_tr = (tap[self.w_order] // s_).to(torch.int32)
+        self.w_ts = (tap[self.w_order] % s_).to(torch.int32)
+        self.w_flat = index.flat[self.w_order]
         keys, inv = torch.unique_consecutive(row * cols + col, return_inverse=True)  # CSR: (row, col) sorted
         self.kernels = keys.numel()
         per_kernel = index.nnz / max(self.kernels, 1)
@@ -560,9 +565,9 @@ class _LaneConvFn(torch.autograd.Function):
                                          lane.k_pairs)
                 gw = _scatter(_gather(kg, lane.k_slot), index.flat, ctx.w_shape)
             else:
-                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, index.rowptr, index.col32,
-                                             lane.tr, lane.ts)
-                gw = _scatter(eg, index.flat, ctx.w_shape)
+                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.w_ptr, lane.w_chan,
+                                             lane.w_tr, lane.w_ts)
+                gw = _scatter(eg, lane.w_flat, ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb_ = grad.sum((0, 2, 3))
         return gx, gw, gb_, None
