@@ -13,7 +13,7 @@
  *    kval[9k .. 9k+8] its weights (inactive taps hold 0): Starfire CK masks (Sec. 2.1.1), where
  *    every kept kernel is whole;
  *  - taps (any kernel size): CSR of single active taps with their offset inside the source buffer:
- *    window masks (a few taps per kernel, Sec. 2.1) and unstructured ones.
+ *    window masks (a few taps per kernel, Sec. 2.1.1) and unstructured ones.
  * The input gradient is the same convolution on the transposed (CSC) lists with mirrored taps over
  * the output gradient, padded by kernel - 1 - padding.
  */
