@@ -405,3 +405,42 @@ def test_first_layer_weight_gradient_without_input_gradient(dense):
     gw = torch.autograd.grad(fast(x), conv.weight, gy)[0]
     rw = torch.autograd.grad(conv(x), conv.weight, gy)[0]
     torch.testing.assert_close(gw, rw if dense else rw * mask, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(tmp_path, monkeypatch):
+    # the plain-C paths (a CPU or compiler without AVX-512: generic x86-64) of both C files
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib_path = tmp_path / "generic.so"
+    subprocess.run([cc, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu99", "-fopenmp",
+                    *map(str, _native._SOURCES), "-o", str(lib_path)], check=True, capture_output=True)
+    compiled = _native.library()
+    generic = ctypes.CDLL(str(lib_path))
+    for name in dir(compiled):  # the argument types declared for the real build
+        fn = getattr(compiled, name, None)
+        if isinstance(fn, ctypes._CFuncPtr) and fn.argtypes is not None:
+            getattr(generic, name).argtypes = fn.argtypes
+            getattr(generic, name).restype = fn.restype
+    monkeypatch.setattr(_native, "_lib", generic)
+    assert _native.library() is generic
+    g = torch.Generator().manual_seed(7)
+    for k, pad, hw, make in ((3, 1, (6, 9), lambda s: _ck_mask(s, 0.4, g)), (3, 1, (2, 2), lambda s: _ck_mask(s, 0.4, g)),
+                             (3, 1, (6, 9), lambda s: _window_mask(s, 2, g)), (5, 2, (7, 5), lambda s: torch.rand(s, generator=g) < 0.3)):
+        conv = nn.Conv2d(6, 5, k, padding=pad)
+        mask = make(conv.weight.shape)
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+        fast = SparseConv2d(conv, mask)
+        x = torch.randn(19, 6, *hw, generator=g)
+        gy = torch.randn(conv(x).shape, generator=g)
+        y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
+        ry, rgrads = _grads(conv, x, conv.weight, conv.bias, gy)
+        torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[1], rgrads[1] * mask, atol=1e-4, rtol=1e-4)
