@@ -317,3 +317,54 @@ def test_values_regathered_in_place_after_weight_steps(backend):
         buffers = now
         with torch.no_grad():
             lin.weight.add_(torch.randn(30, 50, generator=g) * mask)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 5, 17, 130])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_weight_gradient_memory_reused_only_when_released(batch, blocked):
+    # after zero_grad (set_to_none) the next backward writes the previous gradient's memory again and
+    # only its active entries; every gradient equals the masked layer's, zeros included: after an
+    # in-place change of a released gradient, a dense-gradient step and a rebuild; a gradient still
+    # held (by the caller, or in .grad for accumulation) is never written
+    g, lin, mask = _masked_linear(600, 40, 0.1, 11)
+    mask[3] = False  # an empty row
+    fast = _native_linear(lin, mask, blocked)
+    w = lin.weight
+
+    def backward(dense=False):
+        fast.dense_weight_grad = dense
+        x, gy = torch.randn(batch, 600, generator=g), torch.randn(batch, 40, generator=g)
+        fast(x).backward(gy)
+        return gy.t() @ x if dense else (gy.t() @ x) * mask
+
+    want = backward()
+    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+    ptr = w.grad.data_ptr()
+    for change in (None, "add_", "dense", "after dense"):
+        if change == "add_":
+            w.grad.add_(1.0)  # a released gradient changed in place: its zeros are not trusted
+        w.grad = None
+        want = backward(dense=change == "dense")
+        assert w.grad.data_ptr() == ptr, change
+        torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+        assert change == "dense" or bool((w.grad[~mask] == 0).all()), change
+    held, before = w.grad, w.grad.clone()
+    w.grad = None
+    want = backward()
+    assert w.grad.data_ptr() != ptr
+    assert torch.equal(held, before)  # the caller's gradient was not overwritten
+    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+    first = w.grad.clone()
+    want = backward()  # no zero_grad: accumulated into .grad
+    torch.testing.assert_close(w.grad, first + want, atol=1e-4, rtol=1e-4)
+    new_mask = torch.rand(40, 600, generator=g) < 0.1
+    with torch.no_grad():
+        w.mul_(new_mask)
+    fast.rebuild(new_mask)
+    mask = new_mask
+    for _ in range(2):
+        w.grad = None
+        want = backward()
+        torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+        assert bool((w.grad[~new_mask] == 0).all())

@@ -408,9 +408,13 @@ class _SparseLinearFn(torch.autograd.Function):
             gx = gxt.view(cols, b).t().reshape(*ctx.lead, cols)
         if ctx.needs_input_grad[1]:
             if ctx.dense:
-                gw = g2.t() @ xt.view(cols, b).t()
+                buf, _ = layer._wgrad.take((rows, cols))
+                buf = torch.mm(g2.t(), xt.view(cols, b).t(), out=buf if buf is not None else torch.empty(rows, cols))
+                gw = layer._wgrad.keep(buf, zeros_off_entries=False)
             elif layer.backend == "native":  # the active entries' dots written straight into the dense gradient
-                gw = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols)
+                buf, zeros_kept = layer._wgrad.take((rows, cols))
+                buf = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols, buf, zeros_kept)
+                gw = layer._wgrad.keep(buf, zeros_off_entries=True)
             else:
                 gw = _scatter(layer._dots(gt, xt, idx, b), idx.flat, ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -429,6 +433,50 @@ def _accumulate(parts) -> Tensor:
 
 def _zero_offsets(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int32)
+
+
+def _holders(t: Tensor) -> Optional[int]:
+    """How many tensors share ``t``'s memory (``t`` included), ``None`` where this PyTorch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    return count(t.untyped_storage()._cdata) - 1  # less the storage object made for this call
+
+
+class _GradBuffer:
+    """A linear layer's weight-gradient memory, written again at the next backward once nothing else
+    holds it.
+
+    ``optimizer.zero_grad()`` (set_to_none, PyTorch's default) drops last step's ``.grad``; a layer
+    that allocates its gradient anew then pays its page faults at every step (4096x4096 floats: 16384
+    of them) and, for the sparse gradient, a 64 MB zero fill. The memory is reused only when this
+    cache is its sole holder, so a gradient still in ``.grad`` (accumulation), or kept by the caller,
+    is never overwritten; the zeros off the active entries are trusted only when the tensor's version
+    counter shows no in-place change since the layer wrote them for the same index. Autograd gets a
+    ``detach()`` alias (the same memory and version counter, its own tensor), which ``AccumulateGrad``
+    stores as ``.grad`` without a copy.
+    """
+
+    def __init__(self):
+        self.buf: Optional[Tensor] = None
+        self.version: Optional[int] = None  # buf._version after a sparse write for the current index
+
+    def take(self, shape) -> tuple[Optional[Tensor], bool]:
+        """The kept buffer if it may be written (else ``None``), and whether it holds zeros off the entries."""
+        b = self.buf
+        if b is not None and tuple(b.shape) == tuple(shape) and _holders(b) == 1:
+            return b, self.version is not None and b._version == self.version
+        self.buf = self.version = None
+        return None, False
+
+    def keep(self, buf: Tensor, zeros_off_entries: bool) -> Tensor:
+        """Remembers ``buf`` as the layer's gradient; returns the alias to hand to autograd."""
+        self.buf = buf
+        self.version = buf._version if zeros_off_entries else None
+        return buf.detach()
+
+    def index_changed(self) -> None:
+        self.version = None  # the zeros are those of the old index
 
 
 class SparseLinear(_SparseLayer):
@@ -478,6 +526,9 @@ class SparseLinear(_SparseLayer):
         self._rowptr_stack = torch.stack(self._index.rowptrs).contiguous()
         self._zeros = _zero_offsets(self._index.nnz)
         self.fan_in = self._index.fan_in
+        if not hasattr(self, "_wgrad"):
+            self._wgrad = _GradBuffer()
+        self._wgrad.index_changed()
 
     def _rows(self, src, ptrs, chan, vals, rows, b, idx):
         if self.backend == "native":
