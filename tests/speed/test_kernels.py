@@ -368,3 +368,29 @@ def test_weight_gradient_memory_reused_only_when_released(batch, blocked):
         want = backward()
         torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
         assert bool((w.grad[~new_mask] == 0).all())
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 7, 16, 64, 83, 200])
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_linear_kernel_batches_and_blocks(batch, blocked, input_grad):
+    # the one-pass linear kernel over every column block: batch chunks of 128, 64 and 16 floats and
+    # the scalar tail; empty rows and columns; values gathered (input gradient wanted) or read from
+    # the weight (a first layer); the input gradient runs the same kernel on the CSC list
+    g, lin, mask = _masked_linear(530, 270, 0.12, 12)
+    mask[0] = mask[269] = False
+    mask[:, 7] = mask[:, 300] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = _native_linear(lin, mask, blocked)
+    assert len(fast._index.rowptrs) == (3 if blocked else 1) and len(fast._index.colptrs) == (2 if blocked else 1)
+    x, gy = torch.randn(batch, 530, generator=g), torch.randn(batch, 270, generator=g)
+    if input_grad:
+        _assert_linear_matches(fast, lin, mask, x, gy)
+        return
+    y = fast(x)
+    (gw, gb) = torch.autograd.grad(y, [lin.weight, lin.bias], gy)
+    torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gb, gy.sum(0), atol=1e-4, rtol=1e-4)

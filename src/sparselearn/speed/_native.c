@@ -145,6 +145,80 @@ void sparse_dots(const float *a, int64_t Ca, int64_t La, const float *b, int64_t
     }
 }
 
+/* A linear layer with inputs batch-innermost: dst[c, q] = sum over the entries p of row c, in every
+ * column block, of v(p) * src[chan[p], q] for q < B, where v(p) = val[p], or w[c * wcols + chan[p]]
+ * with use_w (a first layer's training step: no separate gather pass over the weight). One call for
+ * all nblocks column blocks (rowptr: nblocks arrays of rows + 1 absolute positions), block by block so
+ * the slice of src a block reads stays in cache; block 0 writes each row and later blocks add to it
+ * (one output per block and their sum were 2 MB temporaries at 4096 x 128, page-faulted anew at every
+ * step). The batch of one row sits in up to eight 16-float registers while its entries stream past. */
+static inline __attribute__((always_inline)) void
+linear_impl(const float *src, int64_t B, const int64_t *rowptr, int64_t nblocks, const int32_t *chan,
+            const float *val, const float *w, int64_t wcols, const int use_w, float *dst, int64_t rows, int threads)
+{
+#define LVAL(p) (use_w ? wr[chan[p]] : val[p])
+    if (nblocks <= 0) { memset(dst, 0, (size_t)(rows * B) * sizeof(float)); return; }
+    for (int64_t k = 0; k < nblocks; k++) {
+        const int64_t *ptr = rowptr + k * (rows + 1);
+        #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+        for (int64_t c = 0; c < rows; c++) {
+            const int64_t p0 = ptr[c], p1 = ptr[c + 1];
+            float *d = dst + c * B;
+            const float *wr = use_w ? w + c * wcols : val;
+            int64_t q0 = 0;
+            for (; q0 + 128 <= B; q0 += 128) {
+                v16 *o = (v16 *)(d + q0);
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+                if (k) { a0 = o[0]; a1 = o[1]; a2 = o[2]; a3 = o[3]; a4 = o[4]; a5 = o[5]; a6 = o[6]; a7 = o[7]; }
+                for (int64_t p = p0; p < p1; p++) {
+                    const float v = LVAL(p);
+                    const v16 *t = (const v16 *)(src + (int64_t)chan[p] * B + q0);
+                    a0 += v * t[0]; a1 += v * t[1]; a2 += v * t[2]; a3 += v * t[3];
+                    a4 += v * t[4]; a5 += v * t[5]; a6 += v * t[6]; a7 += v * t[7];
+                }
+                o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3; o[4] = a4; o[5] = a5; o[6] = a6; o[7] = a7;
+            }
+            for (; q0 + 64 <= B; q0 += 64) {
+                v16 *o = (v16 *)(d + q0);
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                if (k) { a0 = o[0]; a1 = o[1]; a2 = o[2]; a3 = o[3]; }
+                for (int64_t p = p0; p < p1; p++) {
+                    const float v = LVAL(p);
+                    const v16 *t = (const v16 *)(src + (int64_t)chan[p] * B + q0);
+                    a0 += v * t[0]; a1 += v * t[1]; a2 += v * t[2]; a3 += v * t[3];
+                }
+                o[0] = a0; o[1] = a1; o[2] = a2; o[3] = a3;
+            }
+            for (; q0 + 16 <= B; q0 += 16) {
+                v16 *o = (v16 *)(d + q0);
+                v16 a0 = {0};
+                if (k) a0 = o[0];
+                for (int64_t p = p0; p < p1; p++) a0 += LVAL(p) * *(const v16 *)(src + (int64_t)chan[p] * B + q0);
+                o[0] = a0;
+            }
+            for (; q0 < B; q0++) {  /* the batch % 16 tail */
+                float a = k ? d[q0] : 0.0f;
+                for (int64_t p = p0; p < p1; p++) a += LVAL(p) * src[(int64_t)chan[p] * B + q0];
+                d[q0] = a;
+            }
+        }
+    }
+#undef LVAL
+}
+
+void linear_rows(const float *src, int64_t B, const int64_t *rowptr, int64_t nblocks, const int32_t *chan,
+                 const float *val, float *dst, int64_t rows, int threads)
+{
+    linear_impl(src, B, rowptr, nblocks, chan, val, 0, 0, 0, dst, rows, threads);
+}
+
+/* linear_rows with v(p) = w[c * wcols + chan[p]]. */
+void linear_rows_w(const float *src, int64_t B, const int64_t *rowptr, int64_t nblocks, const int32_t *chan,
+                   const float *w, int64_t wcols, float *dst, int64_t rows, int threads)
+{
+    linear_impl(src, B, rowptr, nblocks, chan, 0, w, wcols, 1, dst, rows, threads);
+}
+
 /* dst[k] = src[idx[k]] (torch's advanced indexing costs ~17 ns an element single-threaded here). */
 void gather_f32(const float *src, const int64_t *idx, int64_t n, float *dst)
 {

@@ -58,6 +58,8 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.sparse_rows.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i32]
     lib.sparse_rows_w.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i64, i64, i32]
     lib.sparse_dots.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, i64, p, i32]
+    lib.linear_rows.argtypes = [p, i64, p, i64, p, p, p, i64, i32]
+    lib.linear_rows_w.argtypes = [p, i64, p, i64, p, p, i64, p, i64, i32]
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
@@ -128,6 +130,24 @@ def sparse_dots(a: Tensor, b: Tensor, row: Tensor, chan: Tensor, off: Tensor, le
                     a.shape[0], row.numel(), _check(row, torch.int32), _check(chan, torch.int32),
                     _check(off, torch.int32), length, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def linear_rows(src: Tensor, rowptrs: Tensor, chan: Tensor, rows: int, val: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+    """``dst[c, q] = sum_{p in row c} v[p] * src[chan[p], q]``, the (rows, B) product of a linear layer's
+    entry list with ``src`` (cols, B) float32 (batch innermost), over all column blocks of ``rowptrs``
+    ((blocks, rows + 1) row pointers) in one pass. ``v`` is ``val`` (the gathered values) or, when
+    ``weight`` is given, read from the dense (rows, cols) weight: ``v[p] = weight[c, chan[p]]``."""
+    lib = library()
+    cols, b = src.shape[-2], src.shape[-1]
+    dst = torch.empty(rows, b, dtype=torch.float32)
+    args = (_check(src, torch.float32), b, _check(rowptrs, torch.int64), rowptrs.shape[0], _check(chan, torch.int32))
+    if weight is None:
+        lib.linear_rows(*args, _check(val, torch.float32), dst.data_ptr(), rows, torch.get_num_threads())
+    else:
+        lib.linear_rows_w(*args, _check(weight, torch.float32), weight.shape[1], dst.data_ptr(), rows,
+                          torch.get_num_threads())
+    return dst
 
 
 def gather(src: Tensor, idx: Tensor, out: Optional[Tensor] = None) -> Tensor:

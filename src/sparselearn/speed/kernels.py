@@ -14,9 +14,10 @@ update, :meth:`SparseConv2d.rebuild`), never per step.
   dropped). Whole zero kernels (Starfire CK, Sec. 2.1.1) and zero taps inside kernels (window
   pruning) are skipped alike. The input gradient is the same kernel on the transposed (CSC) entry
   list with mirrored offsets; the weight gradient is one dot product per active tap.
-* Linear layers: the same kernel with rows of length ``batch`` (inputs transposed), covering both
-  unstructured CSR and constant fan-in (SRigL, Lasby et al. 2024, Sec. 3: every output row keeps the
-  same number of inputs, the "condensed" layout is the CSR with equal row lengths).
+* Linear layers: the same gather-and-accumulate over rows of length ``batch`` (inputs transposed),
+  all column blocks in one pass (``linear_rows``), covering both unstructured CSR and constant fan-in
+  (SRigL, Lasby et al. 2024, Sec. 3: every output row keeps the same number of inputs, the
+  "condensed" layout is the CSR with equal row lengths).
 
 Weight gradient: ``dense_weight_grad`` (bool or a zero-argument callable asked at every backward)
 makes the weight gradient dense, as Sparse Momentum needs (Dettmers & Zettlemoyer 2019, Sec. 3:
@@ -383,10 +384,9 @@ class _SparseLinearFn(torch.autograd.Function):
             # values): they are read from the weight inside the kernel, with no gathering pass.
             # Elsewhere the sequential gathered copy is faster (inference reuses it; the input
             # gradient needs it anyway): in-kernel reads cost ~4 ms more than the copy at 4096x4096.
-            w = weight.detach()
-            yt = _accumulate(_native.sparse_rows_w(xt, ptr, idx.col32, layer._zeros, w, b) for ptr in idx.rowptrs)
+            yt = _native.linear_rows(xt, layer._rowptr_stack, idx.col32, rows, weight=weight.detach())
         else:
-            yt = layer._rows(xt, idx.rowptrs, idx.col32, layer._values.get(weight, idx), rows, b, idx)
+            yt = layer._rows(xt, layer._values.get(weight, idx), b, transposed=False)
         y = yt.view(rows, b).t()
         y = y + bias.detach() if bias is not None else y.contiguous()
         ctx.save_for_backward(xt)
@@ -404,7 +404,7 @@ class _SparseLinearFn(torch.autograd.Function):
         gt = g2.t().contiguous().view(1, rows, b)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gxt = layer._rows(gt, idx.colptrs, idx.row32_t, layer._values.get(layer.weight, idx, True), cols, b, idx)
+            gxt = layer._rows(gt, layer._values.get(layer.weight, idx, True), b, transposed=True)
             gx = gxt.view(cols, b).t().reshape(*ctx.lead, cols)
         if ctx.needs_input_grad[1]:
             if ctx.dense:
@@ -420,19 +420,6 @@ class _SparseLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None, None
-
-
-def _accumulate(parts) -> Tensor:
-    """The sum of the kernel's per-block outputs (one block of inputs at a time: its slice of the
-    input stays in cache), summed in place into the first."""
-    out = None
-    for part in parts:
-        out = part if out is None else out.add_(part)
-    return out
-
-
-def _zero_offsets(n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.int32)
 
 
 def _holders(t: Tensor) -> Optional[int]:
@@ -524,17 +511,22 @@ class SparseLinear(_SparseLayer):
         self._col16 = (cols.to(torch.int32) - (cols >= 32768).to(torch.int32) * 65536).to(torch.int16) \
             if self.in_features <= 65536 else None
         self._rowptr_stack = torch.stack(self._index.rowptrs).contiguous()
-        self._zeros = _zero_offsets(self._index.nnz)
+        self._colptr_stack = torch.stack(self._index.colptrs).contiguous()
         self.fan_in = self._index.fan_in
         if not hasattr(self, "_wgrad"):
             self._wgrad = _GradBuffer()
         self._wgrad.index_changed()
 
-    def _rows(self, src, ptrs, chan, vals, rows, b, idx):
+    def _rows(self, src, vals, b, transposed):
+        """The entry list (CSR, or the CSC one when ``transposed``: the input gradient) times ``src``
+        (cols, b), batch innermost."""
+        idx = self._index
+        ptrs, chan = (idx.colptrs, idx.row32_t) if transposed else (idx.rowptrs, idx.col32)
+        rows = self.in_features if transposed else self.out_features
         if self.backend == "native":
-            if b == 1 and chan is idx.col32 and self._col16 is not None:
+            if b == 1 and not transposed and self._col16 is not None:
                 return _native.sparse_matvec(src.view(-1), self._rowptr_stack, self._col16, vals, rows).view(1, rows, 1)
-            return _accumulate(_native.sparse_rows(src, ptr, chan, self._zeros, vals, rows, b) for ptr in ptrs)
+            return _native.linear_rows(src, self._colptr_stack if transposed else self._rowptr_stack, chan, rows, vals)
         # torch.sparse: the (rows x cols) CSR of the current values times the transposed input.
         (ptr,) = ptrs
         cols = src.shape[1]
