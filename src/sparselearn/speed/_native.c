@@ -9,6 +9,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* A 16-float vector (one AVX-512 register, two AVX2 ones) that may sit at any float address:
  * GCC/Clang vector extensions give the compiler explicit vectors whatever it decides about loops. */
@@ -236,6 +239,42 @@ void scatter_f32(const float *src, const int64_t *idx, int64_t n, float *dst)
 void masked_zero_f32(float *w, const uint8_t *mask, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) w[i] = mask[i] ? w[i] : 0.0f;
+}
+
+/* bits[i / 64] bit i % 64 = (mask[i] != 0): a bool mask packed eight to a byte for masked_zero_bits_f32
+ * (packed again only when the mask changes: ~1.5 ms for VGG16-D's 15.2M weights). */
+void pack_mask_bits(const uint8_t *mask, int64_t n, uint64_t *bits)
+{
+    int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (; i + 64 <= n; i += 64) {
+        const __m512i m = _mm512_loadu_si512((const void *)(mask + i));
+        bits[i >> 6] = (uint64_t)_mm512_test_epi8_mask(m, m);
+    }
+#endif
+    for (; i < n; i += 64) {
+        uint64_t b = 0;
+        for (int64_t k = i; k < n && k < i + 64; k++) b |= (uint64_t)(mask[k] != 0) << (k - i);
+        bits[i >> 6] = b;
+    }
+}
+
+/* masked_zero_f32 reading the packed bits of the mask instead of its bytes. The select is bound by
+ * what it reads (a read-only pass over w and the mask took as long as the select itself): 4.125
+ * instead of 5 bytes per weight measured ~20% faster on VGG16-D. Storing zeros only where the mask
+ * is off (a masked store, no load of w) was no faster: the partial line is read for ownership
+ * anyway. Bitwise the same as masked_zero_f32: kept entries are copied, NaN and inf included. */
+void masked_zero_bits_f32(float *w, const uint64_t *bits, int64_t n)
+{
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 64 <= n; i += 64) {
+        const uint64_t on = bits[i >> 6];
+        for (int j = 0; j < 4; j++)
+            _mm512_storeu_ps(w + i + 16 * j, _mm512_maskz_loadu_ps((__mmask16)(on >> (16 * j)), w + i + 16 * j));
+    }
+#endif
+    for (; i < n; i++) w[i] = (bits[i >> 6] >> (i & 63)) & 1 ? w[i] : 0.0f;
 }
 
 /* y[c] = bias[c] + sum_{p in row c} val[p] * x[col[p]] (bias may be NULL): a linear layer on one

@@ -63,6 +63,8 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
+    lib.pack_mask_bits.argtypes = [p, i64, p]
+    lib.masked_zero_bits_f32.argtypes = [p, p, i64]
     lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
     lib.csr_csc_count.restype = i64
@@ -176,6 +178,28 @@ def masked_zero_(weights: list[Tensor], masks: list[Tensor]) -> None:
                 or w.numel() != m.numel() or w.device.type != "cpu":
             raise ValueError("masked_zero_ needs contiguous CPU float32 weights and bool masks of the same size")
         lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
+
+
+def pack_mask_bits(mask: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The contiguous CPU bool ``mask`` as bits: ``ceil(numel / 64)`` int64 words, bit ``i % 64`` of
+    word ``i // 64`` set where ``mask.view(-1)[i]`` is True (into ``out`` if given)."""
+    words = (mask.numel() + 63) // 64
+    if out is None:
+        out = torch.empty(words, dtype=torch.int64)
+    elif out.numel() != words or out.dtype != torch.int64:
+        raise ValueError(f"pack_mask_bits: out must be {words} int64 words, got {out.numel()} {out.dtype}")
+    library().pack_mask_bits(_check(mask, torch.bool), mask.numel(), _check(out, torch.int64))
+    return out
+
+
+def masked_zero_bits_(weights: list[Tensor], bits: list[Tensor]) -> None:
+    """:func:`masked_zero_` with each mask given as its :func:`pack_mask_bits` words."""
+    lib = library()
+    for w, b in zip(weights, bits):
+        if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" \
+                or b.dtype != torch.int64 or not b.is_contiguous() or b.numel() != (w.numel() + 63) // 64:
+            raise ValueError("masked_zero_bits_ needs contiguous CPU float32 weights and their packed mask words")
+        lib.masked_zero_bits_f32(w.data_ptr(), b.data_ptr(), w.numel())
 
 
 def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int,
