@@ -60,19 +60,17 @@ class NativeMaskApplier:
         self._packed[key] = (ref, state, bits)
         return bits
 
-    def _zero(self, w: Tensor, m: Tensor) -> None:
-        bits = self._bits(m)
-        if bits is None:
-            _native.masked_zero_([w], [m])
-        else:
-            _native.masked_zero_bits_([w], [bits])
-
     def __call__(self, weights: list[Tensor], masks: list[Tensor]) -> None:
+        lib = _native.library()
         for w, m in zip(weights, masks):
-            if self.accepts(w, m):
-                self._zero(w, m)
-            else:  # a weight converted after the sparsifier was built (model.to(torch.bfloat16)): still a select
+            if not self.accepts(w, m):  # a weight converted after the sparsifier was built (model.to(torch.bfloat16))
                 w.masked_fill_(~m.to(w.device), 0)
+                continue
+            bits = self._bits(m)  # checked by accepts and pack_mask_bits: the kernels are called directly
+            if bits is None:
+                lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
+            else:
+                lib.masked_zero_bits_f32(w.data_ptr(), bits.data_ptr(), w.numel())
 
 
 def use_native_masks(sparsifier) -> bool:
