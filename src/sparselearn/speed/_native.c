@@ -7,6 +7,7 @@
  * and rows of length batch (inputs stored transposed).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #if defined(__AVX512F__)
@@ -347,60 +348,100 @@ static void hint_huge(void *p, int64_t n)
 #endif
 }
 
+/* o[col[p] - c0] = g_row . x[col[p]] for the entries p0 .. p1 of one row (g_row: B floats; x: (cols, B)).
+ * 128 batch values of g sit in registers while the entries stream their x rows past; every entry is
+ * assigned by its first batch chunk, so stale values never leak in. */
+static inline void dots_row(const float *gr, const float *x, int64_t B, const int32_t *col, int64_t p0, int64_t p1,
+                            float *o, int64_t c0)
+{
+    int64_t q0 = 0;
+    for (; q0 + 128 <= B; q0 += 128) {
+        const v16 *gv = (const v16 *)(gr + q0);
+        const v16 g0 = gv[0], g1 = gv[1], g2 = gv[2], g3 = gv[3], g4 = gv[4], g5 = gv[5], g6 = gv[6], g7 = gv[7];
+        for (int64_t p = p0; p < p1; p++) {
+            const v16 *t = (const v16 *)(x + (int64_t)col[p] * B + q0);
+            const v16 a = (g0 * t[0] + g1 * t[1]) + (g2 * t[2] + g3 * t[3]);
+            const v16 b = (g4 * t[4] + g5 * t[5]) + (g6 * t[6] + g7 * t[7]);
+            const float d = hsum16(a + b);
+            float *e = o + (col[p] - c0);
+            *e = q0 == 0 ? d : *e + d;
+        }
+    }
+    for (; q0 + 32 <= B; q0 += 32) {
+        const v16 *gv = (const v16 *)(gr + q0);
+        const v16 g0 = gv[0], g1 = gv[1];
+        for (int64_t p = p0; p < p1; p++) {
+            const v16 *t = (const v16 *)(x + (int64_t)col[p] * B + q0);
+            const float d = hsum16(g0 * t[0] + g1 * t[1]);
+            float *e = o + (col[p] - c0);
+            *e = q0 == 0 ? d : *e + d;
+        }
+    }
+    if (q0 < B || B == 0) {
+        for (int64_t p = p0; p < p1; p++) {
+            const float *t = x + (int64_t)col[p] * B;
+            float a = 0.0f;
+            for (int64_t q = q0; q < B; q++) a += gr[q] * t[q];
+            float *e = o + (col[p] - c0);
+            *e = q0 == 0 ? a : *e + a;
+        }
+    }
+}
+
+/* dst[0 .. n) = src[0 .. n) with streaming stores for the whole 64-byte lines of dst: written without
+ * being read for ownership first (half the memory traffic of ordinary stores to lines not cached). */
+static inline void copy_streaming(float *dst, const float *src, int64_t n)
+{
+    int64_t q = 0;
+#if defined(__AVX512F__)
+    for (; q < n && ((uintptr_t)(dst + q) & 63); q++) dst[q] = src[q];
+    for (; q + 16 <= n; q += 16) _mm512_stream_ps(dst + q, _mm512_loadu_ps(src + q));
+#endif
+    for (; q < n; q++) dst[q] = src[q];
+}
+
 /* The dense weight gradient of a sparse linear layer with only its active entries computed:
  * out[c, col[p]] = sum_q g[c, q] * x[col[p], q] for the entries p of row c, 0 elsewhere
  * (a sampled dense-dense product, Lasby et al. 2024's condensed layout being its equal-row case).
  * g is (rows, B) and x (cols, B) (batch innermost); the entries of row c in column block k are
- * rowptr[k * (rows + 1) + c] .. rowptr[k * (rows + 1) + c + 1]. Block by block, so the slice of x a
- * block reads stays in cache; the first pass zeroes each row just before filling it, so every page
- * of out is touched once (a separate zero fill + scatter measured 37 ms vs the fused pass). Per row,
- * 128 batch values of g sit in registers while the entries stream their x rows past.
- * zero: 2 = out is a fresh buffer (huge-page hint, rows zeroed), 1 = rows zeroed, 0 = out already
- * holds zeros at every non-entry (the same index wrote it last and nothing changed it since): only
- * the entries are written, no 64 MB zero fill. Every entry is assigned by its first batch chunk
- * (each (row, col) occurs once in the index), so stale entry values never leak in. */
-void sparse_dots_dense(const float *g, const float *x, int64_t B, const int64_t *rowptr, int64_t nblocks,
+ * rowptr[k * (rows + 1) + c] .. rowptr[k * (rows + 1) + c + 1], block k holding the columns
+ * k * bc .. (k + 1) * bc (the last block up to cols). Block by block, so the slice of x a block reads
+ * stays in cache.
+ * zero = 0: out already holds zeros at every non-entry (the same index wrote it last and nothing
+ * changed it since): only the entries are written. Otherwise (2: out is a fresh buffer, given the
+ * huge-page hint) each row's block segment is filled in a zeroed scratch segment and streamed to out
+ * in whole lines: 13.7 instead of 17.6 ms at 4096x4096, 10%, batch 128, against 12.6 ms for the
+ * entries alone, with the next optimizer step over the gradient no slower (a zero fill fused into the
+ * pass had to read every line of out for ownership; a separate zero fill + scatter took 37 ms). */
+void sparse_dots_dense(const float *g, const float *x, int64_t B, const int64_t *rowptr, int64_t nblocks, int64_t bc,
                        const int32_t *col, float *out, int64_t rows, int64_t cols, int zero, int threads)
 {
     if (zero == 2) hint_huge(out, rows * cols * (int64_t)sizeof(float));
-    for (int64_t k = 0; k < (nblocks > 0 ? nblocks : 1); k++) {
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t c = 0; c < rows; c++) {
-            float *o = out + c * cols;
-            if (k == 0 && zero) memset(o, 0, (size_t)cols * sizeof(float));
-            if (nblocks == 0) continue;
-            const int64_t *ptr = rowptr + k * (rows + 1);
-            const int64_t p0 = ptr[c], p1 = ptr[c + 1];
-            const float *gr = g + c * B;
-            int64_t q0 = 0;
-            for (; q0 + 128 <= B; q0 += 128) {
-                const v16 *gv = (const v16 *)(gr + q0);
-                const v16 g0 = gv[0], g1 = gv[1], g2 = gv[2], g3 = gv[3], g4 = gv[4], g5 = gv[5], g6 = gv[6], g7 = gv[7];
-                for (int64_t p = p0; p < p1; p++) {
-                    const v16 *t = (const v16 *)(x + (int64_t)col[p] * B + q0);
-                    const v16 a = (g0 * t[0] + g1 * t[1]) + (g2 * t[2] + g3 * t[3]);
-                    const v16 b = (g4 * t[4] + g5 * t[5]) + (g6 * t[6] + g7 * t[7]);
-                    const float d = hsum16(a + b);
-                    o[col[p]] = q0 == 0 ? d : o[col[p]] + d;
-                }
+    if (nblocks <= 0) {
+        if (zero) memset(out, 0, (size_t)(rows * cols) * sizeof(float));
+        return;
+    }
+    for (int64_t k = 0; k < nblocks; k++) {
+        const int64_t *ptr = rowptr + k * (rows + 1);
+        const int64_t c0 = nblocks > 1 ? k * bc : 0, c1 = nblocks > 1 && k + 1 < nblocks ? (k + 1) * bc : cols;
+        const int64_t w = c1 > c0 ? c1 - c0 : 0;
+        #pragma omp parallel num_threads(threads)
+        {
+            float *seg = zero && w ? (float *)malloc((size_t)w * sizeof(float)) : 0;
+            #pragma omp for schedule(static)
+            for (int64_t c = 0; c < rows; c++) {
+                const int64_t p0 = ptr[c], p1 = ptr[c + 1];
+                if (!zero) { dots_row(g + c * B, x, B, col, p0, p1, out + c * cols, 0); continue; }
+                if (!w) continue;
+                if (!seg) { memset(out + c * cols + c0, 0, (size_t)w * sizeof(float)); dots_row(g + c * B, x, B, col, p0, p1, out + c * cols, 0); continue; }
+                memset(seg, 0, (size_t)w * sizeof(float));
+                dots_row(g + c * B, x, B, col, p0, p1, seg, c0);
+                copy_streaming(out + c * cols + c0, seg, w);
             }
-            for (; q0 + 32 <= B; q0 += 32) {
-                const v16 *gv = (const v16 *)(gr + q0);
-                const v16 g0 = gv[0], g1 = gv[1];
-                for (int64_t p = p0; p < p1; p++) {
-                    const v16 *t = (const v16 *)(x + (int64_t)col[p] * B + q0);
-                    const float d = hsum16(g0 * t[0] + g1 * t[1]);
-                    o[col[p]] = q0 == 0 ? d : o[col[p]] + d;
-                }
-            }
-            if (q0 < B || B == 0) {
-                for (int64_t p = p0; p < p1; p++) {
-                    const float *t = x + (int64_t)col[p] * B;
-                    float a = 0.0f;
-                    for (int64_t q = q0; q < B; q++) a += gr[q] * t[q];
-                    o[col[p]] = q0 == 0 ? a : o[col[p]] + a;
-                }
-            }
+            free(seg);
+#if defined(__AVX512F__)
+            _mm_sfence();  /* the streaming stores are visible before the caller reads out */
+#endif
         }
     }
 }

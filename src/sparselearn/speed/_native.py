@@ -69,7 +69,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
     lib.csr_csc_count.restype = i64
     lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
-    lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i32, i32]
+    lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, i64, p, p, i64, i64, i32, i32]
     return lib
 
 
@@ -214,11 +214,12 @@ def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: 
     return y
 
 
-def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: int, cols: int,
+def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: int, cols: int, block_cols: int,
                       out: Optional[Tensor] = None, zeros_kept: bool = False) -> Tensor:
     """The (rows, cols) float32 matrix ``out[c, col[p]] = g[c] . x[col[p]]`` over the entries ``p`` of
     each row, zero elsewhere: the weight gradient of a sparse linear layer (``g`` (rows, B) output
-    gradient and ``x`` (cols, B) input, batch innermost; ``rowptrs`` (blocks, rows + 1)).
+    gradient and ``x`` (cols, B) input, batch innermost; ``rowptrs`` (blocks, rows + 1), block ``k``
+    holding the columns ``k * block_cols`` to ``(k + 1) * block_cols`` where there are several).
 
     ``out``: a buffer to write into (a new one if None). ``zeros_kept``: ``out`` already holds zeros
     everywhere but at these entries (the caller vouches for it), so only the entries are written."""
@@ -230,7 +231,7 @@ def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: 
     b = g.shape[-1]
     zero = 2 if fresh else (0 if zeros_kept else 1)
     library().sparse_dots_dense(_check(g, torch.float32), _check(x, torch.float32), b, _check(rowptrs, torch.int64),
-                                rowptrs.shape[0], _check(col, torch.int32), _check(out, torch.float32), rows, cols,
+                                rowptrs.shape[0], block_cols, _check(col, torch.int32), _check(out, torch.float32), rows, cols,
                                 zero, torch.get_num_threads())
     return out
 

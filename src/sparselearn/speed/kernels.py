@@ -413,7 +413,8 @@ class _SparseLinearFn(torch.autograd.Function):
                 gw = layer._wgrad.keep(buf, zeros_off_entries=False)
             elif layer.backend == "native":  # the active entries' dots written straight into the dense gradient
                 buf, zeros_kept = layer._wgrad.take((rows, cols))
-                buf = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols, buf, zeros_kept)
+                buf = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols, layer._block_cols,
+                                                buf, zeros_kept)
                 gw = layer._wgrad.keep(buf, zeros_off_entries=True)
             else:
                 gw = _scatter(layer._dots(gt, xt, idx, b), idx.flat, ctx.w_shape)
@@ -503,6 +504,7 @@ class SparseLinear(_SparseLayer):
         if self.backend != "native":
             return SparseIndex(mask)  # torch.sparse needs the plain CSR order
         block = max(256, self.block_bytes // (4 * 128))
+        self._block_cols = block  # the columns of each CSR block, where there are several
         return SparseIndex(mask, block_cols=block, block_rows=block, native=True)
 
     def _rebuilt(self) -> None:
