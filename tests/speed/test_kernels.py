@@ -444,3 +444,84 @@ def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(tmp_path
         torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[1], rgrads[1] * mask, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 5, 17, 130])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_weight_gradient_memory_reused_only_when_released(batch, blocked):
+    # after zero_grad (set_to_none) the next backward writes the previous gradient's memory again and
+    # only its active entries; every gradient equals the masked layer's, zeros included: after an
+    # in-place change of a released gradient, a dense-gradient step and a rebuild; a gradient still
+    # held (by the caller, or in .grad for accumulation) is never written
+    g, lin, mask = _masked_linear(600, 40, 0.1, 11)
+    mask[3] = False  # an empty row
+    fast = _native_linear(lin, mask, blocked)
+    w = lin.weight
+
+    def backward(dense=False):
+        fast.dense_weight_grad = dense
+        x, gy = torch.randn(batch, 600, generator=g), torch.randn(batch, 40, generator=g)
+        fast(x).backward(gy)
+        return gy.t() @ x if dense else (gy.t() @ x) * mask
+
+    want = backward()
+    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+    ptr = w.grad.data_ptr()
+    for change in (None, "add_", "dense", "after dense"):
+        if change == "add_":
+            w.grad.add_(1.0)  # a released gradient changed in place: its zeros are not trusted
+        w.grad = None
+        want = backward(dense=change == "dense")
+        assert w.grad.data_ptr() == ptr, change
+        torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+        assert change == "dense" or bool((w.grad[~mask] == 0).all()), change
+    held, before = w.grad, w.grad.clone()
+    w.grad = None
+    want = backward()
+    assert w.grad.data_ptr() != ptr
+    assert torch.equal(held, before)  # the caller's gradient was not overwritten
+    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+    first = w.grad.clone()
+    want = backward()  # no zero_grad: accumulated into .grad
+    torch.testing.assert_close(w.grad, first + want, atol=1e-4, rtol=1e-4)
+    # rebuilds (the same column blocks, then other ones): the kept memory, zeroed again for the new index
+    for block_bytes in (fast.block_bytes, 1 if not blocked else 1 << 20):
+        new_mask = torch.rand(40, 600, generator=g) < 0.1
+        with torch.no_grad():
+            w.mul_(new_mask)
+        fast.block_bytes = block_bytes
+        fast.rebuild(new_mask)
+        mask = new_mask
+        for _ in range(2):
+            w.grad = None
+            want = backward()
+            assert w.grad.data_ptr() == fast._wgrad.buf.data_ptr()
+            torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+            assert bool((w.grad[~new_mask] == 0).all())
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 7, 16, 64, 83, 200])
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_linear_kernel_batches_and_blocks(batch, blocked, input_grad):
+    # the one-pass linear kernel over every column block: batch chunks of 128, 64 and 16 floats and
+    # the scalar tail; empty rows and columns; values gathered (input gradient wanted) or read from
+    # the weight (a first layer); the input gradient runs the same kernel on the CSC list
+    g, lin, mask = _masked_linear(530, 270, 0.12, 12)
+    mask[0] = mask[269] = False
+    mask[:, 7] = mask[:, 300] = False
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    fast = _native_linear(lin, mask, blocked)
+    assert len(fast._index.rowptrs) == (3 if blocked else 1) and len(fast._index.colptrs) == (2 if blocked else 1)
+    x, gy = torch.randn(batch, 530, generator=g), torch.randn(batch, 270, generator=g)
+    if input_grad:
+        _assert_linear_matches(fast, lin, mask, x, gy)
+        return
+    y = fast(x)
+    (gw, gb) = torch.autograd.grad(y, [lin.weight, lin.bias], gy)
+    torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gb, gy.sum(0), atol=1e-4, rtol=1e-4)

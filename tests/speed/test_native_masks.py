@@ -100,3 +100,94 @@ def test_a_weight_converted_after_the_switch_is_still_zeroed():
     for n, p in sp.parameters().items():
         assert p.dtype == torch.bfloat16
         assert not p[~sp.masks[n]].any() and p[sp.masks[n]].isnan().all()
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 63, 64, 65, 1000, 4099])
+def test_packed_bit_select_equals_the_byte_select_bitwise(n):
+    # kept entries copied bit for bit (inf, -inf, NaN with a payload, -0.0, subnormals), masked ones 0,
+    # sizes around the 16-float vectors and 64-bit words, and empty
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=g)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 1e-40, -1e-41], dtype=torch.float32)
+    if n:
+        w[torch.randint(0, n, (min(n, 24),), generator=g)] = special.repeat(4)[: min(n, 24)]
+        w.view(torch.int32)[n // 2] = 0x7FC0_1234  # a NaN with its own payload
+    mask = torch.rand(n, generator=g) < 0.4
+    bits = _native.pack_mask_bits(mask)
+    assert bits.numel() == (n + 63) // 64
+    unpacked = [(int(bits[i // 64]) >> (i % 64)) & 1 == 1 for i in range(n)]
+    assert unpacked == mask.tolist()
+    by_bytes, by_bits = w.clone(), w.clone()
+    _native.masked_zero_([by_bytes], [mask])
+    _native.masked_zero_bits_([by_bits], [bits])
+    assert torch.equal(by_bits.view(torch.int32), by_bytes.view(torch.int32))
+    assert torch.equal(by_bits.view(torch.int32)[mask], w.view(torch.int32)[mask])
+    assert not by_bits.view(torch.int32)[~mask].any()  # +0.0 exactly, also where w was NaN or -0.0
+
+
+def test_the_applier_packs_again_when_a_mask_changes():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = sparselearn.static_sparse(model, opt, density=0.3)
+    assert use_native_masks(sp)
+    applier = sp._applier
+    assert applier.nbytes == 0  # packed at the first apply
+    sp.apply_masks()
+    weights = sum(m.numel() for m in sp.masks.values())
+    assert applier.nbytes == sum((m.numel() + 63) // 64 * 8 for m in sp.masks.values()) and applier.nbytes < weights / 7
+    name, mask = next(iter(sp.masks.items()))
+    w = sp.parameters()[name]
+    new = ~mask  # through the sparsifier's own seam: an in-place copy into the mask
+    sp.set_mask(name, new)
+    with torch.no_grad():
+        w.fill_(float("nan"))
+    sp.apply_masks()
+    assert torch.equal(w.isnan(), new) and not w[~new].any()
+    with torch.no_grad():
+        mask[:] = False  # any in-place write moves the version counter
+        w.fill_(2.0)
+    sp.apply_masks()
+    assert not w.any()
+    count = len(applier._packed)
+    other = torch.ones(10, dtype=torch.bool)
+    applier([torch.full((10,), float("nan"))], [other])
+    assert len(applier._packed) == count + 1
+    del other  # the packed words go with their mask
+    assert len(applier._packed) == count
+    with torch.inference_mode():  # no version counter: the byte select
+        frozen = torch.zeros(10, dtype=torch.bool)
+    v = torch.ones(10)
+    applier([v], [frozen])
+    assert not v.any() and len(applier._packed) == count
+
+
+def test_the_generic_mask_kernels_equal_the_avx512_ones(tmp_path):
+    # the plain-C paths (a compiler or CPU without AVX-512) built on their own: the same bits, bitwise
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib_path = tmp_path / "generic.so"
+    src = _native._SOURCES[0]  # _native.c (the mask kernels)
+    subprocess.run([cc, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu99", "-fopenmp", str(src), "-o",
+                    str(lib_path)], check=True, capture_output=True)
+    generic = ctypes.CDLL(str(lib_path))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    generic.pack_mask_bits.argtypes = [p, i64, p]
+    generic.masked_zero_bits_f32.argtypes = [p, p, i64]
+    g = torch.Generator().manual_seed(4)
+    for n in (0, 5, 64, 200, 1031):
+        mask = torch.rand(n, generator=g) < 0.5
+        w = torch.randn(n, generator=g)
+        if n:
+            w[0] = float("nan")
+        bits = torch.empty((n + 63) // 64, dtype=torch.int64)
+        generic.pack_mask_bits(mask.data_ptr(), n, bits.data_ptr())
+        assert torch.equal(bits, _native.pack_mask_bits(mask))
+        mine, ref = w.clone(), w.clone()
+        generic.masked_zero_bits_f32(mine.data_ptr(), bits.data_ptr(), n)
+        _native.masked_zero_([ref], [mask])
+        assert torch.equal(mine.view(torch.int32), ref.view(torch.int32))

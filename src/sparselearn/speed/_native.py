@@ -58,14 +58,18 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.sparse_rows.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i32]
     lib.sparse_rows_w.argtypes = [p, i64, i64, i64, p, p, p, p, i64, p, i64, i64, i32]
     lib.sparse_dots.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, i64, p, i32]
+    lib.linear_rows.argtypes = [p, i64, p, i64, p, p, p, i64, i32]
+    lib.linear_rows_w.argtypes = [p, i64, p, i64, p, p, i64, p, i64, i32]
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
+    lib.pack_mask_bits.argtypes = [p, i64, p]
+    lib.masked_zero_bits_f32.argtypes = [p, p, i64]
     lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
     lib.csr_csc_count.restype = i64
     lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
-    lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, p, p, i64, i64, i32]
+    lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, i64, p, p, i64, i64, i32, i32]
     _declare_lane_kernels(lib)
     return lib
 
@@ -143,6 +147,24 @@ def sparse_dots(a: Tensor, b: Tensor, row: Tensor, chan: Tensor, off: Tensor, le
     return out
 
 
+def linear_rows(src: Tensor, rowptrs: Tensor, chan: Tensor, rows: int, val: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None) -> Tensor:
+    """``dst[c, q] = sum_{p in row c} v[p] * src[chan[p], q]``, the (rows, B) product of a linear layer's
+    entry list with ``src`` (cols, B) float32 (batch innermost), over all column blocks of ``rowptrs``
+    ((blocks, rows + 1) row pointers) in one pass. ``v`` is ``val`` (the gathered values) or, when
+    ``weight`` is given, read from the dense (rows, cols) weight: ``v[p] = weight[c, chan[p]]``."""
+    lib = library()
+    cols, b = src.shape[-2], src.shape[-1]
+    dst = torch.empty(rows, b, dtype=torch.float32)
+    args = (_check(src, torch.float32), b, _check(rowptrs, torch.int64), rowptrs.shape[0], _check(chan, torch.int32))
+    if weight is None:
+        lib.linear_rows(*args, _check(val, torch.float32), dst.data_ptr(), rows, torch.get_num_threads())
+    else:
+        lib.linear_rows_w(*args, _check(weight, torch.float32), weight.shape[1], dst.data_ptr(), rows,
+                          torch.get_num_threads())
+    return dst
+
+
 def gather(src: Tensor, idx: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``src.reshape(-1)[idx]`` for a contiguous float32 ``src`` and int64 ``idx``, into ``out`` if given."""
     if out is None:
@@ -171,6 +193,28 @@ def masked_zero_(weights: list[Tensor], masks: list[Tensor]) -> None:
         lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
 
 
+def pack_mask_bits(mask: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The contiguous CPU bool ``mask`` as bits: ``ceil(numel / 64)`` int64 words, bit ``i % 64`` of
+    word ``i // 64`` set where ``mask.view(-1)[i]`` is True (into ``out`` if given)."""
+    words = (mask.numel() + 63) // 64
+    if out is None:
+        out = torch.empty(words, dtype=torch.int64)
+    elif out.numel() != words or out.dtype != torch.int64:
+        raise ValueError(f"pack_mask_bits: out must be {words} int64 words, got {out.numel()} {out.dtype}")
+    library().pack_mask_bits(_check(mask, torch.bool), mask.numel(), _check(out, torch.int64))
+    return out
+
+
+def masked_zero_bits_(weights: list[Tensor], bits: list[Tensor]) -> None:
+    """:func:`masked_zero_` with each mask given as its :func:`pack_mask_bits` words."""
+    lib = library()
+    for w, b in zip(weights, bits):
+        if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" \
+                or b.dtype != torch.int64 or not b.is_contiguous() or b.numel() != (w.numel() + 63) // 64:
+            raise ValueError("masked_zero_bits_ needs contiguous CPU float32 weights and their packed mask words")
+        lib.masked_zero_bits_f32(w.data_ptr(), b.data_ptr(), w.numel())
+
+
 def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: int,
                   bias: Optional[Tensor] = None) -> Tensor:
     """``y[c] = bias[c] + sum_{p in row c} val[p] * x[col16[p]]`` (one sample; ``col16`` int16 holding
@@ -183,15 +227,25 @@ def sparse_matvec(x: Tensor, rowptrs: Tensor, col16: Tensor, val: Tensor, rows: 
     return y
 
 
-def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: int, cols: int) -> Tensor:
+def sparse_dots_dense(g: Tensor, x: Tensor, rowptrs: Tensor, col: Tensor, rows: int, cols: int, block_cols: int,
+                      out: Optional[Tensor] = None, zeros_kept: bool = False) -> Tensor:
     """The (rows, cols) float32 matrix ``out[c, col[p]] = g[c] . x[col[p]]`` over the entries ``p`` of
     each row, zero elsewhere: the weight gradient of a sparse linear layer (``g`` (rows, B) output
-    gradient and ``x`` (cols, B) input, batch innermost; ``rowptrs`` (blocks, rows + 1))."""
-    out = torch.empty(rows, cols, dtype=torch.float32)
+    gradient and ``x`` (cols, B) input, batch innermost; ``rowptrs`` (blocks, rows + 1), block ``k``
+    holding the columns ``k * block_cols`` to ``(k + 1) * block_cols`` where there are several).
+
+    ``out``: a buffer to write into (a new one if None). ``zeros_kept``: ``out`` already holds zeros
+    everywhere but at these entries (the caller vouches for it), so only the entries are written."""
+    fresh = out is None
+    if fresh:
+        out = torch.empty(rows, cols, dtype=torch.float32)
+    elif tuple(out.shape) != (rows, cols):
+        raise ValueError(f"sparse_dots_dense: out has shape {tuple(out.shape)}, expected {(rows, cols)}")
     b = g.shape[-1]
+    zero = 2 if fresh else (0 if zeros_kept else 1)
     library().sparse_dots_dense(_check(g, torch.float32), _check(x, torch.float32), b, _check(rowptrs, torch.int64),
-                                rowptrs.shape[0], _check(col, torch.int32), out.data_ptr(), rows, cols,
-                                torch.get_num_threads())
+                                rowptrs.shape[0], block_cols, _check(col, torch.int32), _check(out, torch.float32), rows, cols,
+                                zero, torch.get_num_threads())
     return out
 
 

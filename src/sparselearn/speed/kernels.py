@@ -19,9 +19,10 @@ update, :meth:`SparseConv2d.rebuild`), never per step.
   tiles where the mask keeps whole kernels (CK) and single taps otherwise (window, unstructured),
   with the same input gradient (mirrored kernels over the output gradient) and the weight gradient
   of the active kernels or taps.
-* Linear layers: the same kernel with rows of length ``batch`` (inputs transposed), covering both
-  unstructured CSR and constant fan-in (SRigL, Lasby et al. 2024, Sec. 3: every output row keeps the
-  same number of inputs, the "condensed" layout is the CSR with equal row lengths).
+* Linear layers: the same gather-and-accumulate over rows of length ``batch`` (inputs transposed),
+  all column blocks in one pass (``linear_rows``), covering both unstructured CSR and constant fan-in
+  (SRigL, Lasby et al. 2024, Sec. 3: every output row keeps the same number of inputs, the
+  "condensed" layout is the CSR with equal row lengths).
 
 Weight gradient: ``dense_weight_grad`` (bool or a zero-argument callable asked at every backward)
 makes the weight gradient dense, as Sparse Momentum needs (Dettmers & Zettlemoyer 2019, Sec. 3:
@@ -662,10 +663,9 @@ class _SparseLinearFn(torch.autograd.Function):
             # values): they are read from the weight inside the kernel, with no gathering pass.
             # Elsewhere the sequential gathered copy is faster (inference reuses it; the input
             # gradient needs it anyway): in-kernel reads cost ~4 ms more than the copy at 4096x4096.
-            w = weight.detach()
-            yt = _accumulate(_native.sparse_rows_w(xt, ptr, idx.col32, layer._zeros, w, b) for ptr in idx.rowptrs)
+            yt = _native.linear_rows(xt, layer._rowptr_stack, idx.col32, rows, weight=weight.detach())
         else:
-            yt = layer._rows(xt, idx.rowptrs, idx.col32, layer._values.get(weight, idx), rows, b, idx)
+            yt = layer._rows(xt, layer._values.get(weight, idx), b, transposed=False)
         y = yt.view(rows, b).t()
         y = y + bias.detach() if bias is not None else y.contiguous()
         ctx.save_for_backward(xt)
@@ -683,13 +683,18 @@ class _SparseLinearFn(torch.autograd.Function):
         gt = g2.t().contiguous().view(1, rows, b)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gxt = layer._rows(gt, idx.colptrs, idx.row32_t, layer._values.get(layer.weight, idx, True), cols, b, idx)
+            gxt = layer._rows(gt, layer._values.get(layer.weight, idx, True), b, transposed=True)
             gx = gxt.view(cols, b).t().reshape(*ctx.lead, cols)
         if ctx.needs_input_grad[1]:
             if ctx.dense:
-                gw = g2.t() @ xt.view(cols, b).t()
+                buf, _ = layer._wgrad.take((rows, cols))
+                buf = torch.mm(g2.t(), xt.view(cols, b).t(), out=buf if buf is not None else torch.empty(rows, cols))
+                gw = layer._wgrad.keep(buf, zeros_off_entries=False)
             elif layer.backend == "native":  # the active entries' dots written straight into the dense gradient
-                gw = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols)
+                buf, zeros_kept = layer._wgrad.take((rows, cols))
+                buf = _native.sparse_dots_dense(gt, xt, layer._rowptr_stack, idx.col32, rows, cols, layer._block_cols,
+                                                buf, zeros_kept)
+                gw = layer._wgrad.keep(buf, zeros_off_entries=True)
             else:
                 gw = _scatter(layer._dots(gt, xt, idx, b), idx.flat, ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -697,17 +702,48 @@ class _SparseLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def _accumulate(parts) -> Tensor:
-    """The sum of the kernel's per-block outputs (one block of inputs at a time: its slice of the
-    input stays in cache), summed in place into the first."""
-    out = None
-    for part in parts:
-        out = part if out is None else out.add_(part)
-    return out
+def _holders(t: Tensor) -> Optional[int]:
+    """How many tensors share ``t``'s memory (``t`` included), ``None`` where this PyTorch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    return count(t.untyped_storage()._cdata) - 1  # less the storage object made for this call
 
 
-def _zero_offsets(n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.int32)
+class _GradBuffer:
+    """A linear layer's weight-gradient memory, written again at the next backward once nothing else
+    holds it.
+
+    ``optimizer.zero_grad()`` (set_to_none, PyTorch's default) drops last step's ``.grad``; a layer
+    that allocates its gradient anew then pays its page faults at every step (4096x4096 floats: 16384
+    of them) and, for the sparse gradient, a 64 MB zero fill. The memory is reused only when this
+    cache is its sole holder, so a gradient still in ``.grad`` (accumulation), or kept by the caller,
+    is never overwritten; the zeros off the active entries are trusted only when the tensor's version
+    counter shows no in-place change since the layer wrote them for the same index. Autograd gets a
+    ``detach()`` alias (the same memory and version counter, its own tensor), which ``AccumulateGrad``
+    stores as ``.grad`` without a copy.
+    """
+
+    def __init__(self):
+        self.buf: Optional[Tensor] = None
+        self.version: Optional[int] = None  # buf._version after a sparse write for the current index
+
+    def take(self, shape) -> tuple[Optional[Tensor], bool]:
+        """The kept buffer if it may be written (else ``None``), and whether it holds zeros off the entries."""
+        b = self.buf
+        if b is not None and tuple(b.shape) == tuple(shape) and _holders(b) == 1:
+            return b, self.version is not None and b._version == self.version
+        self.buf = self.version = None
+        return None, False
+
+    def keep(self, buf: Tensor, zeros_off_entries: bool) -> Tensor:
+        """Remembers ``buf`` as the layer's gradient; returns the alias to hand to autograd."""
+        self.buf = buf
+        self.version = buf._version if zeros_off_entries else None
+        return buf.detach()
+
+    def index_changed(self) -> None:
+        self.version = None  # the zeros are those of the old index
 
 
 class SparseLinear(_SparseLayer):
@@ -747,6 +783,7 @@ class SparseLinear(_SparseLayer):
         if self.backend != "native":
             return SparseIndex(mask)  # torch.sparse needs the plain CSR order
         block = max(256, self.block_bytes // (4 * 128))
+        self._block_cols = block  # the columns of each CSR block, where there are several
         return SparseIndex(mask, block_cols=block, block_rows=block, native=True)
 
     def _rebuilt(self) -> None:
@@ -755,14 +792,22 @@ class SparseLinear(_SparseLayer):
         self._col16 = (cols.to(torch.int32) - (cols >= 32768).to(torch.int32) * 65536).to(torch.int16) \
             if self.in_features <= 65536 else None
         self._rowptr_stack = torch.stack(self._index.rowptrs).contiguous()
-        self._zeros = _zero_offsets(self._index.nnz)
+        self._colptr_stack = torch.stack(self._index.colptrs).contiguous()
         self.fan_in = self._index.fan_in
+        if not hasattr(self, "_wgrad"):
+            self._wgrad = _GradBuffer()
+        self._wgrad.index_changed()
 
-    def _rows(self, src, ptrs, chan, vals, rows, b, idx):
+    def _rows(self, src, vals, b, transposed):
+        """The entry list (CSR, or the CSC one when ``transposed``: the input gradient) times ``src``
+        (cols, b), batch innermost."""
+        idx = self._index
+        ptrs, chan = (idx.colptrs, idx.row32_t) if transposed else (idx.rowptrs, idx.col32)
+        rows = self.in_features if transposed else self.out_features
         if self.backend == "native":
-            if b == 1 and chan is idx.col32 and self._col16 is not None:
+            if b == 1 and not transposed and self._col16 is not None:
                 return _native.sparse_matvec(src.view(-1), self._rowptr_stack, self._col16, vals, rows).view(1, rows, 1)
-            return _accumulate(_native.sparse_rows(src, ptr, chan, self._zeros, vals, rows, b) for ptr in ptrs)
+            return _native.linear_rows(src, self._colptr_stack if transposed else self._rowptr_stack, chan, rows, vals)
         # torch.sparse: the (rows x cols) CSR of the current values times the transposed input.
         (ptr,) = ptrs
         cols = src.shape[1]
