@@ -114,3 +114,14 @@ def test_dense_grad_policy_follows_the_algorithm():
     assert callable(policy) and policy() is False  # step 1 runs no update
     s.step_count = 1
     assert policy() is True  # step 2 does
+
+
+def test_layers_reading_the_model_input_are_timed_without_an_input_gradient():
+    from sparselearn.speed.accelerate import _layer_inputs
+
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    shapes, first = _layer_inputs(conv, ["0", "2"], torch.zeros(2, 1, 8, 8))
+    assert first == {"0"} and shapes["2"] == (2, 4, 6, 6)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Linear(8, 2))
+    _, first = _layer_inputs(mlp, ["1", "2"], torch.zeros(2, 1, 8, 8))
+    assert first == {"1"}  # a view of the input needs no gradient either

@@ -107,18 +107,23 @@ def dense_grad_policy(sparsifier: Any) -> Any:
     return sparsifier.needs_dense_grad
 
 
-def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> dict[str, torch.Size]:
+def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> tuple[dict[str, torch.Size], set[str]]:
+    """Each layer's input shape at ``example``, and the layers that read the model's input itself
+    (their training step computes no input gradient: a network's first convolution, whose input
+    gradient alone can cost more than its forward)."""
     shapes: dict[str, torch.Size] = {}
-    handles = []
+    first: set[str] = set()
+
     def recorder(name: str):
         def hook(module, args) -> None:
             shapes.setdefault(name, args[0].shape)
+            if args[0].data_ptr() == example.data_ptr():  # the input or a view of it (a flatten)
+                first.add(name)
         return hook
 
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(recorder(name)))
+    handles = [model.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in names]
     probe_forward(model, example, handles)
-    return shapes
+    return shapes, first
 
 
 def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -166,7 +171,7 @@ def _working_paths(makers: dict[str, Callable[[], nn.Module]], module: nn.Module
 
 
 def _time_paths(module: nn.Module, paths: dict[str, nn.Module], shape: torch.Size, training: bool,
-                rounds: int) -> dict[str, float]:
+                rounds: int, input_grad: bool = True) -> dict[str, float]:
     x = torch.randn(shape, dtype=module.weight.dtype, device=module.weight.device)
 
     def run(m: nn.Module) -> Callable[[], None]:
@@ -175,7 +180,7 @@ def _time_paths(module: nn.Module, paths: dict[str, nn.Module], shape: torch.Siz
                 with torch.no_grad():
                     m(x)
             return infer
-        xi = x.clone().requires_grad_()
+        xi = x.clone().requires_grad_(input_grad)
 
         def step():
             y = m(xi)
@@ -251,7 +256,7 @@ def accelerate(
 
     dense_grad = dense_grad_policy(sparsifier) if dense_weight_grad is None else dense_weight_grad
     training = model.training
-    shapes = _layer_inputs(model, names, example_input)
+    shapes, reads_input = _layer_inputs(model, names, example_input)
     result = Acceleration(model, mode)
     swapped: dict[str, _SparseLayer] = {}
     for name in names:
@@ -272,12 +277,13 @@ def accelerate(
             continue
         key = (type(module).__name__, tuple(mask.shape), tuple(shapes[name]), int(mask.sum()), training,
                bool(dense_grad) if not callable(dense_grad) else "callable", torch.get_num_threads(),
-               str(module.weight.device), tuple(getattr(module, "padding", ())), tuple(makers))
+               str(module.weight.device), tuple(getattr(module, "padding", ())), tuple(makers),
+               name not in reads_input)
         if key not in _CACHE:
             paths, failed = _working_paths(makers, module, shapes[name], training)
             if failed:
                 log.info("%s: paths that failed to run were skipped: %s", name, failed)
-            ms = _time_paths(module, paths, shapes[name], training, rounds)
+            ms = _time_paths(module, paths, shapes[name], training, rounds, input_grad=name not in reads_input)
             best = min(ms, key=lambda k: ms[k] if k != "dense" else float("inf")) if paths else "dense"
             _CACHE[key] = (best, ms["dense"], ms[best])
         best, dense_ms, best_ms = _CACHE[key]
