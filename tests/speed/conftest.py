@@ -42,3 +42,22 @@ def randomize_norms(model: nn.Module, generator=None):
 @pytest.fixture
 def holder():
     return MaskHolder
+
+
+@pytest.fixture
+def generic_native(tmp_path):
+    """The kernels (``_native.c`` and ``_conv.c``) built for plain x86-64 (no AVX-512: their portable C
+    paths), as a ctypes library."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from sparselearn.speed import _native
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib_path = tmp_path / "generic.so"
+    subprocess.run([cc, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu99", "-fopenmp",
+                    *map(str, _native._SOURCES), "-o", str(lib_path)], check=True, capture_output=True)
+    return ctypes.CDLL(str(lib_path))

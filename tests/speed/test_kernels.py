@@ -408,20 +408,11 @@ def test_first_layer_weight_gradient_without_input_gradient(dense):
 
 
 @needs_native
-def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(tmp_path, monkeypatch):
+def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(generic_native, monkeypatch):
     # the plain-C paths (a CPU or compiler without AVX-512: generic x86-64) of both C files
     import ctypes
-    import shutil
-    import subprocess
 
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    lib_path = tmp_path / "generic.so"
-    subprocess.run([cc, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu99", "-fopenmp",
-                    *map(str, _native._SOURCES), "-o", str(lib_path)], check=True, capture_output=True)
-    compiled = _native.library()
-    generic = ctypes.CDLL(str(lib_path))
+    compiled, generic = _native.library(), generic_native
     for name in dir(compiled):  # the argument types declared for the real build
         fn = getattr(compiled, name, None)
         if isinstance(fn, ctypes._CFuncPtr) and fn.argtypes is not None:
@@ -525,3 +516,24 @@ def test_linear_kernel_batches_and_blocks(batch, blocked, input_grad):
     torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gw, (gy.t() @ x) * mask, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gb, gy.sum(0), atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_weight_gradient_kernel_built_without_avx512(generic_native):
+    # the plain-C build of the kernels (no streaming stores): the same weight gradient in its three
+    # modes (fresh buffer, zero fill of a reused one, only the entries over kept zeros)
+    import ctypes
+
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    generic = generic_native
+    generic.sparse_dots_dense.argtypes = [p, p, i64, p, i64, i64, p, p, i64, i64, i32, i32]
+    g, lin, mask = _masked_linear(600, 21, 0.15, 13)
+    fast = _native_linear(lin, mask, small_blocks=True)
+    gt, xt = torch.randn(21, 37, generator=g), torch.randn(600, 37, generator=g)
+    want = (gt @ xt.t()) * mask
+    out = torch.full((21, 600), float("nan"))
+    stack = fast._rowptr_stack
+    for zero in (2, 1, 0):
+        generic.sparse_dots_dense(gt.data_ptr(), xt.data_ptr(), 37, stack.data_ptr(), stack.shape[0], fast._block_cols,
+                                  fast._index.col32.data_ptr(), out.data_ptr(), 21, 600, zero, 1)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)

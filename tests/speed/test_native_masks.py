@@ -161,20 +161,11 @@ def test_the_applier_packs_again_when_a_mask_changes():
     assert not v.any() and len(applier._packed) == count
 
 
-def test_the_generic_mask_kernels_equal_the_avx512_ones(tmp_path):
+def test_the_generic_mask_kernels_equal_the_avx512_ones(generic_native):
     # the plain-C paths (a compiler or CPU without AVX-512) built on their own: the same bits, bitwise
     import ctypes
-    import shutil
-    import subprocess
 
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    lib_path = tmp_path / "generic.so"
-    src = _native._SOURCES[0]  # _native.c (the mask kernels)
-    subprocess.run([cc, "-O2", "-march=x86-64", "-shared", "-fPIC", "-std=gnu99", "-fopenmp", str(src), "-o",
-                    str(lib_path)], check=True, capture_output=True)
-    generic = ctypes.CDLL(str(lib_path))
+    generic = generic_native
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     generic.pack_mask_bits.argtypes = [p, i64, p]
     generic.masked_zero_bits_f32.argtypes = [p, p, i64]

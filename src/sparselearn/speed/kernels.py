@@ -754,6 +754,11 @@ class SparseLinear(_SparseLayer):
     layout (``fan_in`` attribute). ``backend="native"`` uses the compiled kernel, ``"torch"`` uses
     ``torch.sparse`` CSR matmuls (the pure-PyTorch path, also used where no compiler exists).
 
+    The layer keeps its dense weight gradient's memory between steps and writes it again once
+    ``zero_grad`` has released it (:class:`_GradBuffer`): one gradient-sized buffer stays allocated
+    after ``zero_grad(set_to_none=True)``, in exchange for no page faults and, between topology
+    updates, no zero fill at every step.
+
     Args:
         linear: the ``nn.Linear`` whose ``weight`` / ``bias`` Parameters are shared.
         mask: bool mask shaped like ``linear.weight``.
