@@ -62,6 +62,8 @@ def test_native_masks_keep_one_byte_per_weight_and_zero_inf_and_nan():
     sp.apply_masks()
     assert w[tuple(off[0])].item() == 0.0 and w[tuple(off[1])].item() == 0.0
     assert torch.isfinite(w).all()
+    # the select packed each mask to bits at its first apply: 1/8 byte per weight more, in 64-bit words
+    assert sp.mask_bytes == weights + sum(8 * -(-m.numel() // 64) for m in sp.masks.values())
     sp.set_mask_applier(None)
     assert sp.mask_bytes == 5 * weights
 

@@ -502,9 +502,12 @@ class Sparsifier:
     @property
     def mask_bytes(self) -> int:
         """Bytes of mask state this sparsifier keeps: the bool masks, plus the copies in the weights'
-        dtype that the multiply path applies."""
+        dtype that the multiply path applies, plus what a mask applier keeps (its ``nbytes()``, if it
+        has one, as a property or method: e.g. masks packed to bits)."""
+        extra = getattr(getattr(self, "_applier", None), "nbytes", 0)
         return (sum(m.numel() * m.element_size() for m in self.masks.values())
-                + sum(t.numel() * t.element_size() for t in self._apply.values()))
+                + sum(t.numel() * t.element_size() for t in self._apply.values())
+                + int(extra() if callable(extra) else extra))
 
     @torch.no_grad()
     def apply_masks(self) -> None:
