@@ -351,7 +351,7 @@ def test_values_regathered_in_place_after_weight_steps(backend):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_weight_gradient_pairs_cover_every_kernel_once_with_a_shared_channel(seed):
-    from sparselearn.speed.kernels import _pairs_by_channel
+    from sparselearn.speed.lanes import _pairs_by_channel
 
     g = torch.Generator().manual_seed(seed)
     chan = torch.randint(0, 5, (23,), generator=g)

@@ -10,7 +10,8 @@ This package imports only :mod:`sparselearn.core` and torch.
 from .accelerate import Acceleration, LayerChoice, accelerate, dense_grad_policy
 from .compact import Compaction, TraceError, compact, compact_for_training
 from .export import export, sparse_state_dict
-from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported, release_buffers
+from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
+from .lanes import release_buffers
 from .masks import NativeMaskApplier, use_native_masks
 
 __all__ = [

@@ -154,7 +154,7 @@ def linear_rows(src: Tensor, rowptrs: Tensor, chan: Tensor, rows: int, val: Opti
     ((blocks, rows + 1) row pointers) in one pass. ``v`` is ``val`` (the gathered values) or, when
     ``weight`` is given, read from the dense (rows, cols) weight: ``v[p] = weight[c, chan[p]]``."""
     lib = library()
-    cols, b = src.shape[-2], src.shape[-1]
+    b = src.shape[-1]
     dst = torch.empty(rows, b, dtype=torch.float32)
     args = (_check(src, torch.float32), b, _check(rowptrs, torch.int64), rowptrs.shape[0], _check(chan, torch.int32))
     if weight is None:

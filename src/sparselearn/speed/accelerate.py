@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from . import _native
 from .compact import compact
-from .kernels import SparseConv2d, SparseLinear, _SparseLayer, conv_supported, release_buffers
+from .kernels import SparseConv2d, SparseLinear, _SparseLayer, conv_supported
+from .lanes import release_buffers
 from .timing import round_robin
 from ..core.probe import probe_forward
 

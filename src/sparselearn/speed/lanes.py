@@ -1,0 +1,286 @@
+"""The batch-lane path of :class:`~sparselearn.speed.kernels.SparseConv2d` (kernels in ``_conv.c``).
+
+From batch 8 on, a sparse convolution repacks its maps as (N / 16, C, H, W, 16) blocks, 16 samples
+per vector, and runs whole 3x3 kernels on 4x4 output tiles where the mask keeps whole kernels
+(Starfire CK, Sec. 2.1.1) and single taps otherwise (window pruning, unstructured masks): forward,
+input gradient (the mirrored kernels over the output gradient) and the weight gradient of the active
+kernels or taps, or the dense weight gradient where the rule needs it (Sparse Momentum, RigL at
+update steps). This module holds the entry lists built at each rebuild (:class:`_LaneIndex`), the
+buffer sizes per input size (:class:`_LaneGeometry`), the weight values in the lists' orders, the
+reused buffers and the autograd function.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import _native
+from ._common import _gather, _scatter, _wants_dense
+
+if TYPE_CHECKING:
+    from .kernels import SparseConv2d, SparseIndex
+
+
+# Batch-lane path (``_conv.c``): from this batch on, feature maps are repacked as (N / 16, C, H, W, 16)
+# blocks and the convolution runs on whole-vector tiles (measured on 128/256-channel 3x3 layers at
+# batch 32: a CK-80% forward ~3.9 ms against ~20 ms dense, where the row kernel took ~31 ms); below
+# it the padding of the 16 lanes would waste most of the work, and the row kernel runs.
+_LANE_MIN_BATCH = 8
+# Input channels per block of the lane entry lists: one 4x4 output tile's input of 16 channels
+# (37 KB for 3x3) stays in L1 while every output channel runs over it (window masks: 5.5 ms with
+# blocks of 16 against 9.5 ms unblocked; 4, 8 and 32 measured slower).
+_LANE_BLOCK = 16
+
+
+def _round4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def _tiled(h: int, w: int) -> tuple[int, int]:
+    """A map's size rounded up to whole output tiles of the lane kernels: 4x4, or 2x2 where the map
+    is at most 2 high or wide (a 4x4 tile on a 2x2 map computes 4 times its output)."""
+    if h <= 2 or w <= 2:
+        return h + h % 2, w + w % 2
+    return _round4(h), _round4(w)
+
+
+def _blocked_rows(row: Tensor, chan: Tensor, rows: int, n_chan: int, block: int = _LANE_BLOCK) -> tuple[Tensor, Tensor]:
+    """Entries ordered by (``chan`` block of ``block``, ``row``), stably (the given order within),
+    and their row pointers: (blocks, rows + 1) absolute positions."""
+    blocks = max(1, -(-n_chan // block))
+    key = torch.div(chan, block, rounding_mode="floor") * rows + row
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=blocks * rows)
+    ptr = torch.zeros(blocks, rows + 1, dtype=torch.int64)
+    ptr[:, 1:] = torch.cumsum(counts, 0).view(blocks, rows)
+    ptr[1:, 0] = ptr[:-1, -1]
+    return order, ptr.contiguous()
+
+
+def _pairs_by_channel(chan: Tensor) -> Tensor:
+    """(P, 2) int32 pairs of list positions of kernels reading the same input channel (the weight
+    gradient shares their input loads), with -1 for a kernel left over; every kernel once."""
+    by_chan = torch.sort(chan, stable=True).indices
+    c = chan[by_chan]
+    # rank of each kernel among those of its channel: even ranks open a pair, the next odd one joins
+    first = torch.ones_like(c, dtype=torch.bool)
+    first[1:] = c[1:] != c[:-1]
+    starts = torch.nonzero(first).squeeze(1)
+    rank = torch.arange(c.numel()) - starts[torch.cumsum(first.long(), 0) - 1]
+    second = torch.full_like(by_chan, -1)
+    has_next = torch.zeros_like(first)
+    has_next[:-1] = c[1:] == c[:-1]
+    opens = (rank % 2 == 0)
+    second[opens & has_next] = by_chan[1:][(opens & has_next)[:-1]]
+    return torch.stack([by_chan[opens], second[opens]], 1).to(torch.int32).contiguous()
+
+
+class _LaneIndex:
+    """The entry lists of the batch-lane kernels, built from a :class:`SparseIndex` at each rebuild.
+
+    Tap lists: every active tap, forward (rows = output channels, read channels = inputs) and
+    transposed for the input gradient (rows = inputs, read channels = outputs, mirrored taps).
+    Kernel lists (3x3 layers): every (output, input) pair with an active tap, its 9 weights gathered
+    with zeros at inactive taps. Whole kernels cost about 7 taps' time in the forward (all 9 taps of
+    a kernel share its input loads) and 5 in the weight gradient, so a layer averaging at least
+    that many active taps per kernel (Starfire CK masks keep all 9) runs on kernels, fewer (window
+    masks keep 2-4) on taps.
+    """
+
+    def __init__(self, index: SparseIndex, shape: tuple[int, ...]):
+        rows, cols, r_, s_ = shape
+        taps = r_ * s_
+        row, col, tap = index.row32.long(), index.col32.long(), index.tap.long()
+        self.t_order, self.t_ptr = _blocked_rows(row, col, rows, cols)
+        self.t_chan, self.t_tap = col[self.t_order], tap[self.t_order]
+        self.tt_order, self.tt_ptr = _blocked_rows(col, row, cols, rows)
+        self.tt_chan, self.tt_tap = row[self.tt_order], taps - 1 - tap[self.tt_order]
+        # the tap weight gradient's lists: blocks of 4 input channels, whose band of input rows stays in L1
+        self.w_order, self.w_ptr = _blocked_rows(row, col, rows, cols, block=4)
+        self.w_chan = col[self.w_order].to(torch.int32)
+        self.w_tr = (tap[self.w_order] // s_).to(torch.int32)
+        self.w_ts = (tap[self.w_order] % s_).to(torch.int32)
+        self.w_flat = index.flat[self.w_order]
+        keys, inv = torch.unique_consecutive(row * cols + col, return_inverse=True)  # CSR: (row, col) sorted
+        self.kernels = keys.numel()
+        per_kernel = index.nnz / max(self.kernels, 1)
+        self.fwd_kernels = (r_, s_) == (3, 3) and per_kernel >= 7
+        self.wgrad_kernels = (r_, s_) == (3, 3) and per_kernel >= 5
+        if self.fwd_kernels or self.wgrad_kernels:
+            krow, kchan = torch.div(keys, cols, rounding_mode="floor"), keys % cols
+            order, self.k_ptr = _blocked_rows(krow, kchan, rows, cols)
+            pos = torch.empty_like(order)
+            pos[order] = torch.arange(order.numel())
+            self.k_slot = pos[inv] * 9 + tap  # entry -> its weight's place in the (kernels, 9) values
+            self.k_row, self.k_chan = krow[order].to(torch.int32), kchan[order].to(torch.int32)
+            self.k_pairs = _pairs_by_channel(self.k_chan.long())
+            order_t, self.kt_ptr = _blocked_rows(kchan, krow, cols, rows)
+            pos_t = torch.empty_like(order_t)
+            pos_t[order_t] = torch.arange(order_t.numel())
+            self.kt_slot = pos_t[inv] * 9 + (8 - tap)
+            self.kt_chan = krow[order_t].to(torch.int32)
+
+
+class _LaneGeometry:
+    """Buffer sizes of the batch-lane path for one input size, and the tap offsets inside them.
+
+    Forward: input at (ph, pw) in an (Ho4 + R - 1, round4(Wo) + S - 1) buffer, output (Ho4, Wo4)
+    (sizes rounded up to whole tiles, :func:`_tiled`; the extra rows and columns are computed and
+    dropped). Input gradient: the output gradient at (R - 1 - ph, S - 1 - pw) of an (Hg, Wg)
+    buffer, convolved with the mirrored kernels into (H4, W4); the weight gradient reads the same
+    buffer.
+    """
+
+    def __init__(self, lane: _LaneIndex, kernel: tuple[int, int], padding: tuple[int, int], h: int, w: int):
+        r_, s_ = kernel
+        self.ph, self.pw = padding
+        self.h, self.w = h, w
+        self.ho, self.wo = h + 2 * self.ph - r_ + 1, w + 2 * self.pw - s_ + 1
+        self.ho4, self.wo4 = _tiled(self.ho, self.wo)
+        # the weight gradient runs over columns in chunks of 4 whatever the tile: its reads need the width
+        wo_wgrad = _round4(self.wo)
+        self.hb, self.wb = self.ho4 + r_ - 1, wo_wgrad + s_ - 1
+        self.h4, self.w4 = _tiled(h, w)
+        self.gy, self.gx = r_ - 1 - self.ph, s_ - 1 - self.pw
+        self.hg = max(self.h4 + r_ - 1, self.gy + self.ho)
+        self.wg = max(self.w4 + s_ - 1, self.gx + wo_wgrad)
+        self.wo_wgrad = wo_wgrad
+        lanes = _native.LANES
+        if not lane.fwd_kernels:
+            self.t_off = ((lane.t_chan * (self.hb * self.wb) + torch.div(lane.t_tap, s_, rounding_mode="floor")
+                           * self.wb + lane.t_tap % s_) * lanes).contiguous()
+            self.tt_off = ((lane.tt_chan * (self.hg * self.wg) + torch.div(lane.tt_tap, s_, rounding_mode="floor")
+                            * self.wg + lane.tt_tap % s_) * lanes).contiguous()
+
+
+class _LaneValues:
+    """The weight values in the lane lists' orders, regathered when the weight changed (as
+    :class:`_ValueCache`, whose CSR values they are built from)."""
+
+    def __init__(self):
+        self.key, self.got = None, {}
+
+    def get(self, layer: "SparseConv2d", what: str) -> Tensor:
+        weight, index, lane = layer.weight, layer._index, layer._lane
+        key = (weight._version, id(index), weight.data_ptr())
+        if key != self.key:
+            self.key, self.got = key, {}
+        if what not in self.got:
+            vals = layer._values.get(weight, index)
+            if what == "k":
+                self.got[what] = _scatter(vals, lane.k_slot, (lane.kernels, 9))
+            elif what == "kt":
+                self.got[what] = _scatter(vals, lane.kt_slot, (lane.kernels, 9))
+            else:
+                self.got[what] = _gather(vals, lane.t_order if what == "t" else lane.tt_order)
+        return self.got[what]
+
+
+class _LaneBuffers:
+    """Reused lane buffers, shared by every lane layer of the process and keyed by shape (layers of
+    one shape share them, so the memory kept is per shape, not per layer). Fresh buffers of a few MB
+    cost their page faults at every call (measured: a CK-80% 128-channel training step 20-32 ms with
+    fresh buffers, 12-16 ms with the faults gone). A buffer is handed out again only when nothing
+    else holds it (``Tensor._use_count() == 1``: the packed input saved for a backward that has not
+    run yet is held by autograd), so no caller ever sees its data overwritten; the lock keeps two
+    threads from taking the same one."""
+
+    _MAX = 4  # per (name, shape): e.g. the packed inputs of a VGG block's layers, alive until backward
+
+    def __init__(self):
+        self.pool: dict[tuple, list[Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        shape = (*shape, _native.LANES)
+        with self.lock:
+            bufs = self.pool.setdefault((name, shape), [])
+            for b in bufs:
+                if b._use_count() == 1:
+                    return b
+            b = torch.empty(shape, dtype=torch.float32)
+            if len(bufs) < self._MAX:  # beyond that, a one-off buffer freed as usual
+                bufs.append(b)
+            return b
+
+    def clear(self) -> None:
+        with self.lock:
+            self.pool.clear()
+
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(b.numel() * 4 for bufs in self.pool.values() for b in bufs)
+
+
+_BUFFERS = _LaneBuffers()
+
+
+def release_buffers() -> int:
+    """Frees the lane kernels' reused buffers (they are kept for the next call of any layer of the
+    same shape); returns the bytes released. :meth:`Acceleration.remove` calls it."""
+    n = _BUFFERS.nbytes()
+    _BUFFERS.clear()
+    return n
+
+
+class _LaneConvFn(torch.autograd.Function):
+    """The batch-lane convolution (see ``_conv.c``): the same function and gradients as
+    :class:`_SparseConvFn`, on (N / 16, C, H, W, 16) blocks."""
+
+    @staticmethod
+    def _convolve(layer: "SparseConv2d", geo: _LaneGeometry, src: Tensor, transposed: bool, out: Tensor) -> Tensor:
+        """The layer's convolution of a lane buffer into ``out`` (whole kernels or taps); ``transposed``:
+        the input-gradient convolution (mirrored kernels over the output gradient)."""
+        lane, values = layer._lane, layer._lane_values
+        rows, ho, wo = out.shape[1:4]
+        if lane.fwd_kernels:
+            ptr, chan = (lane.kt_ptr, lane.kt_chan) if transposed else (lane.k_ptr, lane.k_chan)
+            return _native.lane_conv3(src, ptr, chan, values.get(layer, "kt" if transposed else "k"), rows, ho, wo, out)
+        ptr, off = (lane.tt_ptr, geo.tt_off) if transposed else (lane.t_ptr, geo.t_off)
+        return _native.lane_conv_taps(src, ptr, off, values.get(layer, "tt" if transposed else "t"), rows, ho, wo, out)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        geo = layer._lane_geometry(x.shape[-2], x.shape[-1])
+        n, nb = x.shape[0], -(-x.shape[0] // _native.LANES)
+        bufs, rows = _BUFFERS, weight.shape[0]
+        xb = _native.lane_pack(x.detach().float().contiguous(), geo.ph, geo.pw, geo.hb, geo.wb,
+                               bufs.get("x", nb, x.shape[1], geo.hb, geo.wb))
+        ob = _LaneConvFn._convolve(layer, geo, xb, False, bufs.get("y", nb, rows, geo.ho4, geo.wo4))
+        out = _native.lane_unpack(ob, n, geo.ho, geo.wo, None if bias is None else bias.detach().contiguous())
+        ctx.dense = _wants_dense(layer.dense_weight_grad) if ctx.needs_input_grad[1] else False
+        # the packed input serves the sparse weight gradient; the dense one (Sparse Momentum) reads x
+        ctx.save_for_backward(x if ctx.dense else xb)
+        ctx.layer, ctx.geo, ctx.has_bias, ctx.w_shape, ctx.n = layer, geo, bias is not None, weight.shape, n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        layer, geo = ctx.layer, ctx.geo
+        lane, index = layer._lane, layer._index
+        grad, bufs, nb = grad.float().contiguous(), _BUFFERS, -(-ctx.n // _native.LANES)
+        gx = gw = gb_ = None
+        if ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and not ctx.dense):  # else only oneDNN reads grad
+            gb = _native.lane_pack(grad, geo.gy, geo.gx, geo.hg, geo.wg,
+                                   bufs.get("g", nb, ctx.w_shape[0], geo.hg, geo.wg))
+        if ctx.needs_input_grad[0]:
+            dxb = _LaneConvFn._convolve(layer, geo, gb, True, bufs.get("gx", nb, ctx.w_shape[1], geo.h4, geo.w4))
+            gx = _native.lane_unpack(dxb, ctx.n, geo.h, geo.w)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense:
+                gw = torch.nn.grad.conv2d_weight(saved, ctx.w_shape, grad, padding=(geo.ph, geo.pw))
+            elif lane.wgrad_kernels:
+                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.k_row, lane.k_chan,
+                                         lane.k_pairs)
+                gw = _scatter(_gather(kg, lane.k_slot), index.flat, ctx.w_shape)
+            else:
+                eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.w_ptr, lane.w_chan,
+                                             lane.w_tr, lane.w_ts)
+                gw = _scatter(eg, lane.w_flat, ctx.w_shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb_ = grad.sum((0, 2, 3))
+        return gx, gw, gb_, None
