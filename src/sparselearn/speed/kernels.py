@@ -15,11 +15,10 @@ update, :meth:`SparseConv2d.rebuild`), never per step.
   pruning) are skipped alike. The input gradient is the same kernel on the transposed (CSC) entry
   list with mirrored offsets; the weight gradient is one dot product per active tap. That is the
   path below batch 8; from batch 8 on the "batch-lane" kernels of ``_conv.c`` run instead
-  (:mod:`sparselearn.speed.lanes`): the maps
-  repacked as (N / 16, C, H, W, 16) blocks (16 samples per vector), whole 3x3 kernels on 4x4 output
-  tiles where the mask keeps whole kernels (CK) and single taps otherwise (window, unstructured),
-  with the same input gradient (mirrored kernels over the output gradient) and the weight gradient
-  of the active kernels or taps.
+  (:mod:`sparselearn.speed.lanes`): the maps repacked as (N / 16, C, H, W, 16) blocks (16 samples
+  per vector), whole 3x3 kernels on 4x4 output tiles where the mask keeps whole kernels (CK) and
+  single taps otherwise (window, unstructured), with the same input gradient (mirrored kernels over
+  the output gradient) and the weight gradient of the active kernels or taps.
 * Linear layers: the same gather-and-accumulate over rows of length ``batch`` (inputs transposed),
   all column blocks in one pass (``linear_rows``), covering both unstructured CSR and constant fan-in
   (SRigL, Lasby et al. 2024, Sec. 3: every output row keeps the same number of inputs, the
