@@ -178,8 +178,14 @@ def test_batch_not_divisible_is_one_line_on_every_rank(tmp_path):
     proc = train_cli(tmp_path, str(tmp_path / "out"), "--batch-size", "101")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "sparselearn train: error:" in line]
-    assert len(errors) == 2 and all("'data.batch_size' (101)" in e and "100 or 102" in e for e in errors), proc.stderr
-    assert {e.split("error: ")[1].split(":")[0] for e in errors} == {"rank 0", "rank 1"}
+    # every rank that gets to its check says it in one line; torchrun stops the other rank as soon as
+    # one exits, so on a loaded machine the slower rank may be stopped before it prints (seen once in
+    # a full-suite run): at least one line, each well formed, at most one per rank (torchrun's own
+    # report of the failed worker follows them)
+    assert 1 <= len(errors) <= 2 and all("'data.batch_size' (101)" in e and "100 or 102" in e for e in errors), \
+        proc.stderr
+    ranks = [e.split("error: ")[1].split(":")[0] for e in errors]
+    assert len(set(ranks)) == len(ranks) and set(ranks) <= {"rank 0", "rank 1"}
     assert not (tmp_path / "out").exists()
 
 
