@@ -73,63 +73,52 @@ static inline __attribute__((always_inline)) void transpose16(__m512 *r)
     transpose_round(r, 1);
 }
 
-void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t oy, int64_t ox,
-              float *dst, int64_t Hb, int64_t Wb, int threads)
+/* row[k * 16 + l] = s[l * stride + k] for k < W: one image row of 16 samples into lanes (samples
+ * l >= lanes are zeros). */
+static inline void pack_row(float *row, const float *s, int64_t stride, int64_t lanes, int64_t W)
 {
-    const int64_t NB = (N + 15) / 16, plane = Hb * Wb * 16;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t nb = 0; nb < NB; nb++)
-        for (int64_t c = 0; c < C; c++) {
-            float *d = dst + (nb * C + c) * plane;
-            /* zero only the border rows and columns: the interior is written below */
-            memset(d, 0, sizeof(float) * oy * Wb * 16);
-            memset(d + (oy + H) * Wb * 16, 0, sizeof(float) * (Hb - oy - H) * Wb * 16);
-            const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16;
-            for (int64_t y = 0; y < H; y++) {
-                float *row = d + (y + oy) * Wb * 16;
-                memset(row, 0, sizeof(float) * ox * 16);
-                memset(row + (ox + W) * 16, 0, sizeof(float) * (Wb - ox - W) * 16);
-                for (int64_t x0 = 0; x0 < W; x0 += 16) {
-                    const int64_t n = W - x0 < 16 ? W - x0 : 16;
-                    const __mmask16 m = (__mmask16)((1u << n) - 1);
-                    __m512 r[16];
-                    #pragma GCC unroll 16
-                    for (int64_t l = 0; l < 16; l++)
-                        r[l] = l < lanes ? _mm512_maskz_loadu_ps(m, x + ((nb * 16 + l) * C + c) * H * W + y * W + x0)
-                                         : _mm512_setzero_ps();
-                    transpose16(r);
-                    for (int64_t j = 0; j < n; j++) _mm512_storeu_ps(row + (ox + x0 + j) * 16, r[j]);
-                }
-            }
-        }
+    for (int64_t x0 = 0; x0 < W; x0 += 16) {
+        const int64_t n = W - x0 < 16 ? W - x0 : 16;
+        const __mmask16 m = (__mmask16)((1u << n) - 1);
+        __m512 r[16];
+        #pragma GCC unroll 16
+        for (int64_t l = 0; l < 16; l++)
+            r[l] = l < lanes ? _mm512_maskz_loadu_ps(m, s + l * stride + x0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t j = 0; j < n; j++) _mm512_storeu_ps(row + (x0 + j) * 16, r[j]);
+    }
 }
 
-void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out, int64_t N, int64_t H, int64_t W,
-                const float *bias, int threads)
+/* o[l * stride + k] = row[k * 16 + l] + b for k < W, l < lanes: one lane row back to its samples. */
+static inline void unpack_row(float *o, int64_t stride, const float *row, int64_t lanes, int64_t W, float b)
 {
-    const int64_t NB = (N + 15) / 16, plane = Hs * Ws * 16;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t nb = 0; nb < NB; nb++)
-        for (int64_t c = 0; c < C; c++) {
-            const float *s = src + (nb * C + c) * plane;
-            const __m512 b = _mm512_set1_ps(bias ? bias[c] : 0.0f);
-            const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16;
-            for (int64_t y = 0; y < H; y++)
-                for (int64_t x0 = 0; x0 < W; x0 += 16) {
-                    const int64_t n = W - x0 < 16 ? W - x0 : 16;
-                    const __mmask16 m = (__mmask16)((1u << n) - 1);
-                    __m512 r[16];
-                    #pragma GCC unroll 16
-                    for (int64_t j = 0; j < 16; j++)
-                        r[j] = j < n ? _mm512_loadu_ps(s + (y * Ws + x0 + j) * 16) : _mm512_setzero_ps();
-                    transpose16(r);
-                    for (int64_t l = 0; l < lanes; l++)
-                        _mm512_mask_storeu_ps(out + ((nb * 16 + l) * C + c) * H * W + y * W + x0, m,
-                                              _mm512_add_ps(r[l], b));
-                }
-        }
+    const __m512 bv = _mm512_set1_ps(b);
+    for (int64_t x0 = 0; x0 < W; x0 += 16) {
+        const int64_t n = W - x0 < 16 ? W - x0 : 16;
+        const __mmask16 m = (__mmask16)((1u << n) - 1);
+        __m512 r[16];
+        #pragma GCC unroll 16
+        for (int64_t j = 0; j < 16; j++)
+            r[j] = j < n ? _mm512_loadu_ps(row + (x0 + j) * 16) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t l = 0; l < lanes; l++) _mm512_mask_storeu_ps(o + l * stride + x0, m, _mm512_add_ps(r[l], bv));
+    }
 }
 #else
+/* The same moves one float at a time (rows of a plane stay in L1). */
+static inline void pack_row(float *row, const float *s, int64_t stride, int64_t lanes, int64_t W)
+{
+    for (int64_t k = 0; k < W; k++)
+        for (int64_t l = 0; l < 16; l++) row[k * 16 + l] = l < lanes ? s[l * stride + k] : 0.0f;
+}
+
+static inline void unpack_row(float *o, int64_t stride, const float *row, int64_t lanes, int64_t W, float b)
+{
+    for (int64_t l = 0; l < lanes; l++)
+        for (int64_t k = 0; k < W; k++) o[l * stride + k] = row[k * 16 + l] + b;
+}
+#endif
+
 /* dst[nb, c, y + oy, x + ox, l] = x[16 nb + l, c, y, x]; zero elsewhere (padding, lanes >= N). */
 void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t oy, int64_t ox,
               float *dst, int64_t Hb, int64_t Wb, int threads)
@@ -139,20 +128,21 @@ void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t c = 0; c < C; c++) {
             float *d = dst + (nb * C + c) * plane;
-            memset(d, 0, sizeof(float) * plane);
+            /* zero only the border rows and columns: the interior is written row by row */
+            memset(d, 0, sizeof(float) * oy * Wb * 16);
+            memset(d + (oy + H) * Wb * 16, 0, sizeof(float) * (Hb - oy - H) * Wb * 16);
+            const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16;
             for (int64_t y = 0; y < H; y++) {
-                float *row = d + ((y + oy) * Wb + ox) * 16;
-                for (int64_t l = 0; l < 16 && nb * 16 + l < N; l++) {
-                    const float *s = x + ((nb * 16 + l) * C + c) * H * W + y * W;
-                    for (int64_t k = 0; k < W; k++) row[k * 16 + l] = s[k];
-                }
+                float *row = d + (y + oy) * Wb * 16;
+                memset(row, 0, sizeof(float) * ox * 16);
+                memset(row + (ox + W) * 16, 0, sizeof(float) * (Wb - ox - W) * 16);
+                pack_row(row + ox * 16, x + (nb * 16 * C + c) * H * W + y * W, C * H * W, lanes, W);
             }
         }
 }
 
 /* out[n, c, y, x] = src[n / 16, c, y, x, n % 16] (+ bias[c]) for y < H, x < W: the inverse of the
- * pack of an (NB, C, Hs, Ws, 16) buffer's top-left H x W corner. One source plane at a time: it is
- * read from L1 by its 16 samples in turn. */
+ * pack of an (NB, C, Hs, Ws, 16) buffer's top-left H x W corner. */
 void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out, int64_t N, int64_t H, int64_t W,
                 const float *bias, int threads)
 {
@@ -161,15 +151,12 @@ void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out,
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t c = 0; c < C; c++) {
             const float *s = src + (nb * C + c) * plane;
-            const float b = bias ? bias[c] : 0.0f;
-            for (int64_t l = 0; l < 16 && nb * 16 + l < N; l++) {
-                float *o = out + ((nb * 16 + l) * C + c) * H * W;
-                for (int64_t y = 0; y < H; y++)
-                    for (int64_t k = 0; k < W; k++) o[y * W + k] = s[(y * Ws + k) * 16 + l] + b;
-            }
+            const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16;
+            for (int64_t y = 0; y < H; y++)
+                unpack_row(out + (nb * 16 * C + c) * H * W + y * W, C * H * W, s + y * Ws * 16, lanes, W,
+                           bias ? bias[c] : 0.0f);
         }
 }
-#endif
 
 /* The tile loop shared by both entry formats. Entries are ordered by (input channel block, output
  * channel): ptr holds nblk row-pointer arrays of Cd + 1 absolute positions. For one output tile the
