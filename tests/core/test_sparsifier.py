@@ -458,3 +458,16 @@ def test_probe_forward_restores_mode_and_removes_hooks_even_on_error():
     with pytest.raises(RuntimeError):
         probe_forward(model, torch.randn(5, 7), [model[0].register_forward_hook(lambda m, a, o: None)])
     assert model.training and not model[0]._forward_hooks
+
+
+def test_flush_subnormal_zeroes_exactly_the_values_below_the_smallest_normal():
+    from sparselearn.core import optim_state
+
+    p = torch.nn.Parameter(torch.zeros(6))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    tiny = torch.finfo(torch.float32).tiny
+    opt.state[p]["momentum_buffer"] = torch.tensor([1e-40, -1e-42, tiny, -tiny, 0.5, -0.0])
+    assert optim_state.flush_subnormal(opt, p, count=True) == 3  # two subnormals and the -0.0
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.tolist() == [0.0, 0.0, tiny, -tiny, 0.5, 0.0]
+    assert not torch.signbit(buf[5])  # -0.0 became 0.0
