@@ -94,21 +94,24 @@ class _LaneIndex:
         rows, cols, r_, s_ = shape
         taps = r_ * s_
         row, col, tap = index.row32.long(), index.col32.long(), index.tap.long()
-        self.t_order, self.t_ptr = _blocked_rows(row, col, rows, cols)
-        self.t_chan, self.t_tap = col[self.t_order], tap[self.t_order]
-        self.tt_order, self.tt_ptr = _blocked_rows(col, row, cols, rows)
-        self.tt_chan, self.tt_tap = row[self.tt_order], taps - 1 - tap[self.tt_order]
-        # the tap weight gradient's lists: blocks of 4 input channels, whose band of input rows stays in L1
-        self.w_order, self.w_ptr = _blocked_rows(row, col, rows, cols, block=4)
-        self.w_chan = col[self.w_order].to(torch.int32)
-        self.w_tr = (tap[self.w_order] // s_).to(torch.int32)
-        self.w_ts = (tap[self.w_order] % s_).to(torch.int32)
-        self.w_flat = index.flat[self.w_order]
         keys, inv = torch.unique_consecutive(row * cols + col, return_inverse=True)  # CSR: (row, col) sorted
         self.kernels = keys.numel()
         per_kernel = index.nnz / max(self.kernels, 1)
         self.fwd_kernels = (r_, s_) == (3, 3) and per_kernel >= 7
         self.wgrad_kernels = (r_, s_) == (3, 3) and per_kernel >= 5
+        # only the lists the chosen kernels read: rebuilt at every topology update
+        if not self.fwd_kernels:
+            self.t_order, self.t_ptr = _blocked_rows(row, col, rows, cols)
+            self.t_chan, self.t_tap = col[self.t_order], tap[self.t_order]
+            self.tt_order, self.tt_ptr = _blocked_rows(col, row, cols, rows)
+            self.tt_chan, self.tt_tap = row[self.tt_order], taps - 1 - tap[self.tt_order]
+        if not self.wgrad_kernels:
+            # the tap weight gradient: blocks of 4 input channels, whose band of input rows stays in L1
+            self.w_order, self.w_ptr = _blocked_rows(row, col, rows, cols, block=4)
+            self.w_chan = col[self.w_order].to(torch.int32)
+            self.w_tr = (tap[self.w_order] // s_).to(torch.int32)
+            self.w_ts = (tap[self.w_order] % s_).to(torch.int32)
+            self.w_flat = index.flat[self.w_order]
         if self.fwd_kernels or self.wgrad_kernels:
             krow, kchan = torch.div(keys, cols, rounding_mode="floor"), keys % cols
             order, self.k_ptr = _blocked_rows(krow, kchan, rows, cols)
@@ -116,7 +119,9 @@ class _LaneIndex:
             pos[order] = torch.arange(order.numel())
             self.k_slot = pos[inv] * 9 + tap  # entry -> its weight's place in the (kernels, 9) values
             self.k_row, self.k_chan = krow[order].to(torch.int32), kchan[order].to(torch.int32)
+        if self.wgrad_kernels:
             self.k_pairs = _pairs_by_channel(self.k_chan.long())
+        if self.fwd_kernels:
             order_t, self.kt_ptr = _blocked_rows(kchan, krow, cols, rows)
             pos_t = torch.empty_like(order_t)
             pos_t[order_t] = torch.arange(order_t.numel())
