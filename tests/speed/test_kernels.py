@@ -31,6 +31,13 @@ def _masks(shape, g):
     }
 
 
+def _masked_conv(conv, mask, **kw):
+    """The conv's weight zeroed off ``mask`` (as a sparsifier keeps it) and its SparseConv2d."""
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return SparseConv2d(conv, mask, **kw)
+
+
 def _grads(layer, x, weight, bias, g):
     x = x.clone().requires_grad_()
     y = layer(x)
@@ -61,9 +68,7 @@ def test_sparse_conv_matches_masked_dense(cfg, kind, batch):
     if kind == "window" and shape[2] * shape[3] < 2:
         pytest.skip("a 1x1 kernel has no window")
     mask = _masks(shape, g)[kind]
-    with torch.no_grad():
-        conv.weight.mul_(mask)
-    fast = SparseConv2d(conv, mask)
+    fast = _masked_conv(conv, mask)
     assert fast.weight is conv.weight  # shares the Parameter the optimizer trains
     x = torch.randn(batch, cfg["cin"], *cfg["hw"], generator=g)
     ref_y = conv(x)
@@ -112,9 +117,7 @@ def test_sparse_conv_rebuild_and_weight_updates(batch):
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1)
     mask = _ck_mask(conv.weight.shape, 0.5, g)
-    with torch.no_grad():
-        conv.weight.mul_(mask)
-    fast = SparseConv2d(conv, mask)
+    fast = _masked_conv(conv, mask)
     x = torch.randn(batch, 4, 6, 6, generator=g)
     with torch.no_grad():
         fast(x)
@@ -397,9 +400,7 @@ def test_first_layer_weight_gradient_without_input_gradient(dense):
     g = torch.Generator().manual_seed(6)
     conv = nn.Conv2d(3, 8, 3, padding=1)
     mask = _window_mask(conv.weight.shape, 3, g)
-    with torch.no_grad():
-        conv.weight.mul_(mask)
-    fast = SparseConv2d(conv, mask, dense_weight_grad=dense)
+    fast = _masked_conv(conv, mask, dense_weight_grad=dense)
     x = torch.randn(16, 3, 7, 7, generator=g)
     gy = torch.randn(16, 8, 7, 7, generator=g)
     gw = torch.autograd.grad(fast(x), conv.weight, gy)[0]
@@ -425,9 +426,7 @@ def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(generic_
                              (3, 1, (6, 9), lambda s: _window_mask(s, 2, g)), (5, 2, (7, 5), lambda s: torch.rand(s, generator=g) < 0.3)):
         conv = nn.Conv2d(6, 5, k, padding=pad)
         mask = make(conv.weight.shape)
-        with torch.no_grad():
-            conv.weight.mul_(mask)
-        fast = SparseConv2d(conv, mask)
+        fast = _masked_conv(conv, mask)
         x = torch.randn(19, 6, *hw, generator=g)
         gy = torch.randn(conv(x).shape, generator=g)
         y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
