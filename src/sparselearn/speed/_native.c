@@ -10,25 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include "_simd.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-/* A 16-float vector (one AVX-512 register, two AVX2 ones) that may sit at any float address:
- * GCC/Clang vector extensions give the compiler explicit vectors whatever it decides about loops. */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-#define CHUNK 64
-
-/* Sum of the 16 lanes in four shuffle-add steps (a scalar loop would be a 16-add dependency chain). */
-static inline float hsum16(v16 v)
-{
-    typedef int v16i __attribute__((vector_size(64)));
-    v += __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v += __builtin_shuffle(v, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v += __builtin_shuffle(v, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v += __builtin_shuffle(v, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    return v[0];
-}
+#define CHUNK 64 /* floats per row chunk of sparse_rows */
 
 /* dst[n, c, q] = sum_{p in rowptr[c] .. rowptr[c+1]} val[p] * src[n, chan[p], q + off[p]],  q < Ldst.
  * The caller guarantees q + off[p] < Lsrc. With use_w (linear layers, off = 0) the values are read

@@ -26,6 +26,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("_native.c"), Path(__file__).with_name("_conv.c")]
+_HEADERS = [Path(__file__).with_name("_simd.h")]  # included by the sources: hashed, not compiled
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99", "-ffp-contract=fast"]
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
@@ -41,7 +42,7 @@ def _build() -> Optional[ctypes.CDLL]:
     if cc is None:
         log.info("no C compiler found: sparse kernels unavailable, dense paths kept")
         return None
-    source = b"".join(p.read_bytes() for p in _SOURCES)
+    source = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"sparselearn_native_{key}.so"
     if not target.exists():
