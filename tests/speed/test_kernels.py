@@ -54,6 +54,8 @@ CONVS = [
     dict(cin=8, cout=6, k=3, pad=2, hw=(4, 6), bias=True),
     dict(cin=8, cout=8, k=3, pad=1, hw=(2, 2), bias=True),  # 2x2 lane tiles (VGG's last block on CIFAR)
     dict(cin=4, cout=5, k=3, pad=1, hw=(5, 2), bias=False),
+    # several blocks of 16 input channels (forward: 3, input gradient: 2), the output stored by the last
+    dict(cin=40, cout=20, k=3, pad=1, hw=(6, 9), bias=True),
 ]
 
 
@@ -422,12 +424,14 @@ def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(generic_
     monkeypatch.setattr(_native, "_lib", generic)
     assert _native.library() is generic
     g = torch.Generator().manual_seed(7)
-    for k, pad, hw, make in ((3, 1, (6, 9), lambda s: _ck_mask(s, 0.4, g)), (3, 1, (2, 2), lambda s: _ck_mask(s, 0.4, g)),
-                             (3, 1, (6, 9), lambda s: _window_mask(s, 2, g)), (5, 2, (7, 5), lambda s: torch.rand(s, generator=g) < 0.3)):
-        conv = nn.Conv2d(6, 5, k, padding=pad)
+    ck, window = (lambda s: _ck_mask(s, 0.4, g)), (lambda s: _window_mask(s, 2, g))
+    for cin, cout, k, pad, hw, make in ((6, 5, 3, 1, (6, 9), ck), (6, 5, 3, 1, (2, 2), ck), (6, 5, 3, 1, (6, 9), window),
+                                        (6, 5, 5, 2, (7, 5), lambda s: torch.rand(s, generator=g) < 0.3),
+                                        (20, 18, 3, 1, (6, 9), ck), (20, 18, 3, 1, (5, 8), window)):  # 2 blocks
+        conv = nn.Conv2d(cin, cout, k, padding=pad)
         mask = make(conv.weight.shape)
         fast = _masked_conv(conv, mask)
-        x = torch.randn(19, 6, *hw, generator=g)
+        x = torch.randn(19, cin, *hw, generator=g)
         gy = torch.randn(conv(x).shape, generator=g)
         y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
         ry, rgrads = _grads(conv, x, conv.weight, conv.bias, gy)
