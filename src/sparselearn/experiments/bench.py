@@ -726,6 +726,16 @@ GROUPS = ("engine_overhead", "mask_apply", "conv", "linear", "fanin_rigl", "vgg_
           "compact_inference", "memory")
 
 
+def _load_note(start: float, end: float) -> str:
+    """What the 1-minute load averages around a run say about other work on the machine: the
+    benchmark itself adds about its own thread count by the end."""
+    own = torch.get_num_threads()
+    shared = start > 0.5 or end > own + 0.5
+    return (("other processes shared the cores" if shared else
+             f"no other process ran alongside (the load stayed within this benchmark's own {own} thread(s))")
+            + "; absolute times still vary run to run, the ratios are side by side in one run.")
+
+
 def run(out_md: Path, out_json: Optional[Path] = None, rounds: int = 5, threads: int = 1, quick: bool = False,
         only: Optional[list[str]] = None, log: Callable[[str], None] = lambda s: None, command: str = "") -> Path:
     """Runs the suite and writes the Markdown report (and the raw JSON) -- returns the Markdown path."""
@@ -746,8 +756,7 @@ def run(out_md: Path, out_json: Optional[Path] = None, rounds: int = 5, threads:
              f"{rounds} round-robin rounds per group, minimum / median, ratios of the minima).", "",
              "Machine:", *machine_description(),
              f"- load average (1/5/15 min) at start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end "
-             f"{load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}: the 2 cores were shared with other processes, "
-             "so absolute times vary run to run; the ratios are side by side in one run.", ""]
+             f"{load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}: {_load_note(load0[0], load1[0])}", ""]
     if suite.targets:
         lines += ["## Targets of issue 10", "",
                   "Measured ratio against the issue's target (the best correct path where several exist); "
