@@ -54,7 +54,7 @@ CONVS = [
     dict(cin=8, cout=6, k=3, pad=2, hw=(4, 6), bias=True),
     dict(cin=8, cout=8, k=3, pad=1, hw=(2, 2), bias=True),  # 2x2 lane tiles (VGG's last block on CIFAR)
     dict(cin=4, cout=5, k=3, pad=1, hw=(5, 2), bias=False),
-    # several blocks of 16 input channels (forward: 3, input gradient: 2), the output stored by the last
+    # several blocks of 16 input channels (forward: 3, input gradient: 2): later blocks add to the lane output
     dict(cin=40, cout=20, k=3, pad=1, hw=(6, 9), bias=True),
 ]
 

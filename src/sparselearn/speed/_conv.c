@@ -417,22 +417,23 @@ void b16_wgrad_taps(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t 
                     for (int j = 0; j < 8; j++) out[p + j] += hsum16(a[j][0] + a[j][1]);
                 }
                 for (; p + 4 <= p1; p += 4) {
-                    const float *xp[4];
+                    const v16a *xp[4];
                     for (int j = 0; j < 4; j++)
-                        xp[j] = x0 + chan[p + j] * xplane + (tr[p + j] * Wb + ts[p + j]) * 16;
+                        xp[j] = (const v16a *)(x0 + chan[p + j] * xplane + (tr[p + j] * Wb + ts[p + j]) * 16);
                     v16a a[4][2];
                     for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = (v16a){0};
                     for (int64_t y = y0; y < y1; y++) {
                         const v16a *gr = (const v16a *)(gp + y * Wg * 16), *ge = gr + Wo;
-                        const v16a *q0 = (const v16a *)xp[0] + y * Wb, *q1 = (const v16a *)xp[1] + y * Wb;
-                        const v16a *q2 = (const v16a *)xp[2] + y * Wb, *q3 = (const v16a *)xp[3] + y * Wb;
-                        for (; gr < ge; gr += 2, q0 += 2, q1 += 2, q2 += 2, q3 += 2) {
+                        const int64_t row = y * Wb;
+                        const v16a *q0 = xp[0] + row, *q1 = xp[1] + row, *q2 = xp[2] + row, *q3 = xp[3] + row;
+                        for (; gr < ge; gr += 2) {
                             __asm__("" : "+r"(q0), "+r"(q1), "+r"(q2), "+r"(q3));
                             const v16a g0 = gr[0], g1 = gr[1];
                             a[0][0] += g0 * q0[0]; a[0][1] += g1 * q0[1];
                             a[1][0] += g0 * q1[0]; a[1][1] += g1 * q1[1];
                             a[2][0] += g0 * q2[0]; a[2][1] += g1 * q2[1];
                             a[3][0] += g0 * q3[0]; a[3][1] += g1 * q3[1];
+                            q0 += 2; q1 += 2; q2 += 2; q3 += 2;
                         }
                     }
                     for (int j = 0; j < 4; j++) out[p + j] += hsum16(a[j][0] + a[j][1]);
