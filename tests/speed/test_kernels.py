@@ -440,6 +440,44 @@ def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(generic_
         torch.testing.assert_close(grads[1], rgrads[1] * mask, atol=1e-4, rtol=1e-4)
 
 
+def _check_gradient_memory_reuse(w, mask, backward, dense_into_buffer):
+    """A sparse layer's weight gradient after zero_grad (set_to_none) is written into the previous
+    one's memory again, only at the active entries, and equals the masked layer's, zeros included:
+    also after an in-place change of a released gradient and around a dense-gradient step (written
+    into the same memory where ``dense_into_buffer``); a gradient still held by the caller, or in
+    .grad for accumulation, is never written."""
+    want = backward()
+    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+    ptr = w.grad.data_ptr()
+    for change in (None, "fill_", "dense", "after dense"):
+        if change == "fill_":
+            w.grad.fill_(1.0)  # a released gradient changed in place: its zeros are not trusted
+        w.grad = None
+        want = backward(dense=change == "dense")
+        assert w.grad.data_ptr() == ptr or (change == "dense" and not dense_into_buffer), change
+        torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+        assert change == "dense" or bool((w.grad[~mask] == 0).all()), change
+    held, before = w.grad, w.grad.clone()
+    w.grad = None
+    want = backward()
+    assert w.grad.data_ptr() != ptr
+    assert torch.equal(held, before)  # the caller's gradient was not overwritten
+    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+    first = w.grad.clone()
+    want = backward()  # no zero_grad: accumulated into .grad
+    torch.testing.assert_close(w.grad, first + want, atol=1e-4, rtol=1e-4)
+
+
+def _check_after_rebuild(fast, w, mask, backward):
+    """After a rebuild to ``mask``: the kept gradient memory, zeroed again for the new index."""
+    for _ in range(2):
+        w.grad = None
+        want = backward()
+        assert w.grad.data_ptr() == fast._wgrad.buf.data_ptr()
+        torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
+        assert bool((w.grad[~mask] == 0).all())
+
+
 @needs_native
 @pytest.mark.parametrize("batch", [1, 5, 17, 130])
 @pytest.mark.parametrize("blocked", [False, True])
@@ -459,26 +497,7 @@ def test_weight_gradient_memory_reused_only_when_released(batch, blocked):
         fast(x).backward(gy)
         return gy.t() @ x if dense else (gy.t() @ x) * mask
 
-    want = backward()
-    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
-    ptr = w.grad.data_ptr()
-    for change in (None, "add_", "dense", "after dense"):
-        if change == "add_":
-            w.grad.add_(1.0)  # a released gradient changed in place: its zeros are not trusted
-        w.grad = None
-        want = backward(dense=change == "dense")
-        assert w.grad.data_ptr() == ptr, change
-        torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
-        assert change == "dense" or bool((w.grad[~mask] == 0).all()), change
-    held, before = w.grad, w.grad.clone()
-    w.grad = None
-    want = backward()
-    assert w.grad.data_ptr() != ptr
-    assert torch.equal(held, before)  # the caller's gradient was not overwritten
-    torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
-    first = w.grad.clone()
-    want = backward()  # no zero_grad: accumulated into .grad
-    torch.testing.assert_close(w.grad, first + want, atol=1e-4, rtol=1e-4)
+    _check_gradient_memory_reuse(w, mask, backward, dense_into_buffer=True)
     # rebuilds (the same column blocks, then other ones): the kept memory, zeroed again for the new index
     for block_bytes in (fast.block_bytes, 1 if not blocked else 1 << 20):
         new_mask = torch.rand(40, 600, generator=g) < 0.1
@@ -487,12 +506,7 @@ def test_weight_gradient_memory_reused_only_when_released(batch, blocked):
         fast.block_bytes = block_bytes
         fast.rebuild(new_mask)
         mask = new_mask
-        for _ in range(2):
-            w.grad = None
-            want = backward()
-            assert w.grad.data_ptr() == fast._wgrad.buf.data_ptr()
-            torch.testing.assert_close(w.grad, want, atol=1e-4, rtol=1e-4)
-            assert bool((w.grad[~new_mask] == 0).all())
+        _check_after_rebuild(fast, w, mask, backward)
 
 
 @needs_native
@@ -540,3 +554,32 @@ def test_weight_gradient_kernel_built_without_avx512(generic_native):
         generic.sparse_dots_dense(gt.data_ptr(), xt.data_ptr(), 37, stack.data_ptr(), stack.shape[0], fast._block_cols,
                                   fast._index.col32.data_ptr(), out.data_ptr(), 21, 600, zero, 1)
         torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [3, 17], ids=["rows", "lanes"])
+@pytest.mark.parametrize("kind", ["ck", "window", "unstructured"])
+def test_conv_weight_gradient_memory_reused_only_when_released(batch, kind):
+    # as for the linear layer, in SparseConv2d: whole kernels (one gather-scatter from the kernel
+    # list), single taps, and the row kernel below batch 8; then a rebuild
+    g = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(20, 12, 3, padding=1, bias=False)
+    mask = _masks(conv.weight.shape, g)[kind]
+    fast = _masked_conv(conv, mask)
+    w = conv.weight
+
+    def backward(dense=False):
+        fast.dense_weight_grad = dense
+        x = torch.randn(batch, 20, 6, 9, generator=g)
+        gy = torch.randn(batch, 12, 6, 9, generator=g)
+        fast(x).backward(gy)
+        (ref,) = torch.autograd.grad(conv(x), [w], gy)
+        return ref if dense else ref * mask
+
+    _check_gradient_memory_reuse(w, mask, backward, dense_into_buffer=False)  # the dense one comes from oneDNN
+    new_mask = _masks(conv.weight.shape, g)[kind]  # a rebuild: the kept memory, zeroed again for the new index
+    with torch.no_grad():
+        w.mul_(new_mask)
+    fast.rebuild(new_mask)
+    mask = new_mask
+    _check_after_rebuild(fast, w, mask, backward)

@@ -222,6 +222,12 @@ void scatter_f32(const float *src, const int64_t *idx, int64_t n, float *dst)
     for (int64_t k = 0; k < n; k++) dst[idx[k]] = src[k];
 }
 
+/* dst[didx[k]] = src[sidx[k]]: a gather and a scatter in one pass (no list in between). */
+void gather_scatter_f32(const float *src, const int64_t *sidx, const int64_t *didx, int64_t n, float *dst)
+{
+    for (int64_t k = 0; k < n; k++) dst[didx[k]] = src[sidx[k]];
+}
+
 /* w[i] = mask[i] ? w[i] : 0 over n floats, mask as one byte per weight (a bool tensor's storage):
  * a select, so an inf or NaN in a masked entry becomes 0 (a multiply would keep NaN). */
 void masked_zero_f32(float *w, const uint8_t *mask, int64_t n)

@@ -63,6 +63,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.linear_rows_w.argtypes = [p, i64, p, i64, p, p, i64, p, i64, i32]
     lib.gather_f32.argtypes = [p, p, i64, p]
     lib.scatter_f32.argtypes = [p, p, i64, p]
+    lib.gather_scatter_f32.argtypes = [p, p, p, i64, p]
     lib.masked_zero_f32.argtypes = [p, p, i64]
     lib.pack_mask_bits.argtypes = [p, i64, p]
     lib.masked_zero_bits_f32.argtypes = [p, p, i64]
@@ -181,6 +182,22 @@ def scatter(src: Tensor, idx: Tensor, shape) -> Tensor:
     """A zero tensor of ``shape`` with ``out.view(-1)[idx] = src``."""
     out = torch.zeros(shape, dtype=torch.float32)
     library().scatter_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
+    return out
+
+
+def scatter_into(out: Tensor, src: Tensor, idx: Tensor, src_idx: Optional[Tensor] = None, zeroed: bool = False) -> Tensor:
+    """``out`` (contiguous float32) zeroed, unless ``zeroed`` says it holds zeros off ``idx`` already, and
+    ``out.view(-1)[idx] = src`` (``src.view(-1)[src_idx]`` when given)."""
+    if src_idx is not None and src_idx.numel() != idx.numel() or src_idx is None and src.numel() != idx.numel():
+        raise ValueError(f"scatter_into: {idx.numel()} places for {(src if src_idx is None else src_idx).numel()} values")
+    _check(out, torch.float32)
+    if not zeroed:
+        out.zero_()
+    if src_idx is None:
+        library().scatter_f32(_check(src, torch.float32), _check(idx, torch.int64), idx.numel(), out.data_ptr())
+    else:
+        library().gather_scatter_f32(_check(src, torch.float32), _check(src_idx, torch.int64), _check(idx, torch.int64),
+                                     idx.numel(), out.data_ptr())
     return out
 
 

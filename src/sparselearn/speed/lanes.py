@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._common import _gather, _scatter, _wants_dense
+from ._common import _gather, _scatter, _sparse_grad, _wants_dense
 
 if TYPE_CHECKING:
     from .kernels import SparseConv2d, SparseIndex
@@ -281,11 +281,11 @@ class _LaneConvFn(torch.autograd.Function):
             elif lane.wgrad_kernels:
                 kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.k_row, lane.k_chan,
                                          lane.k_pairs)
-                gw = _scatter(_gather(kg, lane.k_slot), index.flat, ctx.w_shape)
+                gw = _sparse_grad(layer, ctx.w_shape, kg, index.flat, lane.k_slot)
             else:
                 eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.w_ptr, lane.w_chan,
                                              lane.w_tr, lane.w_ts)
-                gw = _scatter(eg, lane.w_flat, ctx.w_shape)
+                gw = _sparse_grad(layer, ctx.w_shape, eg, lane.w_flat)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb_ = grad.sum((0, 2, 3))
         return gx, gw, gb_, None
