@@ -67,6 +67,22 @@ static inline __attribute__((always_inline)) void transpose16(__m512 *r)
     transpose_round(r, 1);
 }
 
+/* Lane sums of 2B vectors (B = 8 or 4) in one vector (r is overwritten): the rounds of transpose16
+ * from B lanes down, each adding its two halves instead of keeping both, so each round halves the
+ * vectors. B = 8: lane i is the sum of r[i] (45 operations for 16 sums, where 16 hsum16 take 128);
+ * B = 4: lanes i and i + 8 hold halves of r[i]'s sum, i < 8 (the caller adds them). */
+static inline __attribute__((always_inline)) __m512 lane_sums(__m512 *r, const int B0)
+{
+    #pragma GCC unroll 4
+    for (int B = B0; B; B >>= 1) {
+        const __m512i lo = T_MASK(T_LO, B), hi = T_MASK(T_HI, B);
+        #pragma GCC unroll 8
+        for (int i = 0; i < B; i++)
+            r[i] = _mm512_add_ps(_mm512_permutex2var_ps(r[i], lo, r[i + B]), _mm512_permutex2var_ps(r[i], hi, r[i + B]));
+    }
+    return r[0];
+}
+
 /* row[k * 16 + l] = s[l * stride + k] for k < W: one image row of 16 samples into lanes (samples
  * l >= lanes are zeros). */
 static inline void pack_row(float *row, const float *s, int64_t stride, int64_t lanes, int64_t W)
@@ -288,12 +304,13 @@ wgrad3_chunk(v16a *acc, const float *grow, const float *xrow, int64_t Wb, const 
 }
 
 /* wgrad3_chunk for two kernels of the same input channel: each input vector feeds both (4 output
- * pixels: 26 loads for 72 multiply-adds, against 38 for 72 in one kernel's 8-pixel chunk). */
+ * pixels: 26 loads for 72 multiply-adds, against 38 for 72 in one kernel's 8-pixel chunk; CH = 2
+ * for maps 2 wide, which a chunk of 4 computed twice over). */
 static inline __attribute__((always_inline)) void
-wgrad3_pair4(v16a *acc, v16a *acd, const float *grow, const float *hrow, const float *xrow, int64_t Wb)
+wgrad3_pair(v16a *acc, v16a *acd, const float *grow, const float *hrow, const float *xrow, int64_t Wb, const int CH)
 {
     v16a gv[4], hv[4];
-    for (int b = 0; b < 4; b++) {
+    for (int b = 0; b < CH; b++) {
         gv[b] = *(const v16a *)(grow + b * 16);
         hv[b] = *(const v16a *)(hrow + b * 16);
     }
@@ -301,13 +318,13 @@ wgrad3_pair4(v16a *acc, v16a *acd, const float *grow, const float *hrow, const f
     for (int r = 0; r < 3; r++) {
         const float *xr = xrow + r * Wb * 16;
         #pragma GCC unroll 6
-        for (int j = 0; j < 6; j++) {
+        for (int j = 0; j < CH + 2; j++) {
             v16a v = *(const v16a *)(xr + j * 16);
             PIN(v);
             #pragma GCC unroll 3
             for (int s = 0; s < 3; s++) {
                 const int b = j - s;
-                if (b >= 0 && b < 4) {
+                if (b >= 0 && b < CH) {
                     acc[3 * r + s] += gv[b] * v;
                     acd[3 * r + s] += hv[b] * v;
                 }
@@ -316,10 +333,37 @@ wgrad3_pair4(v16a *acc, v16a *acd, const float *grow, const float *hrow, const f
     }
 }
 
+/* out[9k + j] += the lane sum of acc[j] and out[9k2 + j] += that of acd[j], j < 9. With AVX-512 the
+ * first 16 sums come from one lane_sums and go out as two masked adds. */
+static inline __attribute__((always_inline)) void
+wgrad3_pair_out(float *out, int64_t k, int64_t k2, v16a *acc, v16a *acd)
+{
+#if defined(__AVX512F__)
+    __m512 r[16];
+    #pragma GCC unroll 9
+    for (int j = 0; j < 9; j++) r[j] = (__m512)acc[j];
+    #pragma GCC unroll 7
+    for (int j = 0; j < 7; j++) r[9 + j] = (__m512)acd[j];
+    const __m512 s = lane_sums(r, 8);
+    float *o = out + 9 * k, *o2 = out + 9 * k2;
+    _mm512_mask_storeu_ps(o, 0x1FF, _mm512_add_ps(_mm512_maskz_loadu_ps(0x1FF, o), s));
+    const __m512 s2 = _mm512_maskz_compress_ps(0xFE00, s);  /* lanes 9-15 to 0-6 */
+    _mm512_mask_storeu_ps(o2, 0x7F, _mm512_add_ps(_mm512_maskz_loadu_ps(0x7F, o2), s2));
+    o2[7] += hsum16(acd[7]);
+    o2[8] += hsum16(acd[8]);
+#else
+    for (int j = 0; j < 9; j++) {
+        out[9 * k + j] += hsum16(acc[j]);
+        out[9 * k2 + j] += hsum16(acd[j]);
+    }
+#endif
+}
+
 /* The weight gradient of whole 3x3 kernels:
  * out[9k + 3r + s] = sum_{nb, y < Ho, x < Wo} g[nb, krow[k], y + gy, x + gx] * xs[nb, kchan[k], y + r, x + s],
  * g an (NB, Cg, Hg, Wg, 16) output gradient (zero where it has no output), xs the forward's
- * (NB, Cx, Hb, Wb, 16) packed input; Wo a multiple of 4. The kernels run as the npairs pairs
+ * (NB, Cx, Hb, Wb, 16) packed input; both hold round4(Wo) columns (chunks of 4, and of 2 at a
+ * remainder of 1 or 2, read zeros past Wo). The kernels run as the npairs pairs
  * (pairs[2q], pairs[2q + 1]) of kernels that read the same input channel (the second -1 where a
  * kernel has no partner): a pair shares its input loads; a single kernel runs chunks of 8, then 4. */
 void b16_wgrad3(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, int64_t gx,
@@ -340,20 +384,24 @@ void b16_wgrad3(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, 
                 const float *xp = xs + (nb * Cx + kchan[k]) * Hb * Wb * 16;
                 if (k2 >= 0) {
                     const float *hp = g + ((nb * Cg + krow[k2]) * Hg + gy) * Wg * 16 + gx * 16;
-                    for (int64_t y = y0; y < y1; y++)
-                        for (int64_t x = 0; x < Wo; x += 4)
-                            wgrad3_pair4(acc, acd, gp + (y * Wg + x) * 16, hp + (y * Wg + x) * 16,
-                                         xp + (y * Wb + x) * 16, Wb);
-                    for (int j = 0; j < 9; j++) out[9 * k2 + j] += hsum16(acd[j]);
+                    for (int64_t y = y0; y < y1; y++) {
+                        const float *grow = gp + y * Wg * 16, *hrow = hp + y * Wg * 16, *xrow = xp + y * Wb * 16;
+                        int64_t x = 0;
+                        for (; x + 2 < Wo; x += 4)
+                            wgrad3_pair(acc, acd, grow + x * 16, hrow + x * 16, xrow + x * 16, Wb, 4);
+                        if (x < Wo) wgrad3_pair(acc, acd, grow + x * 16, hrow + x * 16, xrow + x * 16, Wb, 2);
+                    }
+                    wgrad3_pair_out(out, k, k2, acc, acd);
                 } else {
                     for (int64_t y = y0; y < y1; y++) {
                         const float *grow = gp + y * Wg * 16, *xrow = xp + y * Wb * 16;
                         int64_t x = 0;
                         for (; x + 8 <= Wo; x += 8) wgrad3_chunk(acc, grow + x * 16, xrow + x * 16, Wb, 8);
-                        for (; x < Wo; x += 4) wgrad3_chunk(acc, grow + x * 16, xrow + x * 16, Wb, 4);
+                        for (; x + 2 < Wo; x += 4) wgrad3_chunk(acc, grow + x * 16, xrow + x * 16, Wb, 4);
+                        if (x < Wo) wgrad3_chunk(acc, grow + x * 16, xrow + x * 16, Wb, 2);
                     }
+                    for (int j = 0; j < 9; j++) out[9 * k + j] += hsum16(acc[j]);
                 }
-                for (int j = 0; j < 9; j++) out[9 * k + j] += hsum16(acc[j]);
             }
         }
 }
@@ -414,7 +462,15 @@ void b16_wgrad_taps(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t 
                             q0 += 2; q1 += 2; q2 += 2; q3 += 2; q4 += 2; q5 += 2; q6 += 2; q7 += 2;
                         }
                     }
+#if defined(__AVX512F__)
+                    __m512 r[8];
+                    for (int j = 0; j < 8; j++) r[j] = (__m512)(a[j][0] + a[j][1]);
+                    const __m512 h = lane_sums(r, 4);
+                    const __m512 sum = _mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0x4E));  /* + the other 256 bits */
+                    _mm512_mask_storeu_ps(out + p, 0xFF, _mm512_add_ps(_mm512_maskz_loadu_ps(0xFF, out + p), sum));
+#else
                     for (int j = 0; j < 8; j++) out[p + j] += hsum16(a[j][0] + a[j][1]);
+#endif
                 }
                 for (; p + 4 <= p1; p += 4) {
                     const v16a *xp[4];

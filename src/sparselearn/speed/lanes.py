@@ -279,8 +279,8 @@ class _LaneConvFn(torch.autograd.Function):
             if ctx.dense:
                 gw = torch.nn.grad.conv2d_weight(saved, ctx.w_shape, grad, padding=(geo.ph, geo.pw))
             elif lane.wgrad_kernels:
-                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.k_row, lane.k_chan,
-                                         lane.k_pairs)
+                kg = _native.lane_wgrad3(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo, lane.k_row, lane.k_chan,
+                                         lane.k_pairs)  # the real width: chunks of 2 where 4 would read zeros
                 gw = _sparse_grad(layer, ctx.w_shape, kg, index.flat, lane.k_slot)
             else:
                 eg = _native.lane_wgrad_taps(gb, geo.gy, geo.gx, saved, geo.ho, geo.wo_wgrad, lane.w_ptr, lane.w_chan,
