@@ -583,3 +583,19 @@ def test_conv_weight_gradient_memory_reused_only_when_released(batch, kind):
     fast.rebuild(new_mask)
     mask = new_mask
     _check_after_rebuild(fast, w, mask, backward)
+
+
+def test_a_kept_gradient_is_handed_out_once():
+    # two backwards through one layer at the same time (threads) must not write one buffer: the
+    # first take hands it out, the second gets none until it is kept again
+    from sparselearn.speed._common import _GradBuffer
+
+    cache = _GradBuffer()
+    grad = cache.keep(torch.zeros(3, 4), zeros_off_entries=True)
+    del grad  # released, as zero_grad(set_to_none=True) does
+    buf, zeros = cache.take((3, 4))
+    assert buf is not None and zeros
+    assert cache.take((3, 4)) == (None, False)  # a concurrent backward allocates its own
+    cache.keep(buf, zeros_off_entries=True)
+    again, zeros = cache.take((3, 4))
+    assert again is buf and zeros

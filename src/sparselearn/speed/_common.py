@@ -1,6 +1,7 @@
 """Helpers shared by the sparse layers of :mod:`sparselearn.speed.kernels` and :mod:`sparselearn.speed.lanes`."""
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional, Union
 
 import torch
@@ -57,23 +58,30 @@ class _GradBuffer:
     def __init__(self):
         self.buf: Optional[Tensor] = None
         self.version: Optional[int] = None  # buf._version after a sparse write for the current index
+        self.lock = threading.Lock()
 
     def take(self, shape) -> tuple[Optional[Tensor], bool]:
-        """The kept buffer if it may be written (else ``None``), and whether it holds zeros off the entries."""
-        b = self.buf
-        if b is not None and tuple(b.shape) == tuple(shape) and _holders(b) == 1:
-            return b, self.version is not None and b._version == self.version
-        self.buf = self.version = None
-        return None, False
+        """The kept buffer if it may be written (else ``None``), and whether it holds zeros off the entries.
+
+        The buffer is handed out: until :meth:`keep` it is not the cache's, so a second backward
+        through the layer at the same time (another thread) gets ``None`` and allocates its own."""
+        with self.lock:
+            b, version = self.buf, self.version
+            self.buf = self.version = None
+            if b is not None and tuple(b.shape) == tuple(shape) and _holders(b) == 1:
+                return b, version is not None and b._version == version
+            return None, False
 
     def keep(self, buf: Tensor, zeros_off_entries: bool) -> Tensor:
         """Remembers ``buf`` as the layer's gradient; returns the alias to hand to autograd."""
-        self.buf = buf
-        self.version = buf._version if zeros_off_entries else None
+        with self.lock:
+            self.buf = buf
+            self.version = buf._version if zeros_off_entries else None
         return buf.detach()
 
     def index_changed(self) -> None:
-        self.version = None  # the zeros are those of the old index
+        with self.lock:
+            self.version = None  # the zeros are those of the old index
 
 
 def _sparse_grad(layer, shape, values: Tensor, flat: Tensor, src_idx: Optional[Tensor] = None) -> Tensor:
