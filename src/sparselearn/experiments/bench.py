@@ -727,10 +727,11 @@ GROUPS = ("engine_overhead", "mask_apply", "conv", "linear", "fanin_rigl", "vgg_
 
 
 def _load_note(start: float, end: float) -> str:
-    """What the 1-minute load averages around a run say about other work on the machine: the
-    benchmark itself adds about its own thread count by the end."""
+    """What the 1-minute load averages around a run say about other work on the machine. Only the
+    one at the end covers the run (the one at the start decays from whatever ran before); by then the
+    benchmark itself accounts for about its own thread count."""
     own = torch.get_num_threads()
-    shared = start > 0.5 or end > own + 0.5
+    shared = end > own + 0.5
     return (("other processes shared the cores" if shared else
              f"no other process ran alongside (the load stayed within this benchmark's own {own} thread(s))")
             + "; absolute times still vary run to run, the ratios are side by side in one run.")
