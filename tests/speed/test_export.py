@@ -74,6 +74,22 @@ def test_bench_quick_writes_a_report(tmp_path):
                   "Peak memory"):
         assert title in text, title
     assert (tmp_path / "perf.json").exists()
+    # the committed document's assembly (benchmarks/assemble_report.py) of two such reports and the notes
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("assemble_report", root / "benchmarks" / "assemble_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    notes = [p.read_text() for p in sorted((root / "docs" / "performance-notes").glob("*.md"))]
+    doc = mod.assemble(text, text, notes)
+    if "| case | measured" in text:
+        assert "| case | run A | run B | target | A / B |" in doc and "| case | measured" not in doc
+    for title, note in (("Engine overhead", "engine"), ("Kernel-sparse 3x3 convolution", "convolution")):
+        sec = doc[doc.index(f"### {title}"):]  # each note right after its own table
+        assert f"**Reading the {note} table" in sec[:sec.index("\n### ")]
+    assert "### End to end: a Starfire run" in doc and doc.index("This whole document") < doc.index("## Measurements")
 
 
 def test_bench_report_says_whether_other_work_shared_the_machine():

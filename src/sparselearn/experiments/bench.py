@@ -726,11 +726,11 @@ GROUPS = ("engine_overhead", "mask_apply", "conv", "linear", "fanin_rigl", "vgg_
           "compact_inference", "memory")
 
 
-def _load_note(start: float, end: float) -> str:
+def _load_note(start: float, end: float, threads: Optional[int] = None) -> str:
     """What the 1-minute load averages around a run say about other work on the machine. Only the
     one at the end covers the run (the one at the start decays from whatever ran before); by then the
-    benchmark itself accounts for about its own thread count."""
-    own = torch.get_num_threads()
+    benchmark itself accounts for about its own thread count (``threads``, default torch's now)."""
+    own = threads or torch.get_num_threads()
     shared = end > own + 0.5
     return (("other processes shared the cores" if shared else
              f"no other process ran alongside (the load stayed within this benchmark's own {own} thread(s))")
