@@ -98,3 +98,71 @@ def test_layer_times_feed_the_speedups():
     assert sp["sparse_convolution"] == pytest.approx(total / (total - 0.75 * times["conv.weight"]))
     with pytest.raises(ValueError, match="repeats"):
         layer_times(model, torch.zeros(1, 2, 6, 6), repeats=0)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention over (batch, length, 8) inputs."""
+
+    def __init__(self, kdim=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.kdim = kdim or 8
+
+    def forward(self, x):
+        memory = torch.ones(x.shape[0], 7, self.kdim) if self.kdim != 8 or x.shape[1] == 3 else x
+        return self.attn(x, memory, memory, need_weights=False)[0]
+
+
+def test_attention_projections_are_counted_over_their_sequence_lengths():
+    # the projections run inside F.multi_head_attention_forward: no Linear hook sees them
+    self_attn = {c.key: c for c in layer_costs(Attention(), torch.zeros(2, 5, 8))}
+    assert set(self_attn) == {"attn.in_proj_weight[0:8]", "attn.in_proj_weight[8:16]", "attn.in_proj_weight[16:24]",
+                              "attn.out_proj.weight"}
+    assert all(c.positions == 5 and c.shape == (8, 8) for c in self_attn.values())
+    cross = {c.key: c.positions for c in layer_costs(Attention(), torch.zeros(2, 3, 8))}  # 3 queries, 7 keys
+    assert cross == {"attn.in_proj_weight[0:8]": 3, "attn.in_proj_weight[8:16]": 7, "attn.in_proj_weight[16:24]": 7,
+                     "attn.out_proj.weight": 3}
+    split = {c.key: (c.shape, c.positions) for c in layer_costs(Attention(kdim=6), torch.zeros(2, 3, 8))}
+    assert split == {"attn.q_proj_weight": ((8, 8), 3), "attn.k_proj_weight": ((8, 6), 7),
+                     "attn.v_proj_weight": ((8, 6), 7), "attn.out_proj.weight": ((8, 8), 3)}
+    # the key block of a fused mask empty: its FLOPs and only its are gone
+    counter = FlopCounter(Attention(), torch.zeros(1, 3, 8))
+    mask = torch.ones(24, 8, dtype=torch.bool)
+    mask[8:16] = False
+    stats = counter.measure({"attn.in_proj_weight": mask})
+    assert stats["dense"] == 2 * 64 * (3 + 7 + 7 + 3)
+    assert stats["sparse"] == 2 * 64 * (3 + 7 + 3)
+    assert stats["layers"]["attn.in_proj_weight[8:16]"]["empty_out"] == 8
+
+
+def test_transformer_layer_flops_under_a_sparsifier():
+    import sparselearn
+
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    costs = layer_costs(model, torch.zeros(2, 5, 16))
+    # per layer: q, k, v blocks and the output projection (16x16 each) and the MLP (16x32, 32x16), 5 tokens
+    assert sum(c.dense_flops for c in costs) == 2 * 5 * 2 * (4 * 256 + 2 * 512)
+    assert sum(c.name.endswith("out_proj.weight") for c in costs) == 2  # once each, not twice
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = sparselearn.static_sparse(model, opt, density=0.25)
+    stats = FlopCounter(model, torch.zeros(1, 5, 16)).measure(sp.masks)
+    active = sum(int(sp.masks[n].sum()) for n in sp.masks)
+    assert 0 < stats["sparse"] < stats["dense"]
+    assert stats["sparse"] == 2 * 5 * active + sum(  # every masked weight once per token, the rest dense
+        c.dense_flops for c in costs if c.name not in sp.masks)
+
+
+def test_layer_times_split_an_attention_over_its_projections():
+    from sparselearn.analysis.flops import layer_times
+
+    model = Attention()
+    times = layer_times(model, torch.zeros(2, 3, 8), repeats=2)
+    costs = {c.key: c for c in layer_costs(model, torch.zeros(2, 3, 8))}
+    assert set(times) == set(costs) and all(t > 0 for t in times.values())
+    # by dense FLOPs: the key projection runs over 7 keys, the query one over 3 queries
+    assert times["attn.in_proj_weight[8:16]"] / times["attn.in_proj_weight[0:8]"] == pytest.approx(7 / 3)
+    stats = FlopCounter(model, torch.zeros(1, 3, 8)).measure({})
+    assert training_speedups([stats], kinds=("linear",), layer_time=times)["sparse_convolution"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no measured time for layer attn.out_proj.weight"):
+        training_speedups([stats], kinds=("linear",), layer_time={k: v for k, v in times.items() if "out_proj" not in k})

@@ -48,6 +48,9 @@ class LayerCost:
             calls of a module used more than once).
         transposed: the weight is stored ``(in, out)`` (HF ``Conv1D``); ``shape`` is ``[out, in]``
             and the layer's mask is read transposed.
+        rows: for one block of a fused projection, its ``(first, end)`` output rows of the weight
+            (``shape`` is the block's): ``nn.MultiheadAttention``'s query, key and value projections
+            in ``in_proj_weight``, which run over different sequence lengths in cross-attention.
     """
 
     name: str
@@ -56,6 +59,12 @@ class LayerCost:
     groups: int
     positions: int
     transposed: bool = False
+    rows: Optional[tuple[int, int]] = None
+
+    @property
+    def key(self) -> str:
+        """The layer's key in :meth:`FlopCounter.measure`: ``name``, with ``[first:end]`` for a block."""
+        return self.name if self.rows is None else f"{self.name}[{self.rows[0]}:{self.rows[1]}]"
 
     @property
     def dense_flops(self) -> int:
@@ -63,18 +72,43 @@ class LayerCost:
         return 2 * math.prod(self.shape) * self.positions
 
 
+def _mha_costs(prefix: str, mha: nn.MultiheadAttention, queries: int, keys: int) -> list[LayerCost]:
+    """The projections of an ``nn.MultiheadAttention`` as linear layers: query (and the output
+    projection) over ``queries`` positions per sample, key and value over ``keys``. Its forward hands
+    the weights to ``F.multi_head_attention_forward``, so no hook of a submodule ever sees them; the
+    attention products themselves have no weights and are not counted (as pooling is not)."""
+    pre, e = f"{prefix}." if prefix else "", mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        w = f"{pre}in_proj_weight"
+        qkv = [LayerCost(w, "linear", (e, e), 1, n, rows=(i * e, (i + 1) * e))
+               for i, n in enumerate((queries, keys, keys))]
+    else:
+        qkv = [LayerCost(f"{pre}q_proj_weight", "linear", (e, e), 1, queries),
+               LayerCost(f"{pre}k_proj_weight", "linear", (e, mha.kdim), 1, keys),
+               LayerCost(f"{pre}v_proj_weight", "linear", (e, mha.vdim), 1, keys)]
+    return qkv + [LayerCost(f"{pre}out_proj.weight", "linear", (e, e), 1, queries)]
+
+
 def layer_costs(model: nn.Module, example_input: Tensor) -> list[LayerCost]:
     """The :class:`LayerCost` of every ``Conv1d/2d/3d``, ``Linear`` and transposed linear (HF
-    ``Conv1D``) of ``model``, in call order.
+    ``Conv1D``) of ``model``, and of the projections of every ``nn.MultiheadAttention``, in call order.
 
     Runs ``model(example_input)`` once in eval mode without gradients (the mode is restored); the
     batch size of ``example_input`` does not matter.
     """
+    return [c for costs in _module_costs(model, example_input).values() for c in costs]
+
+
+def _module_costs(model: nn.Module, example_input: Tensor) -> dict[int, list[LayerCost]]:
+    """:func:`layer_costs` by module (``id``): one cost for a convolution or linear layer, the
+    projections of an attention."""
     if example_input.dim() < 1 or example_input.size(0) < 1:
         raise ValueError(f"example_input must be a batch with at least one sample, got shape {tuple(example_input.shape)}")
     names = {id(m): n for n, m in model.named_modules()}
     seen: dict[int, list] = {}
     batch = example_input.size(0)
+    mhas = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = {id(m.out_proj) for m in mhas}  # run by the attention's own forward, counted there
 
     def hook(module, inputs, output):
         channels = output.shape[1] if isinstance(module, _CONV) else output.shape[-1]
@@ -82,17 +116,28 @@ def layer_costs(model: nn.Module, example_input: Tensor) -> list[LayerCost]:
         entry = seen.setdefault(id(module), [module, 0])
         entry[1] += positions
 
+    def mha_hook(module, args, kwargs, output):
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs["key"]
+        entry = seen.setdefault(id(module), [module, 0, 0])
+        entry[1] += query.numel() // (batch * module.embed_dim)  # batch first or not, per sample
+        entry[2] += key.numel() // (batch * module.kdim)
+
     probe_forward(model, example_input,
                   [m.register_forward_hook(hook) for m in model.modules()
-                   if isinstance(m, (*_CONV, nn.Linear)) or is_transposed_linear(m)])
-    costs = []
-    for mid, (module, positions) in seen.items():
+                   if (isinstance(m, (*_CONV, nn.Linear)) or is_transposed_linear(m)) and id(m) not in inside]
+                  + [m.register_forward_hook(mha_hook, with_kwargs=True) for m in mhas])
+    out = {}
+    for mid, (module, positions, *keys) in seen.items():
         prefix = names[mid]
+        if isinstance(module, nn.MultiheadAttention):
+            out[mid] = _mha_costs(prefix, module, positions, keys[0])
+            continue
         conv, transposed = isinstance(module, _CONV), is_transposed_linear(module)
-        costs.append(LayerCost(f"{prefix}.weight" if prefix else "weight", "conv" if conv else "linear",
-                               tuple(out_in(module.weight, transposed).shape), module.groups if conv else 1,
-                               positions, transposed))
-    return costs
+        out[mid] = [LayerCost(f"{prefix}.weight" if prefix else "weight", "conv" if conv else "linear",
+                              tuple(out_in(module.weight, transposed).shape), module.groups if conv else 1,
+                              positions, transposed)]
+    return out
 
 
 def channel_usage(mask: Tensor, groups: int = 1) -> dict[str, int]:
@@ -155,10 +200,12 @@ class FlopCounter:
                 mask = torch.ones(l.shape, dtype=torch.bool)
             else:
                 mask = out_in(mask, l.transposed)
+                if l.rows is not None:
+                    mask = mask[l.rows[0]:l.rows[1]]
             if tuple(mask.shape) != l.shape:
-                raise ValueError(f"mask {l.name} has shape {tuple(mask.shape)}, the weight {l.shape}")
+                raise ValueError(f"mask {l.key} has shape {tuple(mask.shape)}, the weight {l.shape}")
             u = channel_usage(mask.detach().cpu(), l.groups)
-            layers[l.name] = {
+            layers[l.key] = {
                 "kind": l.kind, "dense": l.dense_flops, "sparse": 2 * u["active"] * l.positions,
                 "channels": 2 * u["channel_macs"] * l.positions,
                 "empty_out": u["empty_out"], "out_channels": u["out_channels"],
@@ -169,12 +216,14 @@ class FlopCounter:
 
 
 def layer_times(model: nn.Module, example_input: Tensor, repeats: int = 5) -> dict[str, float]:
-    """Measured dense forward time (seconds, median over ``repeats`` passes) of every convolution
-    and linear layer, keyed like :func:`layer_costs` -- the per-layer runtime that Section 5.1 scales
-    by the FLOPs saved (pass it as ``layer_time`` to :func:`training_speedups`).
+    """Measured dense forward time (seconds, median over ``repeats`` passes) of every layer of
+    :func:`layer_costs`, keyed like it (:attr:`LayerCost.key`) -- the per-layer runtime that Section
+    5.1 scales by the FLOPs saved (pass it as ``layer_time`` to :func:`training_speedups`).
 
     Timed with forward hooks around each layer, in eval mode without gradients; on a GPU the device
     is synchronised around each layer, which makes the whole pass slower but each layer's share right.
+    An ``nn.MultiheadAttention`` is timed whole (its projections run inside one functional call) and
+    its time split over its projections by their dense FLOPs; the attention products are in it.
     """
     import statistics
     import time
@@ -194,7 +243,12 @@ def layer_times(model: nn.Module, example_input: Tensor, repeats: int = 5) -> di
         sync()
         totals[id(module)] = totals.get(id(module), 0.0) + time.perf_counter() - starts[id(module)]
 
-    layers = [m for m in model.modules() if isinstance(m, (*_CONV, nn.Linear))]
+    mhas = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = {id(m.out_proj) for m in mhas}
+    parts = _module_costs(model, example_input) if mhas else {}  # an attention's projections, by its id
+    layers = [m for m in model.modules()
+              if (isinstance(m, (*_CONV, nn.Linear, nn.MultiheadAttention)) or is_transposed_linear(m))
+              and id(m) not in inside]
     handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     runs: dict[int, list[float]] = {id(m): [] for m in layers}
     was_training = model.training
@@ -211,8 +265,19 @@ def layer_times(model: nn.Module, example_input: Tensor, repeats: int = 5) -> di
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {(f"{names[mid]}.weight" if names[mid] else "weight"): statistics.median(ts)
-            for mid, ts in runs.items() if ts}
+    out: dict[str, float] = {}
+    modules = {id(m): m for m in layers}
+    for mid, ts in runs.items():
+        if not ts:
+            continue
+        t, name = statistics.median(ts), names[mid]
+        if isinstance(modules[mid], nn.MultiheadAttention):
+            costs = parts.get(mid, [])
+            total = sum(c.dense_flops for c in costs) or 1
+            out.update({c.key: t * c.dense_flops / total for c in costs})
+        else:
+            out[f"{name}.weight" if name else "weight"] = t
+    return out
 
 
 def training_speedups(
@@ -247,6 +312,9 @@ def training_speedups(
         for name, l in rec["layers"].items():
             if l["kind"] not in kinds or l["dense"] == 0:
                 continue
+            if layer_time is not None and name not in layer_time:
+                raise ValueError(f"no measured time for layer {name} (layer_times times Conv and Linear modules "
+                                 f"only); count kinds={sorted(kinds)} without layer_time, or pass its time")
             t = float(l["dense"]) if layer_time is None else float(layer_time[name])
             dense_t += t
             sparse_t += t * l["sparse"] / l["dense"]
