@@ -406,6 +406,51 @@ void b16_wgrad3(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t gy, 
         }
 }
 
+/* out[j] += the band's dot product of the output gradient row gp with the input of entry j, for G
+ * entries (8 or 4, a constant after inlining) that share each loaded gradient vector. Each entry reads
+ * through its own pointer at constant offsets: the empty asm stops GCC from folding them into one
+ * index, whose indexed multiply-adds issue as two micro-ops. */
+static inline __attribute__((always_inline)) void
+wgrad_tap_group(float *out, const float *gp, const float *x0, const int32_t *chan, const int32_t *tr,
+                const int32_t *ts, int64_t xplane, int64_t y0, int64_t y1, int64_t Wg, int64_t Wb, int64_t Wo,
+                const int G)
+{
+    const v16a *xp[8];
+    v16a a[8][2];
+    #pragma GCC unroll 8
+    for (int j = 0; j < G; j++) {
+        xp[j] = (const v16a *)(x0 + chan[j] * xplane + (tr[j] * Wb + ts[j]) * 16);
+        a[j][0] = a[j][1] = (v16a){0};
+    }
+    for (int64_t y = y0; y < y1; y++) {
+        const v16a *gr = (const v16a *)(gp + y * Wg * 16), *ge = gr + Wo, *q[8];
+        #pragma GCC unroll 8
+        for (int j = 0; j < G; j++) q[j] = xp[j] + y * Wb;
+        for (; gr < ge; gr += 2) {
+            const v16a g0 = gr[0], g1 = gr[1];
+            #pragma GCC unroll 8
+            for (int j = 0; j < G; j++) {
+                __asm__("" : "+r"(q[j]));
+                a[j][0] += g0 * q[j][0];
+                a[j][1] += g1 * q[j][1];
+                q[j] += 2;
+            }
+        }
+    }
+#if defined(__AVX512F__)
+    if (G == 8) {
+        __m512 r[8];
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) r[j] = (__m512)(a[j][0] + a[j][1]);
+        const __m512 h = lane_sums(r, 4);
+        const __m512 sum = _mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0x4E));  /* + the other 256 bits */
+        _mm512_mask_storeu_ps(out, 0xFF, _mm512_add_ps(_mm512_maskz_loadu_ps(0xFF, out), sum));
+        return;
+    }
+#endif
+    for (int j = 0; j < G; j++) out[j] += hsum16(a[j][0] + a[j][1]);
+}
+
 /* The weight gradient of single taps: out[p] = sum_{nb, y < Ho, x < Wo} g[nb, o, y + gy, x + gx] *
  * xs[nb, chan[p], y + r[p], x + s[p]] for the entries p of row o, layouts as in b16_wgrad3, Wo a
  * multiple of 4. Entries come ordered by (block of input channels, row) with nblk row-pointer arrays
@@ -436,64 +481,10 @@ void b16_wgrad_taps(const float *g, int64_t Cg, int64_t Hg, int64_t Wg, int64_t 
                 const float *x0 = xs + nb * Cx * xplane;
                 int64_t p = rowptr[o];
                 const int64_t p1 = rowptr[o + 1];
-                for (; p + 8 <= p1; p += 8) {
-                    const v16a *xp[8];
-                    for (int j = 0; j < 8; j++)
-                        xp[j] = (const v16a *)(x0 + chan[p + j] * xplane + (tr[p + j] * Wb + ts[p + j]) * 16);
-                    v16a a[8][2];
-                    for (int j = 0; j < 8; j++) a[j][0] = a[j][1] = (v16a){0};
-                    for (int64_t y = y0; y < y1; y++) {
-                        const v16a *gr = (const v16a *)(gp + y * Wg * 16), *ge = gr + Wo;
-                        const int64_t row = y * Wb;
-                        const v16a *q0 = xp[0] + row, *q1 = xp[1] + row, *q2 = xp[2] + row, *q3 = xp[3] + row;
-                        const v16a *q4 = xp[4] + row, *q5 = xp[5] + row, *q6 = xp[6] + row, *q7 = xp[7] + row;
-                        for (; gr < ge; gr += 2) {
-                            __asm__("" : "+r"(q0), "+r"(q1), "+r"(q2), "+r"(q3), "+r"(q4), "+r"(q5), "+r"(q6),
-                                         "+r"(q7));
-                            const v16a g0 = gr[0], g1 = gr[1];
-                            a[0][0] += g0 * q0[0]; a[0][1] += g1 * q0[1];
-                            a[1][0] += g0 * q1[0]; a[1][1] += g1 * q1[1];
-                            a[2][0] += g0 * q2[0]; a[2][1] += g1 * q2[1];
-                            a[3][0] += g0 * q3[0]; a[3][1] += g1 * q3[1];
-                            a[4][0] += g0 * q4[0]; a[4][1] += g1 * q4[1];
-                            a[5][0] += g0 * q5[0]; a[5][1] += g1 * q5[1];
-                            a[6][0] += g0 * q6[0]; a[6][1] += g1 * q6[1];
-                            a[7][0] += g0 * q7[0]; a[7][1] += g1 * q7[1];
-                            q0 += 2; q1 += 2; q2 += 2; q3 += 2; q4 += 2; q5 += 2; q6 += 2; q7 += 2;
-                        }
-                    }
-#if defined(__AVX512F__)
-                    __m512 r[8];
-                    for (int j = 0; j < 8; j++) r[j] = (__m512)(a[j][0] + a[j][1]);
-                    const __m512 h = lane_sums(r, 4);
-                    const __m512 sum = _mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0x4E));  /* + the other 256 bits */
-                    _mm512_mask_storeu_ps(out + p, 0xFF, _mm512_add_ps(_mm512_maskz_loadu_ps(0xFF, out + p), sum));
-#else
-                    for (int j = 0; j < 8; j++) out[p + j] += hsum16(a[j][0] + a[j][1]);
-#endif
-                }
-                for (; p + 4 <= p1; p += 4) {
-                    const v16a *xp[4];
-                    for (int j = 0; j < 4; j++)
-                        xp[j] = (const v16a *)(x0 + chan[p + j] * xplane + (tr[p + j] * Wb + ts[p + j]) * 16);
-                    v16a a[4][2];
-                    for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = (v16a){0};
-                    for (int64_t y = y0; y < y1; y++) {
-                        const v16a *gr = (const v16a *)(gp + y * Wg * 16), *ge = gr + Wo;
-                        const int64_t row = y * Wb;
-                        const v16a *q0 = xp[0] + row, *q1 = xp[1] + row, *q2 = xp[2] + row, *q3 = xp[3] + row;
-                        for (; gr < ge; gr += 2) {
-                            __asm__("" : "+r"(q0), "+r"(q1), "+r"(q2), "+r"(q3));
-                            const v16a g0 = gr[0], g1 = gr[1];
-                            a[0][0] += g0 * q0[0]; a[0][1] += g1 * q0[1];
-                            a[1][0] += g0 * q1[0]; a[1][1] += g1 * q1[1];
-                            a[2][0] += g0 * q2[0]; a[2][1] += g1 * q2[1];
-                            a[3][0] += g0 * q3[0]; a[3][1] += g1 * q3[1];
-                            q0 += 2; q1 += 2; q2 += 2; q3 += 2;
-                        }
-                    }
-                    for (int j = 0; j < 4; j++) out[p + j] += hsum16(a[j][0] + a[j][1]);
-                }
+                for (; p + 8 <= p1; p += 8) wgrad_tap_group(out + p, gp, x0, chan + p, tr + p, ts + p, xplane, y0, y1, Wg,
+                                                            Wb, Wo, 8);
+                for (; p + 4 <= p1; p += 4) wgrad_tap_group(out + p, gp, x0, chan + p, tr + p, ts + p, xplane, y0, y1, Wg,
+                                                            Wb, Wo, 4);
                 for (; p < p1; p++) {
                     const v16a *xr0 = (const v16a *)(x0 + chan[p] * xplane + (tr[p] * Wb + ts[p]) * 16);
                     v16a a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
