@@ -31,7 +31,7 @@ def _targets(text: str) -> dict[str, list[str]]:
 
 def assemble(run_a: str, run_b: str, notes: list[str]) -> str:
     """The document (see the module doc) from the two runs' Markdown and the notes' texts."""
-    from sparselearn.experiments.bench import _load_note
+    from sparselearn.experiments.bench_util import _load_note
 
     rb, out, lines, i = _targets(run_b), [], run_a.split("\n"), 0
     threads = re.search(r"(\d+) thread\(s\) per process", run_a)

@@ -4,7 +4,7 @@
     python3 benchmarks/run_all.py --only conv linear    # some groups
     python3 benchmarks/run_all.py --quick --out /tmp/p.md   # tiny shapes: a smoke test
 
-The same as ``sparselearn bench``. See sparselearn/experiments/bench.py for what each group measures.
+The same as ``sparselearn bench``. See sparselearn/experiments/bench.py for what each group measures (its helpers in bench_util.py).
 The committed docs/performance.md is two such runs and the hand-written notes of
 docs/performance-notes/, put together by benchmarks/assemble_report.py.
 """

@@ -93,7 +93,7 @@ def test_bench_quick_writes_a_report(tmp_path):
 
 
 def test_bench_report_says_whether_other_work_shared_the_machine():
-    from sparselearn.experiments.bench import _load_note
+    from sparselearn.experiments.bench_util import _load_note
 
     threads = torch.get_num_threads()
     assert _load_note(0.1, threads + 0.2).startswith("no other process ran alongside")
