@@ -108,6 +108,12 @@ def reset_entries(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, where
         t.masked_fill_(where, 0)
 
 
+# the exponent bits of each float dtype, in the integer dtype of its size: an entry whose exponent is
+# all zeros is subnormal or zero
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+                  torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80)}
+
+
 @torch.no_grad()
 def flush_subnormal(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, count: bool = False) -> int:
     """Zeroes subnormal floats in ``p``'s optimizer state; returns how many entries it zeroed when
@@ -115,16 +121,27 @@ def flush_subnormal(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter, cou
 
     Missing weights whose gradient is zero have a momentum that decays geometrically into subnormal
     numbers, which make CPU arithmetic many times slower. Values below the smallest normal float
-    cannot change any ranking that matters, so they are set to exactly zero. One compare and one
-    fill per tensor: excluding the zeros took two more passes and a count that synchronised, 2.6x the
-    time (162 vs 62 ms for VGG16-D's 15M momentum entries, every 100 steps).
+    cannot change any ranking that matters, so they are set to exactly zero (``|x| < finfo.tiny``,
+    inf and NaN kept). Computed on the integer view of the bits: an entry is kept times 1 where its
+    exponent bits are nonzero, and becomes the bits of +0.0 where they are all zero. Torch's float
+    compare into a bool tensor and ``masked_fill_`` are not vectorised on CPU: the float form took
+    0.89 ms for LeNet-300-100's 235,200 momentum entries of its first layer, this one 0.13-0.16 ms,
+    bitwise the same (every 100 steps by default; 11 us of a 2.8 ms step before).
     """
     n = 0
     for t in per_entry_state(optimizer, p):
         if not t.is_floating_point():
             continue
-        sub = t.abs() < torch.finfo(t.dtype).tiny
-        t.masked_fill_(sub, 0)
+        spec = _EXPONENT_BITS.get(t.dtype)
+        if spec is None or type(t) is not torch.Tensor:  # other float dtypes, tensor subclasses (DTensor)
+            sub = t.abs() < torch.finfo(t.dtype).tiny
+            t.masked_fill_(sub, 0)
+            if count:
+                n += int(sub.sum())
+            continue
+        bits = t.view(spec[0])
+        keep = bits.bitwise_and(spec[1]).clamp_(max=1)  # 1 where the exponent is nonzero, else 0
         if count:
-            n += int(sub.sum())
+            n += t.numel() - int(keep.count_nonzero())
+        bits.mul_(keep)
     return n
