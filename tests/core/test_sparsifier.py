@@ -471,3 +471,28 @@ def test_flush_subnormal_zeroes_exactly_the_values_below_the_smallest_normal():
     buf = opt.state[p]["momentum_buffer"]
     assert buf.tolist() == [0.0, 0.0, tiny, -tiny, 0.5, 0.0]
     assert not torch.signbit(buf[5])  # -0.0 became 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_flush_subnormal_on_the_bits_equals_the_float_compare_bitwise(dtype):
+    # the integer-view flush against the definition |x| < finfo.tiny, over every kind of value: the
+    # boundary on both sides, subnormals, signed zeros, inf and NaN, strided state
+    from sparselearn.core import optim_state
+
+    fi = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 2, -fi.tiny / 4, fi.smallest_normal * 1.5,
+                            float("inf"), float("-inf"), float("nan"), 1.0, -3.0], dtype=torch.float64).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    scaled = (torch.randn(500, generator=g, dtype=torch.float64) * fi.tiny * 4).to(dtype)  # half subnormal
+    values = torch.cat([special, scaled])
+    ref = values.clone()
+    ref.masked_fill_(ref.abs() < fi.tiny, 0)
+    expected_count = int((values.abs() < fi.tiny).sum())
+    assert 0 < expected_count < values.numel() - 5
+    p = torch.nn.Parameter(torch.zeros(values.numel() // 2, 2, dtype=dtype))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    buf = values.clone().view(2, -1).t()  # non-contiguous, as a state tensor may be
+    opt.state[p]["momentum_buffer"] = buf
+    assert optim_state.flush_subnormal(opt, p, count=True) == expected_count
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    assert torch.equal(buf.t().reshape(-1).view(ints), ref.view(ints))

@@ -2,6 +2,7 @@
 the training script (resume, dense runs, batch-needing algorithms, TensorBoard) and the progress bar."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -538,3 +539,31 @@ def test_speed_switches_after_a_starfire_era(tmp_path):
     T.train(cfg, tmp_path / "sf", log=lines.append)
     switched = [l for l in lines if l.startswith("--speed kernels from step")]
     assert len(switched) == 1 and int(switched[0].split("step ")[1].split(":")[0]) >= 1
+
+
+def test_sgd_runs_use_the_fused_masked_sgd_and_train_as_torch_sgd_does():
+    # `sparselearn train` builds MaskedSGD for optim.name = sgd: the same values as torch's SGD (so
+    # runs and checkpoints are unchanged), with the masked weights zeroed in its own pass
+    from sparselearn.speed import MaskedSGD, _native
+
+    cfg = C.resolve_config("mnist-lenet300-100", check_names=False)["optim"]
+    model = create_model("small-cnn")
+    opt = T.build_optimizer(model.parameters(), cfg)
+    assert isinstance(opt, MaskedSGD) and isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["nesterov"] == cfg["nesterov"] and opt.defaults["weight_decay"] == cfg["weight_decay"]
+    if not _native.available():
+        return
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), **{k: opt.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")})
+    sps = [T.build_sparsifier(m, o, {"algorithm": "static", "density": 0.2}, 0, 10, 2, nn.CrossEntropyLoss(),
+                              None, 8, torch.device("cpu")) for m, o in ((model, opt), (ref, ref_opt))]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    assert opt.sparselearn_zeroed() == {id(p) for p in sps[0].parameters().values()}
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

@@ -150,17 +150,17 @@ def test_the_applier_packs_again_when_a_mask_changes():
         w.fill_(2.0)
     sp.apply_masks()
     assert not w.any()
-    count = len(applier._packed)
+    count = len(applier.packed._packed)
     other = torch.ones(10, dtype=torch.bool)
     applier([torch.full((10,), float("nan"))], [other])
-    assert len(applier._packed) == count + 1
+    assert len(applier.packed._packed) == count + 1
     del other  # the packed words go with their mask
-    assert len(applier._packed) == count
+    assert len(applier.packed._packed) == count
     with torch.inference_mode():  # no version counter: the byte select
         frozen = torch.zeros(10, dtype=torch.bool)
     v = torch.ones(10)
     applier([v], [frozen])
-    assert not v.any() and len(applier._packed) == count
+    assert not v.any() and len(applier.packed._packed) == count
 
 
 def test_the_generic_mask_kernels_equal_the_avx512_ones(generic_native):
@@ -205,5 +205,5 @@ def test_the_kernel_sources_ship_with_the_package_and_build_from_them_alone(tmp_
     for p in _native._SOURCES + _native._HEADERS:  # only the shipped files, in a directory of their own
         shutil.copy(p, tmp_path / p.name)
     proc = subprocess.run([cc, *_native._FLAGS, *(str(tmp_path / p.name) for p in _native._SOURCES),
-                           "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
+                           *_native._LIBS, "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -473,6 +473,8 @@ class Sparsifier:
         # the source of truth. Weights that a mask applier takes (set_mask_applier) need no copy.
         self._weights = [local(sp.param) for sp in self._params]  # FSDP2: this rank's rows
         self._index = {sp.name: i for i, sp in enumerate(self._params)}
+        self._by_id = {id(sp.param): sp.name for sp in self._params}
+        self._all_ids = frozenset(self._by_id)
         applier = getattr(self, "_applier", None)
         self._selected = [i for i, (sp, w) in enumerate(zip(self._params, self._weights))
                           if applier is not None and applier.accepts(w, self.masks[sp.name])]
@@ -499,15 +501,23 @@ class Sparsifier:
         self._applier = applier
         self._refresh_apply_cache()
 
+    def mask_of(self, param: Tensor) -> Optional[Tensor]:
+        """The bool mask of ``param`` (one of the sparse parameters, matched by identity; under FSDP2
+        this rank's rows), or ``None`` for a parameter the sparsifier does not mask."""
+        name = self._by_id.get(id(param))
+        return None if name is None else self.masks[name]
+
     @property
     def mask_bytes(self) -> int:
         """Bytes of mask state this sparsifier keeps: the bool masks, plus the copies in the weights'
         dtype that the multiply path applies, plus what a mask applier keeps (its ``nbytes()``, if it
-        has one, as a property or method: e.g. masks packed to bits)."""
+        has one, as a property or method: e.g. masks packed to bits), plus what the optimizer keeps
+        for zeroing the masks itself (its ``mask_nbytes``, likewise)."""
         extra = getattr(getattr(self, "_applier", None), "nbytes", 0)
+        fused = getattr(self.optimizer, "mask_nbytes", 0)  # an optimizer that zeroes the masks itself
         return (sum(m.numel() * m.element_size() for m in self.masks.values())
                 + sum(t.numel() * t.element_size() for t in self._apply.values())
-                + int(extra() if callable(extra) else extra))
+                + int(extra() if callable(extra) else extra) + int(fused() if callable(fused) else fused))
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -519,9 +529,12 @@ class Sparsifier:
         masked entries are overwritten with ``masked_fill`` instead: a masked weight is exactly 0
         whatever the optimizer wrote there.
         """
-        if self._selected:
-            self._applier(*self._select_args)
-        weights, masks = self._multiply_args
+        self._apply_masks(self._select_args, self._multiply_args)
+
+    def _apply_masks(self, select_args, multiply_args) -> None:
+        if select_args[0]:
+            self._applier(*select_args)
+        weights, masks = multiply_args
         if not weights:
             return
         torch._foreach_mul_(weights, masks)
@@ -576,9 +589,26 @@ class Sparsifier:
             # host time: on a GPU it counts launches, not kernels
             self.hook_seconds += time.perf_counter() - t0
 
+    def _after_step_apply(self) -> None:
+        """:meth:`apply_masks` after an optimizer step, except for the weights that the step itself
+        already zeroed by these masks: an optimizer may fuse the select into its own pass over the
+        weights (one pass instead of two, e.g. :class:`sparselearn.speed.MaskedSGD`) and say so with
+        ``sparselearn_zeroed() -> set of id(param)``."""
+        ask = getattr(self.optimizer, "sparselearn_zeroed", None)
+        done = frozenset(ask()) if ask is not None else frozenset()
+        if not done:
+            self.apply_masks()
+            return
+        if done >= self._all_ids:
+            return
+        keep = lambda args, idx: tuple([a for a, i in zip(lst, idx) if id(self._params[i].param) not in done]
+                                       for lst in args)
+        with torch.no_grad():
+            self._apply_masks(keep(self._select_args, self._selected), keep(self._multiply_args, self._multiplied))
+
     def _step_hook(self) -> None:
         self.step_count += 1
-        self.apply_masks()
+        self._after_step_apply()
         if self.updater is not None and self.updater.due(self.step_count):
             with self._full_view():  # FSDP2: the unchanged engine on whole layers, then each rank's rows
                 stats = self.updater(self, self.step_count)

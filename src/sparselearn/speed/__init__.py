@@ -3,7 +3,8 @@
 * :func:`compact` -- a physically smaller model without the empty channels (exact);
 * :class:`SparseConv2d`, :class:`SparseLinear` -- layers computed over their active weights only
   (forward, input gradient and weight gradient);
-* :func:`accelerate` -- swaps every sparse layer for its fastest correct path, chosen by measurement.
+* :func:`accelerate` -- swaps every sparse layer for its fastest correct path, chosen by measurement;
+* :class:`MaskedSGD` -- ``torch.optim.SGD`` (bitwise) that zeroes the masked weights in its own pass.
 
 This package imports only :mod:`sparselearn.core` and torch.
 """
@@ -13,8 +14,10 @@ from .export import export, sparse_state_dict
 from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
 from .lanes import release_buffers
 from .masks import NativeMaskApplier, use_native_masks
+from .optim import MaskedSGD
 
 __all__ = [
+    "MaskedSGD",
     "NativeMaskApplier",
     "use_native_masks",
     "Acceleration",

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("_native.c"), Path(__file__).with_name("_conv.c")]
 _HEADERS = [Path(__file__).with_name("_simd.h")]  # included by the sources: hashed, not compiled
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99", "-ffp-contract=fast"]
+_LIBS = ["-lm"]  # after the sources: fmaf where the target has no FMA instruction
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
 
@@ -43,13 +44,13 @@ def _build() -> Optional[ctypes.CDLL]:
         log.info("no C compiler found: sparse kernels unavailable, dense paths kept")
         return None
     source = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *_LIBS]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"sparselearn_native_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), *_LIBS, "-o", str(out)], capture_output=True, text=True)
             if proc.returncode != 0:
                 log.warning("compiling the sparse kernels failed, dense paths kept:\n%s", proc.stderr[-2000:])
                 return None
@@ -67,6 +68,8 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.masked_zero_f32.argtypes = [p, p, i64]
     lib.pack_mask_bits.argtypes = [p, i64, p]
     lib.masked_zero_bits_f32.argtypes = [p, p, i64]
+    f32 = ctypes.c_float
+    lib.sgd_masked_f32.argtypes = [p, p, p, p, i64, f32, f32, f32, f32, i32, i32, i32]
     lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
     lib.csr_csc_count.restype = i64

@@ -14,12 +14,11 @@ packed again whenever the bool mask changed (its version counter moves on every 
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
 from . import _native
+from .optim import PackedMasks
 
 
 class NativeMaskApplier:
@@ -28,8 +27,7 @@ class NativeMaskApplier:
     Other weights (CUDA, bf16, non-contiguous) are left to the sparsifier's multiply."""
 
     def __init__(self):
-        # id(mask) -> (weak reference to the mask, (version, address) it was packed at, packed words)
-        self._packed: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
+        self.packed = PackedMasks()  # also read by MaskedSGD, so that a mask is packed once
 
     def accepts(self, weight: Tensor, mask: Tensor) -> bool:
         return (weight.device.type == "cpu" and weight.dtype == torch.float32 and mask.dtype == torch.bool
@@ -38,27 +36,7 @@ class NativeMaskApplier:
     @property
     def nbytes(self) -> int:
         """Bytes of the packed mask copies this applier keeps (1/8 byte per weight)."""
-        return sum(e[2].numel() * 8 for e in self._packed.values())
-
-    def _bits(self, mask: Tensor):
-        """The packed words of ``mask``, packed again if it changed since; ``None`` for a mask without a
-        version counter (an inference-mode tensor), which the select then reads byte by byte."""
-        try:
-            state = (mask._version, mask.data_ptr())
-        except RuntimeError:
-            return None
-        key = id(mask)
-        entry = self._packed.get(key)
-        if entry is not None and entry[0]() is mask:
-            if entry[1] == state:
-                return entry[2]
-            ref, bits = entry[0], _native.pack_mask_bits(mask, entry[2])
-        else:
-            packed = self._packed
-            ref = weakref.ref(mask, lambda _, k=key: packed.pop(k, None))  # the words go with the mask
-            bits = _native.pack_mask_bits(mask)
-        self._packed[key] = (ref, state, bits)
-        return bits
+        return self.packed.nbytes
 
     def __call__(self, weights: list[Tensor], masks: list[Tensor]) -> None:
         lib = _native.library()
@@ -66,7 +44,7 @@ class NativeMaskApplier:
             if not self.accepts(w, m):  # a weight converted after the sparsifier was built (model.to(torch.bfloat16))
                 w.masked_fill_(~m.to(w.device), 0)
                 continue
-            bits = self._bits(m)  # checked by accepts and pack_mask_bits: the kernels are called directly
+            bits = self.packed.bits(m)  # checked by accepts and pack_mask_bits: the kernels are called directly
             if bits is None:
                 lib.masked_zero_f32(w.data_ptr(), m.data_ptr(), w.numel())
             else:
