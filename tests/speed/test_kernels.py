@@ -89,6 +89,35 @@ def test_sparse_conv_matches_masked_dense(cfg, kind, batch):
 
 
 @needs_native
+@pytest.mark.parametrize("cfg", [CONVS[0], CONVS[2], CONVS[6], CONVS[8]], ids=lambda c: f"{c['cin']}-{c['cout']}-k{c['k']}")
+@pytest.mark.parametrize("kind", ["ck", "window", "unstructured"])
+@pytest.mark.parametrize("x_cl,out_cl", [(True, False), (False, True), (True, True)])
+def test_lane_path_in_channels_last_memory_computes_the_same(cfg, kind, x_cl, out_cl):
+    # input read in channels-last memory as it lies, output (and the input gradient) written there:
+    # the same values and gradients as the masked dense layer, and the formats as asked
+    g = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=cfg["bias"])
+    mask = _masks(conv.weight.shape, g)[kind]
+    fast = _masked_conv(conv, mask, channels_last=out_cl)
+    x = torch.randn(19, cfg["cin"], *cfg["hw"], generator=g)
+    if x_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref_y = conv(x.contiguous())
+    gy = torch.randn(ref_y.shape, generator=g)
+    if out_cl:
+        gy = gy.contiguous(memory_format=torch.channels_last)  # as the channels-last layers after it send it
+    y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
+    ry, rgrads = _grads(conv, x.contiguous(), conv.weight, conv.bias, gy.contiguous())
+    assert y.is_contiguous(memory_format=torch.channels_last) == out_cl
+    assert not out_cl or not y.is_contiguous() or min(y.shape[1:]) == 1
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last) == x_cl
+    torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1], rgrads[1] * mask, atol=1e-4, rtol=1e-4)
+    if conv.bias is not None:
+        torch.testing.assert_close(grads[2], rgrads[2], atol=1e-5, rtol=1e-4)
+
+
 @needs_native
 def test_lane_path_runs_whole_kernels_for_ck_and_taps_for_window():
     g = torch.Generator().manual_seed(1)
@@ -438,6 +467,13 @@ def test_lane_kernels_built_without_avx512_equal_the_masked_dense_layer(generic_
         torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[1], rgrads[1] * mask, atol=1e-4, rtol=1e-4)
+        # the channels-last moves: input read there, output written there
+        fast.channels_last = True
+        xc = x.contiguous(memory_format=torch.channels_last)
+        y, grads = _grads(fast, xc, conv.weight, conv.bias, gy.contiguous(memory_format=torch.channels_last))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
 
 
 def _check_gradient_memory_reuse(w, mask, backward, dense_into_buffer):

@@ -129,6 +129,19 @@ static inline void unpack_row(float *o, int64_t stride, const float *row, int64_
 }
 #endif
 
+/* Zeroes the border of one Hb x Wb lane plane around its H x W interior at (oy, ox): the padding
+ * (only the border: the interior is written by the pack). */
+static void zero_border(float *d, int64_t H, int64_t W, int64_t oy, int64_t ox, int64_t Hb, int64_t Wb)
+{
+    memset(d, 0, sizeof(float) * oy * Wb * 16);
+    memset(d + (oy + H) * Wb * 16, 0, sizeof(float) * (Hb - oy - H) * Wb * 16);
+    for (int64_t y = 0; y < H; y++) {
+        float *row = d + (y + oy) * Wb * 16;
+        memset(row, 0, sizeof(float) * ox * 16);
+        memset(row + (ox + W) * 16, 0, sizeof(float) * (Wb - ox - W) * 16);
+    }
+}
+
 /* dst[nb, c, y + oy, x + ox, l] = x[16 nb + l, c, y, x]; zero elsewhere (padding, lanes >= N). */
 void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t oy, int64_t ox,
               float *dst, int64_t Hb, int64_t Wb, int threads)
@@ -138,16 +151,10 @@ void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t c = 0; c < C; c++) {
             float *d = dst + (nb * C + c) * plane;
-            /* zero only the border rows and columns: the interior is written row by row */
-            memset(d, 0, sizeof(float) * oy * Wb * 16);
-            memset(d + (oy + H) * Wb * 16, 0, sizeof(float) * (Hb - oy - H) * Wb * 16);
+            zero_border(d, H, W, oy, ox, Hb, Wb);
             const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16;
-            for (int64_t y = 0; y < H; y++) {
-                float *row = d + (y + oy) * Wb * 16;
-                memset(row, 0, sizeof(float) * ox * 16);
-                memset(row + (ox + W) * 16, 0, sizeof(float) * (Wb - ox - W) * 16);
-                pack_row(row + ox * 16, x + (nb * 16 * C + c) * H * W + y * W, C * H * W, lanes, W);
-            }
+            for (int64_t y = 0; y < H; y++)
+                pack_row(d + (y + oy) * Wb * 16 + ox * 16, x + (nb * 16 * C + c) * H * W + y * W, C * H * W, lanes, W);
         }
 }
 
@@ -165,6 +172,82 @@ void b16_unpack(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out,
             for (int64_t y = 0; y < H; y++)
                 unpack_row(out + (nb * 16 * C + c) * H * W + y * W, C * H * W, s + y * Ws * 16, lanes, W,
                            bias ? bias[c] : 0.0f);
+        }
+}
+
+/* The same two moves for maps in channels-last memory, x[n, y, x, c] at ((n H + y) W + x) C + c
+ * (torch.channels_last): the 16 x 16 blocks are then 16 samples x 16 channels of one pixel, each
+ * sample's channels one contiguous load. Why: a sparse convolution that hands its output on in
+ * channels-last lets the max-pooling after it run on torch's channels-last kernel, 16x faster on CPU
+ * than its NCHW one (15 ms vs 0.9 ms at 32x64x32x32: a quarter of VGG16-D's accelerated inference),
+ * and the next sparse convolution packs it from there without a layout copy. */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) __mmask16 first_n(int64_t n) { return (__mmask16)((1u << n) - 1); }
+#endif
+
+void b16_pack_cl(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t oy, int64_t ox,
+                 float *dst, int64_t Hb, int64_t Wb, int threads)
+{
+    const int64_t NB = (N + 15) / 16, plane = Hb * Wb * 16;
+    /* the borders of every plane first (zeros), then the interior pixel by pixel */
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t c = 0; c < C; c++) zero_border(dst + (nb * C + c) * plane, H, W, oy, ox, Hb, Wb);
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t y = 0; y < H; y++) {
+            const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16, pix = H * W * C;
+            for (int64_t xx = 0; xx < W; xx++) {
+                const float *s = x + ((nb * 16 * H + y) * W + xx) * C;
+                float *d = dst + (nb * C * Hb + y + oy) * Wb * 16 + (xx + ox) * 16;
+                for (int64_t c0 = 0; c0 < C; c0 += 16) {
+                    const int64_t cn = C - c0 < 16 ? C - c0 : 16;
+#if defined(__AVX512F__)
+                    const __mmask16 m = first_n(cn);
+                    __m512 r[16];
+                    #pragma GCC unroll 16
+                    for (int64_t l = 0; l < 16; l++)
+                        r[l] = l < lanes ? _mm512_maskz_loadu_ps(m, s + l * pix + c0) : _mm512_setzero_ps();
+                    transpose16(r);
+                    for (int64_t j = 0; j < cn; j++) _mm512_storeu_ps(d + (c0 + j) * plane, r[j]);
+#else
+                    for (int64_t j = 0; j < cn; j++)
+                        for (int64_t l = 0; l < 16; l++) d[(c0 + j) * plane + l] = l < lanes ? s[l * pix + c0 + j] : 0.0f;
+#endif
+                }
+            }
+        }
+}
+
+/* out[n, y, x, c] (channels-last memory) = src[n / 16, c, y, x, n % 16] (+ bias[c]) for y < H, x < W. */
+void b16_unpack_cl(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out, int64_t N, int64_t H, int64_t W,
+                   const float *bias, int threads)
+{
+    const int64_t NB = (N + 15) / 16, plane = Hs * Ws * 16;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t y = 0; y < H; y++) {
+            const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16, pix = H * W * C;
+            for (int64_t xx = 0; xx < W; xx++) {
+                const float *s = src + (nb * C * Hs + y) * Ws * 16 + xx * 16;
+                float *o = out + ((nb * 16 * H + y) * W + xx) * C;
+                for (int64_t c0 = 0; c0 < C; c0 += 16) {
+                    const int64_t cn = C - c0 < 16 ? C - c0 : 16;
+#if defined(__AVX512F__)
+                    const __mmask16 m = first_n(cn);
+                    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+                    __m512 r[16];
+                    #pragma GCC unroll 16
+                    for (int64_t j = 0; j < 16; j++) r[j] = j < cn ? _mm512_loadu_ps(s + (c0 + j) * plane) : _mm512_setzero_ps();
+                    transpose16(r);
+                    for (int64_t l = 0; l < lanes; l++) _mm512_mask_storeu_ps(o + l * pix + c0, m, _mm512_add_ps(r[l], b));
+#else
+                    for (int64_t l = 0; l < lanes; l++)
+                        for (int64_t j = 0; j < cn; j++)
+                            o[l * pix + c0 + j] = s[(c0 + j) * plane + l] + (bias ? bias[c0 + j] : 0.0f);
+#endif
+                }
+            }
         }
 }
 

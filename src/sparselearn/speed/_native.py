@@ -84,6 +84,8 @@ def _declare_lane_kernels(lib: ctypes.CDLL) -> None:
     i64, p, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.b16_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, p, i64, i64, i32]
     lib.b16_unpack.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i32]
+    lib.b16_pack_cl.argtypes = [p, i64, i64, i64, i64, i64, i64, p, i64, i64, i32]
+    lib.b16_unpack_cl.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i32]
     lib.b16_conv3.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.b16_conv_taps.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.b16_wgrad3.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i32]
@@ -306,23 +308,36 @@ def _lane_out(out: Optional[Tensor], *shape: int) -> Tensor:
 
 def lane_pack(x: Tensor, oy: int, ox: int, hb: int, wb: int, out: Optional[Tensor] = None) -> Tensor:
     """(N, C, H, W) float32 -> (ceil(N / 16), C, hb, wb, 16), ``x[n, c, y, x]`` at ``[n // 16, c, y + oy,
-    x + ox, n % 16]`` and zeros elsewhere (written into ``out`` when given)."""
+    x + ox, n % 16]`` and zeros elsewhere (written into ``out`` when given). ``x`` contiguous, or
+    contiguous in ``torch.channels_last`` (read as it lies, without a copy)."""
     n, c, h, w = x.shape
     if oy + h > hb or ox + w > wb:
         raise ValueError(f"lane_pack: a {h}x{w} map at ({oy}, {ox}) does not fit {hb}x{wb}")
     out = _lane_out(out, -(-n // LANES), c, hb, wb)
-    library().b16_pack(_check(x, torch.float32), n, c, h, w, oy, ox, out.data_ptr(), hb, wb, torch.get_num_threads())
+    pack = library().b16_pack
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        pack = library().b16_pack_cl
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError("lane_pack needs a CPU float32 tensor")
+        ptr = x.data_ptr()
+    else:
+        ptr = _check(x, torch.float32)
+    pack(ptr, n, c, h, w, oy, ox, out.data_ptr(), hb, wb, torch.get_num_threads())
     return out
 
 
-def lane_unpack(src: Tensor, n: int, h: int, w: int, bias: Optional[Tensor] = None) -> Tensor:
-    """The (n, C, h, w) top-left corner of a lane buffer (+ ``bias`` per channel): inverse of :func:`lane_pack`."""
+def lane_unpack(src: Tensor, n: int, h: int, w: int, bias: Optional[Tensor] = None,
+                channels_last: bool = False) -> Tensor:
+    """The (n, C, h, w) top-left corner of a lane buffer (+ ``bias`` per channel): inverse of
+    :func:`lane_pack`; in ``torch.channels_last`` memory when ``channels_last``."""
     nb, c, hs, ws, _ = src.shape
     if h > hs or w > ws or -(-n // LANES) != nb:
         raise ValueError(f"lane_unpack: ({n}, {h}, {w}) does not fit a buffer of shape {tuple(src.shape)}")
-    out = torch.empty(n, c, h, w, dtype=torch.float32)
-    library().b16_unpack(_check(src, torch.float32), c, hs, ws, out.data_ptr(), n, h, w,
-                         None if bias is None else _check(bias, torch.float32), torch.get_num_threads())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(n, c, h, w, dtype=torch.float32, memory_format=fmt)
+    unpack = library().b16_unpack_cl if channels_last else library().b16_unpack
+    unpack(_check(src, torch.float32), c, hs, ws, out.data_ptr(), n, h, w,
+           None if bias is None else _check(bias, torch.float32), torch.get_num_threads())
     return out
 
 

@@ -323,13 +323,19 @@ class SparseConv2d(_SparseLayer):
         mask: bool mask shaped like ``conv.weight`` (whole zero kernels of Starfire CK, zero taps of
             window pruning, or unstructured).
         dense_weight_grad: dense weight gradient (for Sparse Momentum / RigL growth), see module doc.
+        channels_last: the batch-lane path (batch >= 8) returns its output in ``torch.channels_last``
+            memory (the same values; an input in either format is read as it lies). The layers after
+            it then run on torch's channels-last kernels: max-pooling is 16x faster there on CPU. A
+            per-model choice, measured by :func:`~sparselearn.speed.accelerate` at inference.
     """
 
-    def __init__(self, conv: nn.Conv2d, mask: Tensor, dense_weight_grad: DenseGrad = False):
+    def __init__(self, conv: nn.Conv2d, mask: Tensor, dense_weight_grad: DenseGrad = False,
+                 channels_last: bool = False):
         super().__init__()
         reason = conv_supported(conv)
         if reason is not None:
             raise ValueError(f"SparseConv2d cannot run this convolution: {reason}")
+        self.channels_last = bool(channels_last)
         self._share(conv, dense_weight_grad)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.padding = tuple(conv.kernel_size), tuple(conv.padding)
@@ -365,7 +371,7 @@ class SparseConv2d(_SparseLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}, "
-                f"density={self.density:.3f}")
+                f"density={self.density:.3f}" + (", channels_last" if self.channels_last else ""))
 
 
 # ---------------------------------------------------------------------------------------------

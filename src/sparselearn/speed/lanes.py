@@ -231,6 +231,12 @@ def release_buffers() -> int:
     return n
 
 
+def _as_packable(t: Tensor) -> Tensor:
+    """``t`` itself where :func:`~sparselearn.speed._native.lane_pack` reads it as it lies (contiguous,
+    or contiguous in channels-last memory), else a contiguous copy."""
+    return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
+
+
 class _LaneConvFn(torch.autograd.Function):
     """The batch-lane convolution (see ``_conv.c``): the same function and gradients as
     :class:`_SparseConvFn`, on (N / 16, C, H, W, 16) blocks."""
@@ -252,10 +258,12 @@ class _LaneConvFn(torch.autograd.Function):
         geo = layer._lane_geometry(x.shape[-2], x.shape[-1])
         n, nb = x.shape[0], -(-x.shape[0] // _native.LANES)
         bufs, rows = _BUFFERS, weight.shape[0]
-        xb = _native.lane_pack(x.detach().float().contiguous(), geo.ph, geo.pw, geo.hb, geo.wb,
-                               bufs.get("x", nb, x.shape[1], geo.hb, geo.wb))
+        xf = _as_packable(x.detach().float())
+        xb = _native.lane_pack(xf, geo.ph, geo.pw, geo.hb, geo.wb, bufs.get("x", nb, x.shape[1], geo.hb, geo.wb))
         ob = _LaneConvFn._convolve(layer, geo, xb, False, bufs.get("y", nb, rows, geo.ho4, geo.wo4))
-        out = _native.lane_unpack(ob, n, geo.ho, geo.wo, None if bias is None else bias.detach().contiguous())
+        out = _native.lane_unpack(ob, n, geo.ho, geo.wo, None if bias is None else bias.detach().contiguous(),
+                                  channels_last=layer.channels_last)
+        ctx.x_channels_last = not xf.is_contiguous()  # the input gradient in the input's format
         ctx.dense = _wants_dense(layer.dense_weight_grad) if ctx.needs_input_grad[1] else False
         # the packed input serves the sparse weight gradient; the dense one (Sparse Momentum) reads x
         ctx.save_for_backward(x if ctx.dense else xb)
@@ -267,14 +275,14 @@ class _LaneConvFn(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         layer, geo = ctx.layer, ctx.geo
         lane, index = layer._lane, layer._index
-        grad, bufs, nb = grad.float().contiguous(), _BUFFERS, -(-ctx.n // _native.LANES)
+        grad, bufs, nb = _as_packable(grad.float()), _BUFFERS, -(-ctx.n // _native.LANES)
         gx = gw = gb_ = None
         if ctx.needs_input_grad[0] or (ctx.needs_input_grad[1] and not ctx.dense):  # else only oneDNN reads grad
             gb = _native.lane_pack(grad, geo.gy, geo.gx, geo.hg, geo.wg,
                                    bufs.get("g", nb, ctx.w_shape[0], geo.hg, geo.wg))
         if ctx.needs_input_grad[0]:
             dxb = _LaneConvFn._convolve(layer, geo, gb, True, bufs.get("gx", nb, ctx.w_shape[1], geo.h4, geo.w4))
-            gx = _native.lane_unpack(dxb, ctx.n, geo.h, geo.w)
+            gx = _native.lane_unpack(dxb, ctx.n, geo.h, geo.w, channels_last=ctx.x_channels_last)
         if ctx.needs_input_grad[1]:
             if ctx.dense:
                 gw = torch.nn.grad.conv2d_weight(saved, ctx.w_shape, grad, padding=(geo.ph, geo.pw))
