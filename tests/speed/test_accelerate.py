@@ -1,4 +1,5 @@
 import copy
+import importlib
 
 import pytest
 import torch
@@ -125,3 +126,125 @@ def test_layers_reading_the_model_input_are_timed_without_an_input_gradient():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Linear(8, 2))
     _, first = _layer_inputs(mlp, ["1", "2"], torch.zeros(2, 1, 8, 8))
     assert first == {"1"}  # a view of the input needs no gradient either
+
+
+class _VGGBlock(nn.Module):
+    """conv -> BN -> ReLU -> max-pool twice, then a classifier: what the memory format choice is for."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (20, 8, 8)
+        self.features = nn.Sequential(nn.Conv2d(20, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(24, 18, 3, padding=1), nn.BatchNorm2d(18), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(18 * 2 * 2, 5)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def _ck_model(seed=0):
+    torch.manual_seed(seed)
+    model = _VGGBlock()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = sparselearn.static_sparse(model, opt, density=1.0 - 1e-9, include=None)
+    g = torch.Generator().manual_seed(seed)
+    for n in sp.names:
+        w = sp.parameters()[n]
+        keep = (torch.rand(w.shape[0], w.shape[1], 1, 1, generator=g) < 0.2) if w.dim() == 4 else torch.ones(1, dtype=torch.bool)
+        sp.set_mask(n, keep.expand(w.shape).contiguous())
+    return model.eval(), sp
+
+
+@needs_native
+@pytest.mark.parametrize("fast_format", ["contiguous", "channels_last"])
+def test_auto_inference_picks_the_faster_memory_format_by_timing_the_whole_model(monkeypatch, fast_format):
+    A = importlib.import_module("sparselearn.speed.accelerate")  # the module (the package exports the function)
+
+    real = A.round_robin
+    calls = []
+
+    def fake(cases, rounds=5, warmup=1, **kw):
+        if set(cases) != {"contiguous", "channels_last"}:
+            return real(cases, rounds=rounds, warmup=warmup, **kw)
+        real(cases, rounds=1, warmup=0)  # both forwards run (each sets the format it times)
+        calls.append(rounds)
+        return {k: [1.0 if k == fast_format else 2.0] for k in cases}
+
+    monkeypatch.setattr(A, "round_robin", fake)
+    model, sp = _ck_model()
+    x = torch.randn(17, 20, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    acc = accelerate(model, sp, mode="auto", example_input=x, rounds=2)
+    convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]
+    if not convs:
+        pytest.skip("no conv measured faster sparse on this machine")
+    assert calls == [2] and acc.memory_format == fast_format and set(acc.format_ms) == {"contiguous", "channels_last"}
+    assert all(c.channels_last == (fast_format == "channels_last") for c in convs)
+    assert "memory (whole model" in acc.format()
+    with torch.no_grad():
+        out = model(x)
+        mid = model.features[:4](x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)  # the same function either way
+    assert mid.is_contiguous(memory_format=torch.channels_last) == (fast_format == "channels_last")
+    acc.remove()
+    assert all(not c.channels_last for c in convs)
+
+
+@needs_native
+def test_the_memory_format_is_kept_unless_clearly_faster_and_never_chosen_for_training(monkeypatch):
+    A = importlib.import_module("sparselearn.speed.accelerate")  # the module (the package exports the function)
+
+    real = A.round_robin
+    monkeypatch.setattr(A, "round_robin", lambda cases, rounds=5, warmup=1, **kw: (
+        {"contiguous": [1.0], "channels_last": [0.99]} if set(cases) == {"contiguous", "channels_last"}
+        else real(cases, rounds=rounds, warmup=warmup, **kw)))
+    model, sp = _ck_model(1)
+    acc = accelerate(model, sp, mode="kernels", example_input=torch.randn(17, 20, 8, 8), rounds=1)
+    assert acc.format_ms == {} and acc.memory_format == "contiguous"  # `kernels` does not choose
+    acc.remove()
+    acc = accelerate(model, sp, mode="auto", example_input=torch.randn(17, 20, 8, 8), rounds=1)
+    if acc.format_ms:
+        assert acc.memory_format == "contiguous"  # 1% faster is within the 2% margin
+    acc.remove()
+    model.train()
+    acc = accelerate(model, sp, mode="kernels", example_input=torch.randn(17, 20, 8, 8), rounds=1)
+    assert acc.format_ms == {}
+    acc.remove()
+
+
+@needs_native
+def test_the_training_format_choice_leaves_the_model_as_it_was(monkeypatch):
+    # whole forward/backward timings in training mode: no gradient accumulated, batch norm's running
+    # statistics and the global random state as before, and the same training function after
+    A = importlib.import_module("sparselearn.speed.accelerate")
+    real = A.round_robin
+    monkeypatch.setattr(A, "round_robin", lambda cases, rounds=5, warmup=1, **kw: (
+        real(cases, rounds=1, warmup=0) and {"contiguous": [2.0], "channels_last": [1.0]}
+        if set(cases) == {"contiguous", "channels_last"} else real(cases, rounds=rounds, warmup=warmup, **kw)))
+    model, sp = _ck_model(2)
+    model.train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(17, 20, 8, 8)
+    stats = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    acc = accelerate(model, sp, mode="auto", example_input=x, rounds=1)
+    convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]
+    if not convs:
+        pytest.skip("no conv measured faster sparse on this machine")
+    assert acc.memory_format == "channels_last" and all(c.channels_last for c in convs)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))
+    assert torch.equal(torch.get_rng_state(), rng)
+    out, want = model(x), ref(x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    gy = torch.randn(out.shape)
+    got = torch.autograd.grad(out, [model.features[0].weight, model.fc.weight], gy)
+    exp = torch.autograd.grad(want, [ref.features[0].weight, ref.fc.weight], gy)
+    masks = [sp.masks["features.0.weight"], sp.masks["fc.weight"]]
+    for a, b, m in zip(got, exp, masks):
+        torch.testing.assert_close(a * m, b * m, atol=1e-4, rtol=1e-4)  # the active weights' gradients

@@ -329,9 +329,13 @@ class Suite:
                   f"{name} at batch {batch}, every conv after the first with CK masks (whole kernels kept at random "
                   "per input channel at the given density, the post-era mask), FC layers dense. `auto` = "
                   "`sparselearn.speed.accelerate(mode='auto')` (each conv on the faster of dense and sparse, "
-                  "measured), training step (SGD) and inference; an epoch is this step times the steps per epoch.",
+                  "measured), training step (SGD) and inference; an epoch is this step times the steps per epoch. "
+                  "`auto` also times the whole model (training: forward and backward) with the sparse "
+                  "convolutions' outputs in contiguous and in channels-last memory and keeps the faster "
+                  "(`format`, train / infer); the masked model's inference is timed both ways too (model and "
+                  "input in `torch.channels_last`), and the inference ratio is against the faster of the two.",
                   ["CK sparsity", "layers on sparse path (train / infer)", "masked train [ms]", "auto train [ms]", "train ratio",
-                   "masked infer [ms]", "auto infer [ms]", "infer ratio"])
+                   "masked infer [ms]", "masked infer, channels-last [ms]", "auto infer [ms]", "format", "infer ratio"])
         if not _native.available():
             return
         for sparsity in (0.8, 0.6):
@@ -362,14 +366,19 @@ class Suite:
             model.eval()
             fast.eval()
             acc_inf = accelerate(fast, fsp, mode="auto", example_input=x, rounds=3)
-            res.update(self.measure({"masked infer": _infer_case(model, x), "auto infer": _infer_case(fast, x)}))
+            cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            xcl = x.contiguous(memory_format=torch.channels_last)
+            res.update(self.measure({"masked infer": _infer_case(model, x), "masked infer cl": _infer_case(cl, xcl),
+                                     "auto infer": _infer_case(fast, x)}))
             on_sparse_inf = sum(c.path != "dense" for c in acc_inf.layers)
             acc_inf.remove()
             rt = res["masked train"][0] / res["auto train"][0]
-            ri = res["masked infer"][0] / res["auto infer"][0]
+            masked_inf = min(res["masked infer"][0], res["masked infer cl"][0])
+            ri = masked_inf / res["auto infer"][0]
             t.rows.append([f"{int(sparsity * 100)}%", f"{on_sparse} / {on_sparse_inf} of {len(sp.names)}",
                            _ms(res["masked train"][0]), _ms(res["auto train"][0]), _x(rt),
-                           _ms(res["masked infer"][0]), _ms(res["auto infer"][0]), _x(ri)])
+                           _ms(res["masked infer"][0]), _ms(res["masked infer cl"][0]), _ms(res["auto infer"][0]),
+                           f"{acc_train.memory_format} / {acc_inf.memory_format}".replace("_", "-"), _x(ri)])
             t.data.append({"sparsity": sparsity, "times": res, "train_report": acc_train.format(),
                            "infer_report": acc_inf.format()})
             if sparsity == 0.8:
