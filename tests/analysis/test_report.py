@@ -120,6 +120,7 @@ def test_report_shows_the_measured_speed_and_overhead_next_to_the_estimates(swee
     T.train(C.resolve_config(None, list(cfg.items())), tmp_path / "fast" / "seed0", log=lambda s: None)
     speed = json.loads((tmp_path / "fast" / "seed0" / "speed.json").read_text())
     assert speed["mode"] == "kernels" and speed["layers_ratio"] > 0 and len(speed["layers"]) == 4
+    assert speed["memory_format"] == "contiguous" and speed["format_ms"] == {}  # `kernels` does not time formats
     html = build_report([tmp_path / "fast"])
     text = html
     assert "Measured sparse-layer speedup (--speed)" in text and f"{speed['layers_ratio']:.2f}x" in text

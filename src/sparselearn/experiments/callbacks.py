@@ -261,7 +261,9 @@ class Accelerate(Callback):
             # measured forward+backward of the sparse layers, dense path vs the chosen one
             "layers_ratio": (sum(c.dense_ms for c in timed) / sum(c.fast_ms for c in timed)) if timed else None,
             "layers": [{"name": c.name, "path": c.path, "dense_ms": c.dense_ms, "fast_ms": c.fast_ms,
-                        "ratio": c.ratio} for c in report.layers]})
+                        "ratio": c.ratio} for c in report.layers],
+            # the sparse convolutions' output format and the whole-model times it was chosen by
+            "memory_format": report.memory_format, "format_ms": report.format_ms})
 
     def on_fit_start(self, run) -> None:
         self._maybe(run)
