@@ -635,3 +635,39 @@ def test_a_kept_gradient_is_handed_out_once():
     cache.keep(buf, zeros_off_entries=True)
     again, zeros = cache.take((3, 4))
     assert again is buf and zeros
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_sparse_layers_can_be_deep_copied_and_saved_whole(kind, tmp_path):
+    # copy.deepcopy (EMA copies, model snapshots) and torch.save of the module itself: the copy
+    # computes the same function and gradients, and keeps gradient memory of its own
+    import copy
+
+    g = torch.Generator().manual_seed(4)
+    if kind == "conv":
+        dense = nn.Conv2d(16, 8, 3, padding=1)
+        x = torch.randn(17, 16, 6, 6, generator=g)
+        mask = _ck_mask(dense.weight.shape, 0.3, g)
+        layer = _masked_conv(dense, mask)
+    else:
+        dense = nn.Linear(40, 24)
+        x = torch.randn(9, 40, generator=g)
+        mask = torch.rand(dense.weight.shape, generator=g) < 0.2
+        with torch.no_grad():
+            dense.weight.mul_(mask)
+        layer = SparseLinear(dense, mask)
+    layer(x).sum().backward()  # the original now keeps gradient memory
+    torch.save(layer, tmp_path / "layer.pt")
+    for other in (copy.deepcopy(layer), torch.load(tmp_path / "layer.pt", weights_only=False)):
+        assert other.weight is not layer.weight and torch.equal(other.weight, layer.weight)
+        other.weight.grad = layer.weight.grad = None
+        gy = torch.randn(layer(x).shape, generator=g)
+        y, grads = _grads(layer, x, layer.weight, layer.bias, gy)
+        oy, ograds = _grads(other, x, other.weight, other.bias, gy)
+        torch.testing.assert_close(oy, y)
+        for a, b in zip(ograds, grads):
+            torch.testing.assert_close(a, b)
+        assert other._wgrad is not layer._wgrad and other._wgrad.lock is not layer._wgrad.lock
+        if other._wgrad.buf is not None and layer._wgrad.buf is not None:
+            assert other._wgrad.buf.data_ptr() != layer._wgrad.buf.data_ptr()

@@ -60,6 +60,15 @@ class _GradBuffer:
         self.version: Optional[int] = None  # buf._version after a sparse write for the current index
         self.lock = threading.Lock()
 
+    # A copy of the layer (copy.deepcopy, torch.save of the module) starts with no kept memory of
+    # its own: the lock cannot be pickled, and sharing the buffer would let two layers write one
+    # gradient.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def take(self, shape) -> tuple[Optional[Tensor], bool]:
         """The kept buffer if it may be written (else ``None``), and whether it holds zeros off the entries.
 
