@@ -329,6 +329,8 @@ class SparseConv2d(_SparseLayer):
             per-model choice, measured by :func:`~sparselearn.speed.accelerate` at inference.
     """
 
+    channels_last = False  # the class default: also what a layer pickled before the flag existed reads
+
     def __init__(self, conv: nn.Conv2d, mask: Tensor, dense_weight_grad: DenseGrad = False,
                  channels_last: bool = False):
         super().__init__()
