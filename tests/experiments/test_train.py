@@ -567,3 +567,15 @@ def test_sgd_runs_use_the_fused_masked_sgd_and_train_as_torch_sgd_does():
     assert opt.sparselearn_zeroed() == {id(p) for p in sps[0].parameters().values()}
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_speed_switch_leaves_the_data_order_as_a_masked_run_has_it(tmp_path):
+    # --speed draws one example batch for its timings; the run's data generator must not move, or
+    # every later epoch would see other batches than the masked run (and "the same function" would
+    # only hold up to the switch)
+    base = {"train.epochs": 2, "model.name": "lenet300-100", "sparsity.algorithm": "static"}  # switches at step 0
+    T.train(_config(**base), tmp_path / "m", log=lambda s: None)
+    T.train(_config(**base, **{"train.speed": "kernels"}), tmp_path / "k", log=lambda s: None)
+    a = CK.load_checkpoint(tmp_path / "m" / "checkpoint.pt")
+    b = CK.load_checkpoint(tmp_path / "k" / "checkpoint.pt")
+    assert torch.equal(a["data_generator"], b["data_generator"])

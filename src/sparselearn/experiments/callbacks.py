@@ -251,7 +251,13 @@ class Accelerate(Callback):
             return
         from sparselearn.speed import accelerate
 
-        x, _ = next(iter(run.train_loader))
+        # an example batch for the timings; a new iterator draws a permutation from the run's data
+        # generator, which would change the order of every later epoch against a --speed masked run
+        state = run.data_generator.get_state()
+        try:
+            x, _ = next(iter(run.train_loader))
+        finally:
+            run.data_generator.set_state(state)
         report = accelerate(run.model, run.sparsifier, self.mode, example_input=x.to(run.device))
         self.done = True
         self.log(f"--speed {self.mode} from step {run.step}:\n{report.format()}")
