@@ -671,3 +671,80 @@ def test_sparse_layers_can_be_deep_copied_and_saved_whole(kind, tmp_path):
         assert other._wgrad is not layer._wgrad and other._wgrad.lock is not layer._wgrad.lock
         if other._wgrad.buf is not None and layer._wgrad.buf is not None:
             assert other._wgrad.buf.data_ptr() != layer._wgrad.buf.data_ptr()
+
+
+def _ck_layer(c: int, density: float, seed: int, channels_last: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c, c, 3, padding=1)
+    mask = _ck_mask(conv.weight.shape, density, g)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return conv, SparseConv2d(conv, mask, channels_last=channels_last), g
+
+
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lane_results_reuse_memory_only_once_nothing_holds_it(channels_last):
+    from sparselearn.speed import release_buffers
+
+    release_buffers()
+    conv, fast, g = _ck_layer(8, 0.5, 11, channels_last)
+    xs = [torch.randn(16, 8, 6, 6, generator=g) for _ in range(3)]
+    with torch.no_grad():
+        want = [conv(x) for x in xs]
+        y0 = fast(xs[0])
+        ptr, version = y0.data_ptr(), y0._version
+        view = y0[:, :2]  # only a view of the first result is kept
+        del y0
+        y1 = fast(xs[1])  # must not write over the memory the view still shows
+        assert y1.data_ptr() != ptr
+        torch.testing.assert_close(view, want[0][:, :2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y1, want[1], atol=1e-4, rtol=1e-4)
+        del view
+        y2 = fast(xs[2])  # now nothing holds the first result: its memory is written again
+        assert y2.data_ptr() == ptr and y2._version > version
+        assert y2.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(y2, want[2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y1, want[1], atol=1e-4, rtol=1e-4)
+        fast(xs[0])  # neither a fresh nor a reused result is written again while the caller holds it
+        torch.testing.assert_close(y1, want[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y2, want[2], atol=1e-4, rtol=1e-4)
+    assert release_buffers() > 0
+
+
+@needs_native
+def test_lane_results_saved_by_autograd_survive_later_calls():
+    # ReLU saves its result, an in-place ReLU saves the convolution's own output, and the input
+    # gradients of two backward passes meet in one leaf: three forwards before one backward
+    conv, fast, g = _ck_layer(8, 0.5, 12)
+    xs = [torch.randn(16, 8, 6, 6, generator=g, requires_grad=True) for _ in range(3)]
+    ref = [x.detach().clone().requires_grad_(True) for x in xs]
+
+    def loss(layer, inputs):
+        outs = [torch.relu(layer(inputs[0])), torch.relu_(layer(inputs[1])), layer(inputs[2]).relu()]
+        return sum((o * (i + 1)).square().sum() for i, o in enumerate(outs))
+
+    loss(fast, xs).backward()
+    loss(conv, ref).backward()
+    for x, r in zip(xs, ref):
+        torch.testing.assert_close(x.grad, r.grad, atol=1e-3, rtol=1e-4)
+    gx = xs[0].grad.clone()
+    loss(fast, xs).backward()  # the input gradients come from reused memory now
+    torch.testing.assert_close(xs[0].grad, 2 * gx, atol=1e-3, rtol=1e-4)
+
+
+@needs_native
+def test_lane_layer_first_called_in_inference_mode_then_trains():
+    # kept buffers made under torch.inference_mode() would be inference tensors, which autograd
+    # refuses to save for a backward
+    conv, fast, g = _ck_layer(8, 0.5, 13)
+    x = torch.randn(16, 8, 6, 6, generator=g)
+    from sparselearn.speed import release_buffers
+
+    release_buffers()
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), conv(x), atol=1e-4, rtol=1e-4)
+    x.requires_grad_(True)
+    fast(x).relu().sum().backward()
+    want = torch.autograd.grad(conv(x).relu().sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, atol=1e-4, rtol=1e-4)

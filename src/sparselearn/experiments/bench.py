@@ -569,8 +569,11 @@ class Suite:
                   "one layer over the resident memory before it (Linux `VmHWM` after resetting it through "
                   "`/proc/self/clear_refs`), each path in a fresh subprocess; weights, masks and the sparse "
                   "index exist before the baseline (the index size is listed on its own). The step's growth "
-                  "holds the activations kept for backward, the temporaries and the weight gradient.",
-                  ["layer", "path", "step peak growth [MiB]", "index [MiB]"])
+                  "holds the activations kept for backward, the temporaries and the weight gradient. `kept` = "
+                  "the memory the lane convolutions keep for their next call after the step (packed buffers and "
+                  "results of each shape, reused once nothing holds them; `release_buffers()` frees it), part "
+                  "of the step's growth.",
+                  ["layer", "path", "step peak growth [MiB]", "index [MiB]", "kept [MiB]"])
         cases = [("linear", "dense", 0.05), ("linear", "native", 0.05), ("linear", "fanin", 0.1),
                  ("conv", "dense", 0.2), ("conv", "native", 0.2)]
         if not _native.available():
@@ -581,10 +584,11 @@ class Suite:
             if out.returncode != 0:
                 self.log(f"memory probe failed: {out.stderr[-500:]}")
                 continue
-            grow, index = map(float, out.stdout.split())
+            grow, index, kept = map(float, out.stdout.split())
             desc = f"{n}x{n} batch {b}" if layer == "linear" else f"conv {c}->{c} @ {hw}x{hw} batch 32"
-            t.rows.append([desc, f"{path} (density {d})", f"{grow:.1f}", f"{index:.1f}"])
-            t.data.append({"layer": layer, "path": path, "density": d, "peak_growth_mib": grow, "index_mib": index})
+            t.rows.append([desc, f"{path} (density {d})", f"{grow:.1f}", f"{index:.1f}", f"{kept:.1f}"])
+            t.data.append({"layer": layer, "path": path, "density": d, "peak_growth_mib": grow, "index_mib": index,
+                           "kept_mib": kept})
         self.tables.append(t)
 
 

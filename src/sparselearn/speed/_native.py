@@ -327,14 +327,19 @@ def lane_pack(x: Tensor, oy: int, ox: int, hb: int, wb: int, out: Optional[Tenso
 
 
 def lane_unpack(src: Tensor, n: int, h: int, w: int, bias: Optional[Tensor] = None,
-                channels_last: bool = False) -> Tensor:
+                channels_last: bool = False, out: Optional[Tensor] = None) -> Tensor:
     """The (n, C, h, w) top-left corner of a lane buffer (+ ``bias`` per channel): inverse of
-    :func:`lane_pack`; in ``torch.channels_last`` memory when ``channels_last``."""
+    :func:`lane_pack`; in ``torch.channels_last`` memory when ``channels_last``; written into ``out``
+    when given (float32, that shape, in that memory format)."""
     nb, c, hs, ws, _ = src.shape
     if h > hs or w > ws or -(-n // LANES) != nb:
         raise ValueError(f"lane_unpack: ({n}, {h}, {w}) does not fit a buffer of shape {tuple(src.shape)}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(n, c, h, w, dtype=torch.float32, memory_format=fmt)
+    if out is None:
+        out = torch.empty(n, c, h, w, dtype=torch.float32, memory_format=fmt)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (n, c, h, w) or not out.is_contiguous(memory_format=fmt):
+        raise ValueError(f"lane_unpack: out must be a float32 ({n}, {c}, {h}, {w}) tensor in {fmt} memory, "
+                         f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
     unpack = library().b16_unpack_cl if channels_last else library().b16_unpack
     unpack(_check(src, torch.float32), c, hs, ws, out.data_ptr(), n, h, w,
            None if bias is None else _check(bias, torch.float32), torch.get_num_threads())
