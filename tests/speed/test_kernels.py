@@ -748,3 +748,22 @@ def test_lane_layer_first_called_in_inference_mode_then_trains():
     fast(x).relu().sum().backward()
     want = torch.autograd.grad(conv(x).relu().sum(), x)[0]
     torch.testing.assert_close(x.grad, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [16, 21])
+def test_lane_results_in_whole_cache_lines_are_exact(channels_last, batch):
+    # maps 16 wide (NCHW) and channel counts in blocks of 16 (channels-last) make the unpack write
+    # whole aligned 64-byte lines, which it streams past the cache; a second block of 5 samples,
+    # a 4-channel remainder and a 2x2 map take the masked stores next to them
+    g = torch.Generator().manual_seed(14)
+    for cin, cout, hw in ((16, 32, 16), (16, 36, 16), (32, 48, 2)):
+        conv = nn.Conv2d(cin, cout, 3, padding=1)
+        fast = _masked_conv(conv, _ck_mask(conv.weight.shape, 0.3, g), channels_last=channels_last)
+        x = torch.randn(batch, cin, hw, hw, generator=g)
+        gy = torch.randn(batch, cout, hw, hw, generator=g)
+        y, grads = _grads(fast, x, conv.weight, conv.bias, gy)
+        ry, rgrads = _grads(conv, x, conv.weight, conv.bias, gy)
+        torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
