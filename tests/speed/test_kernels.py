@@ -767,3 +767,27 @@ def test_lane_results_in_whole_cache_lines_are_exact(channels_last, batch):
         ry, rgrads = _grads(conv, x, conv.weight, conv.bias, gy)
         torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grads[0], rgrads[0], atol=1e-5, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lane_pack_and_unpack_into_unaligned_memory(channels_last):
+    # the streamed stores need 64-byte lines; a destination that starts mid-line (a slice of a larger
+    # tensor) takes the ordinary stores and gets the same values
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(21, 32, 16, 16, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    aligned = _native.lane_pack(x, 1, 1, 18, 18)
+    corner = _native.lane_pack(x, 0, 0, 16, 16)  # the unpack reads a buffer's top-left corner
+    raw = torch.empty(aligned.numel() + 5)
+    shifted = raw[5:].view(aligned.shape)
+    assert shifted.data_ptr() % 64 != 0
+    torch.testing.assert_close(_native.lane_pack(x, 1, 1, 18, 18, shifted), aligned, rtol=0, atol=0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    raw = torch.empty(x.numel() + 3)
+    out = raw[3:].view(21, 16, 16, 32).permute(0, 3, 1, 2) if channels_last else raw[3:].view(x.shape)
+    assert out.is_contiguous(memory_format=fmt) and out.data_ptr() % 64 != 0
+    got = _native.lane_unpack(corner, 21, 16, 16, channels_last=channels_last, out=out)
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    torch.testing.assert_close(_native.lane_unpack(corner, 21, 16, 16, channels_last=channels_last), x, rtol=0, atol=0)

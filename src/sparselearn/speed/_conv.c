@@ -83,6 +83,23 @@ static inline __attribute__((always_inline)) __m512 lane_sums(__m512 *r, const i
     return r[0];
 }
 
+/* A whole 64-byte line of a pack's or an unpack's destination, streamed past the cache where it is
+ * aligned (always, in the buffers torch allocates; the check keeps any other pointer correct). Why:
+ * both passes write each line once, and an ordinary store first fetches the line it fills (read
+ * for ownership). Measured side by side after a dense convolution, one thread, medians of 20:
+ * - channels-last unpack of a 32 x 64 x 32 x 32 result 3.7-4.6 -> 1.5-2.2 ms (with a ReLU pass over
+ *   the result after it: 5.1-5.6 -> 2.8-3.5 ms), 128@16 2.1 -> 1.1 ms, 512@2 0.16 -> 0.13 ms;
+ * - pack and the convolution reading it: 64@32 12.7 -> 10.9 ms (the pack 3.6-4.8 -> 1.9 ms),
+ *   128@16 9.2 -> 7.7 ms, 256@8 7.3 -> 6.9 ms, 512@2 2.02 -> 1.98 ms.
+ * Every function that streams fences its stores (fence_results) before its parallel loop ends. */
+static inline __attribute__((always_inline)) void stream_line(float *o, __m512 v)
+{
+    if (((uintptr_t)o & 63) == 0)
+        _mm512_stream_ps(o, v);
+    else
+        _mm512_storeu_ps(o, v);
+}
+
 /* row[k * 16 + l] = s[l * stride + k] for k < W: one image row of 16 samples into lanes (samples
  * l >= lanes are zeros). */
 static inline void pack_row(float *row, const float *s, int64_t stride, int64_t lanes, int64_t W)
@@ -95,21 +112,15 @@ static inline void pack_row(float *row, const float *s, int64_t stride, int64_t 
         for (int64_t l = 0; l < 16; l++)
             r[l] = l < lanes ? _mm512_maskz_loadu_ps(m, s + l * stride + x0) : _mm512_setzero_ps();
         transpose16(r);
-        for (int64_t j = 0; j < n; j++) _mm512_storeu_ps(row + (x0 + j) * 16, r[j]);
+        for (int64_t j = 0; j < n; j++) stream_line(row + (x0 + j) * 16, r[j]);
     }
 }
 
-/* The unpacks' stores of whole aligned 64-byte lines are non-temporal: a result is written once and
- * read by the next layer, and an ordinary store first reads every line it fills (the line is fetched
- * for ownership). Measured side by side after a dense convolution, one thread: the channels-last
- * unpack of a 32 x 64 x 32 x 32 result 3.7-4.6 -> 1.5-2.2 ms, with a ReLU pass over it after
- * 5.1-5.6 -> 2.8-3.5 ms; 0.16 -> 0.13 ms at 32 x 512 x 2 x 2, so at every VGG size. Partial lines
- * (maps narrower than 16, channel remainders) keep the masked store. Each thread fences its
- * streaming stores before the parallel loop's end hands the result on. */
+/* A result's store: whole lines streamed (stream_line), partial ones masked. */
 static inline __attribute__((always_inline)) void store_result(float *o, __mmask16 m, int whole, __m512 v)
 {
-    if (whole && ((uintptr_t)o & 63) == 0)
-        _mm512_stream_ps(o, v);
+    if (whole)
+        stream_line(o, v);
     else
         _mm512_mask_storeu_ps(o, m, v);
 }
@@ -172,6 +183,7 @@ void b16_pack(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int64_
             const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16;
             for (int64_t y = 0; y < H; y++)
                 pack_row(d + (y + oy) * Wb * 16 + ox * 16, x + (nb * 16 * C + c) * H * W + y * W, C * H * W, lanes, W);
+            fence_results();
         }
 }
 
@@ -227,13 +239,14 @@ void b16_pack_cl(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int
                     for (int64_t l = 0; l < 16; l++)
                         r[l] = l < lanes ? _mm512_maskz_loadu_ps(m, s + l * pix + c0) : _mm512_setzero_ps();
                     transpose16(r);
-                    for (int64_t j = 0; j < cn; j++) _mm512_storeu_ps(d + (c0 + j) * plane, r[j]);
+                    for (int64_t j = 0; j < cn; j++) stream_line(d + (c0 + j) * plane, r[j]);
 #else
                     for (int64_t j = 0; j < cn; j++)
                         for (int64_t l = 0; l < 16; l++) d[(c0 + j) * plane + l] = l < lanes ? s[l * pix + c0 + j] : 0.0f;
 #endif
                 }
             }
+            fence_results();
         }
 }
 
