@@ -791,3 +791,34 @@ def test_lane_pack_and_unpack_into_unaligned_memory(channels_last):
     got = _native.lane_unpack(corner, 21, 16, 16, channels_last=channels_last, out=out)
     torch.testing.assert_close(got, x, rtol=0, atol=0)
     torch.testing.assert_close(_native.lane_unpack(corner, 21, 16, 16, channels_last=channels_last), x, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["linear", "linear-3d", "linear-torch", "linear-no-bias", "conv-rows", "conv-1x1-rows",
+                                  "conv-lanes"])
+def test_sparse_layer_outputs_may_be_modified_in_place(case):
+    # an in-place ReLU after the layer (nn.ReLU(inplace=True), as in VGG's classifier) must work and
+    # give the masked dense layer's gradients: autograd refuses in-place changes of an output that
+    # is a view of a tensor made inside the custom Function
+    g = torch.Generator().manual_seed(17)
+    if case.startswith("linear"):
+        dense = nn.Linear(24, 12, bias=case != "linear-no-bias")
+        mask = torch.rand(dense.weight.shape, generator=g) < 0.3
+        with torch.no_grad():
+            dense.weight.mul_(mask)
+        fast = SparseLinear(dense, mask, backend="torch" if case == "linear-torch" else "native")
+        x = torch.randn(*((3, 5) if case == "linear-3d" else (6,)), 24, generator=g)
+    else:
+        k = 1 if case == "conv-1x1-rows" else 3
+        dense = nn.Conv2d(6, 8, k, padding=k // 2, bias=False)
+        mask = torch.rand(dense.weight.shape, generator=g) < 0.4
+        fast = _masked_conv(dense, mask)
+        x = torch.randn(3 if "rows" in case else 17, 6, 5, 5, generator=g)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = fast(x1)
+    torch.relu_(y)
+    y.square().sum().backward()
+    torch.relu(dense(x2)).square().sum().backward()
+    torch.testing.assert_close(y, torch.relu(dense(x)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
+

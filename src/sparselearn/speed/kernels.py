@@ -398,12 +398,18 @@ class _SparseLinearFn(torch.autograd.Function):
             yt = _native.linear_rows(xt, layer._rowptr_stack, idx.col32, rows, weight=weight.detach())
         else:
             yt = layer._rows(xt, layer._values.get(weight, idx), b, transposed=False)
-        y = yt.view(rows, b).t()
-        y = y + bias.detach() if bias is not None else y.contiguous()
+        # the result is made in its final shape and returned as is: a view of a tensor made here
+        # (a reshape of it) could not be changed in place after the layer (autograd forbids it for
+        # custom Functions; nn.ReLU(inplace=True) after a Linear does it)
+        y = torch.empty(*lead, rows, dtype=torch.float32)
+        if bias is not None:
+            torch.add(yt.view(rows, b).t(), bias.detach(), out=y.view(b, rows))
+        else:
+            y.view(b, rows).copy_(yt.view(rows, b).t())
         ctx.save_for_backward(xt)
         ctx.layer, ctx.has_bias, ctx.lead, ctx.w_shape = layer, bias is not None, lead, weight.shape
         ctx.dense = _wants_dense(layer.dense_weight_grad) if ctx.needs_input_grad[1] else False
-        return y.reshape(*lead, rows)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
