@@ -793,6 +793,52 @@ def test_lane_pack_and_unpack_into_unaligned_memory(channels_last):
     torch.testing.assert_close(_native.lane_unpack(corner, 21, 16, 16, channels_last=channels_last), x, rtol=0, atol=0)
 
 
+@pytest.fixture
+def buffer_limit():
+    from sparselearn.speed import release_buffers, set_buffer_limit
+
+    release_buffers()
+    old = set_buffer_limit(1 << 30)
+    yield set_buffer_limit
+    set_buffer_limit(old)
+    release_buffers()
+
+
+@needs_native
+def test_lane_buffers_stay_within_their_limit_over_ever_new_shapes(buffer_limit):
+    from sparselearn.speed.lanes import _BUFFERS
+
+    conv, fast, g = _ck_layer(16, 0.5, 16)
+    # at batch 72 a forward keeps 1.13 MB (packed input, lane output, result), a training step 2.27 MB
+    limit = 1_200_000
+    buffer_limit(limit)
+    for batch in (16, 24, 32, 40, 48, 56, 64, 72):  # every batch size is a new shape of each buffer
+        x = torch.randn(batch, 16, 8, 8, generator=g, requires_grad=True)
+        fast(x).square().sum().backward()
+        want = torch.autograd.grad(conv(x).square().sum(), x)[0]
+        torch.testing.assert_close(x.grad, want, atol=1e-3, rtol=1e-4)
+        kept = sum(b.numel() * 4 for bufs in _BUFFERS.store.values() for b in bufs)
+        assert kept == _BUFFERS.nbytes() <= limit
+    # the most recent shape stays: its result memory is written again
+    with torch.no_grad():
+        x = torch.randn(72, 16, 8, 8, generator=g)
+        ptr = fast(x).data_ptr()
+        torch.testing.assert_close(fast(x), conv(x), atol=1e-4, rtol=1e-4)
+        assert fast(x).data_ptr() == ptr
+    assert buffer_limit(0) == limit and _BUFFERS.nbytes() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), conv(x), atol=1e-4, rtol=1e-4)
+    assert _BUFFERS.nbytes() == 0  # a limit of 0 keeps nothing
+
+
+def test_buffer_limit_rejects_what_is_not_a_byte_count():
+    from sparselearn.speed import set_buffer_limit
+
+    for bad in (-1, 1.5, "1G", True):
+        with pytest.raises(ValueError, match=r"set_buffer_limit: nbytes must be an int >= 0"):
+            set_buffer_limit(bad)
+
+
 @needs_native
 @pytest.mark.parametrize("case", ["linear", "linear-3d", "linear-torch", "linear-no-bias", "conv-rows", "conv-1x1-rows",
                                   "conv-lanes"])
@@ -822,3 +868,18 @@ def test_sparse_layer_outputs_may_be_modified_in_place(case):
     torch.testing.assert_close(y, torch.relu(dense(x)), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-4)
 
+
+@needs_native
+def test_lane_buffers_forget_the_least_recently_used_shape_first():
+    from sparselearn.speed.lanes import _LaneBuffers
+
+    store = _LaneBuffers()
+    store.limit = 3 * 4 * 16 * 100  # room for three buffers of 100 x 16 floats
+    a, b = store.get("x", 100), store.get("x", 100, 1)  # two shapes: (100, 16) and (100, 1, 16)
+    c = store.get("y", 100)
+    assert store.get("x", 100) is a  # a used again: b is now the least recently used
+    del a, b, c
+    store.get("z", 100)  # a fourth buffer: one shape has to go
+    kept = {key[1:] for key in store.store}
+    assert kept == {("x", (100, 16)), ("y", (100, 16)), ("z", (100, 16))}
+    assert store.nbytes() == 3 * 4 * 16 * 100

@@ -12,7 +12,7 @@ from .accelerate import Acceleration, LayerChoice, accelerate, dense_grad_policy
 from .compact import Compaction, TraceError, compact, compact_for_training
 from .export import export, sparse_state_dict
 from .kernels import SparseConv2d, SparseLinear, constant_fan_in, conv_supported
-from .lanes import release_buffers
+from .lanes import release_buffers, set_buffer_limit
 from .masks import NativeMaskApplier, use_native_masks
 from .optim import MaskedSGD
 
@@ -25,6 +25,7 @@ __all__ = [
     "accelerate",
     "dense_grad_policy",
     "release_buffers",
+    "set_buffer_limit",
     "export",
     "sparse_state_dict",
     "Compaction",

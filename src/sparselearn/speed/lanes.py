@@ -12,6 +12,7 @@ reused buffers and the autograd function.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
@@ -195,28 +196,60 @@ class _LaneBuffers:
     threads from taking the same one. The memory is allocated outside inference mode: an inference
     tensor kept from a ``torch.inference_mode()`` call could not be saved for a later backward.
 
-    The layers' results (the output, and the input gradient) come from a second pool,
-    :meth:`result`, under a stricter rule, because they leave the layer: the caller may keep them,
-    take views of them or hand them to autograd."""
+    The layers' results (the output, and the input gradient) come from the same store under a
+    stricter rule (:meth:`result`), because they leave the layer: the caller may keep them, take views
+    of them or hand them to autograd.
+
+    What is kept is bounded (:func:`set_buffer_limit`, 1 GiB by default): inputs of ever new shapes
+    (other batch sizes, image sizes) would otherwise add buffers without end. Past the limit the
+    least recently used shapes' buffers are forgotten, those in use included: forgetting only drops
+    the store's reference, and the holder frees the memory as usual."""
 
     _MAX = 4  # per (name, shape): e.g. the packed inputs of a VGG block's layers, alive until backward
 
     def __init__(self):
-        self.pool: dict[tuple, list[Tensor]] = {}
-        self.results: dict[tuple, list[Tensor]] = {}
+        # (kind, name, shape[, channels_last]) -> buffers, least recently used first
+        self.store: "OrderedDict[tuple, list[Tensor]]" = OrderedDict()
+        self.kept = 0  # bytes in the store
+        self.limit = 1 << 30
         self.lock = threading.Lock()
+
+    def _bufs(self, key: tuple) -> list[Tensor]:
+        bufs = self.store.get(key)
+        if bufs is None:
+            bufs = self.store[key] = []
+        else:
+            self.store.move_to_end(key)
+        return bufs
+
+    def _keep(self, key: tuple, bufs: list[Tensor], b: Tensor) -> bool:
+        """Adds ``b`` to ``key``'s buffers if there is room; forgets least recently used shapes for it."""
+        size = b.numel() * b.element_size()
+        if len(bufs) >= self._MAX or size > self.limit:
+            return False
+        while self.kept + size > self.limit:
+            old, old_bufs = next(iter(self.store.items()))
+            if old == key:  # only this shape is left: drop its oldest buffer
+                self.kept -= old_bufs[0].numel() * old_bufs[0].element_size()
+                del old_bufs[0]
+                continue
+            self.kept -= sum(x.numel() * x.element_size() for x in old_bufs)
+            del self.store[old]
+        bufs.append(b)
+        self.kept += size
+        return True
 
     def get(self, name: str, *shape: int) -> Tensor:
         shape = (*shape, _native.LANES)
         with self.lock:
-            bufs = self.pool.setdefault((name, shape), [])
+            key = ("lane", name, shape)
+            bufs = self._bufs(key)
             for b in bufs:
                 if b._use_count() == 1:
                     return b
             with torch.inference_mode(False):  # kept memory serves later calls outside inference mode too
                 b = torch.empty(shape, dtype=torch.float32)
-            if len(bufs) < self._MAX:  # beyond that, a one-off buffer freed as usual
-                bufs.append(b)
+            self._keep(key, bufs, b)  # else a one-off buffer, freed as usual
             return b
 
     def result(self, name: str, shape: tuple, channels_last: bool) -> Tensor:
@@ -226,17 +259,17 @@ class _LaneBuffers:
         Why: the allocator gives a freed result of a few MB back to the system, so a fresh one pays
         its page faults at every call (a CK-80% 128@16 batch-32 output: 992 minor faults, 1.7 of the
         forward's 8 ms when it follows a dense convolution). "Nothing holds it" is counted on the
-        storage (:func:`~sparselearn.speed._common._holders` is 1: only this pool): any tensor, view or
-        autograd saved tensor over the memory keeps it out of reuse, which the tensor's own use count
-        would miss for views. The caller gets an alias (``detach()``: its own tensor object), never the
-        pool's, so the caller's references count. Not counted, as for any memory an allocator hands
-        out again: a bare ``untyped_storage()`` object or a raw ``data_ptr()`` kept after every tensor
-        over it was dropped. The shared version counter is advanced on reuse, so
+        storage (:func:`~sparselearn.speed._common._holders` is 1: only this store): any tensor, view
+        or autograd saved tensor over the memory keeps it out of reuse, which the tensor's own use
+        count would miss for views. The caller gets an alias (``detach()``: its own tensor object),
+        never the store's, so the caller's references count. Not counted, as for any memory an
+        allocator hands out again: a bare ``untyped_storage()`` object or a raw ``data_ptr()`` kept
+        after every tensor over it was dropped. The shared version counter is advanced on reuse, so
         ``(data_ptr, _version)`` never names two results."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        key = (name, tuple(shape), channels_last)
         with self.lock:
-            bufs = self.results.setdefault(key, [])
+            key = ("result", name, tuple(shape), channels_last)
+            bufs = self._bufs(key)
             for b in bufs:
                 if _holders(b) == 1:
                     out = b.detach()
@@ -244,20 +277,18 @@ class _LaneBuffers:
                     return out
             with torch.inference_mode(False):
                 b = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
-            if len(bufs) >= self._MAX or _holders(b) is None:  # a one-off result, freed as usual
+            if _holders(b) is None or not self._keep(key, bufs, b):  # a one-off result, freed as usual
                 return b
-            bufs.append(b)
             return b.detach()
 
     def clear(self) -> None:
         with self.lock:
-            self.pool.clear()
-            self.results.clear()
+            self.store.clear()
+            self.kept = 0
 
     def nbytes(self) -> int:
         with self.lock:
-            kept = [b for bufs in (*self.pool.values(), *self.results.values()) for b in bufs]
-            return sum(b.numel() * 4 for b in kept)
+            return self.kept
 
 
 _BUFFERS = _LaneBuffers()
@@ -269,6 +300,21 @@ def release_buffers() -> int:
     n = _BUFFERS.nbytes()
     _BUFFERS.clear()
     return n
+
+
+def set_buffer_limit(nbytes: int) -> int:
+    """Bounds the memory the lane kernels keep between calls (packed buffers and results of each
+    shape; 1 GiB by default) and returns the previous bound. Past it, the least recently used
+    shapes' buffers are forgotten; 0 keeps nothing (every call allocates, and pays the page faults
+    that keeping avoids)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_buffer_limit: nbytes must be an int >= 0 (bytes), got {nbytes!r}")
+    with _BUFFERS.lock:
+        old, _BUFFERS.limit = _BUFFERS.limit, nbytes
+        while _BUFFERS.kept > nbytes and _BUFFERS.store:
+            _, bufs = _BUFFERS.store.popitem(last=False)
+            _BUFFERS.kept -= sum(x.numel() * x.element_size() for x in bufs)
+    return old
 
 
 def _as_packable(t: Tensor) -> Tensor:
