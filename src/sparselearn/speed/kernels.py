@@ -400,11 +400,15 @@ class _SparseLinearFn(torch.autograd.Function):
             yt = layer._rows(xt, layer._values.get(weight, idx), b, transposed=False)
         # the result is made in its final shape and returned as is: a view of a tensor made here
         # (a reshape of it) could not be changed in place after the layer (autograd forbids it for
-        # custom Functions; nn.ReLU(inplace=True) after a Linear does it)
-        y = torch.empty(*lead, rows, dtype=torch.float32)
+        # custom Functions; nn.ReLU(inplace=True) after a Linear does it). With a bias it keeps the
+        # kernel's (rows, b) memory order, which the bias add writes in one sequential pass (as
+        # ``y + bias`` on the transposed view did); without one, a contiguous copy, as before.
         if bias is not None:
+            lead_strides = torch.empty(lead, device="meta").stride() if lead else ()
+            y = torch.empty_strided((*lead, rows), (*lead_strides, b), dtype=torch.float32)
             torch.add(yt.view(rows, b).t(), bias.detach(), out=y.view(b, rows))
         else:
+            y = torch.empty(*lead, rows, dtype=torch.float32)
             y.view(b, rows).copy_(yt.view(rows, b).t())
         ctx.save_for_backward(xt)
         ctx.layer, ctx.has_bias, ctx.lead, ctx.w_shape = layer, bias is not None, lead, weight.shape
