@@ -404,8 +404,11 @@ class _SparseLinearFn(torch.autograd.Function):
         # kernel's (rows, b) memory order, which the bias add writes in one sequential pass (as
         # ``y + bias`` on the transposed view did); without one, a contiguous copy, as before.
         if bias is not None:
-            lead_strides = torch.empty(lead, device="meta").stride() if lead else ()
-            y = torch.empty_strided((*lead, rows), (*lead_strides, b), dtype=torch.float32)
+            strides, step = [], 1  # the leading dims row-major over the b columns, then rows b apart
+            for d in reversed(lead):
+                strides.insert(0, step)
+                step *= d
+            y = torch.empty_strided((*lead, rows), (*strides, b), dtype=torch.float32)
             torch.add(yt.view(rows, b).t(), bias.detach(), out=y.view(b, rows))
         else:
             y = torch.empty(*lead, rows, dtype=torch.float32)
