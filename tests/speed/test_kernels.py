@@ -793,6 +793,64 @@ def test_lane_pack_and_unpack_into_unaligned_memory(channels_last):
     torch.testing.assert_close(_native.lane_unpack(corner, 21, 16, 16, channels_last=channels_last), x, rtol=0, atol=0)
 
 
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kind", ["ck", "window"])
+def test_convolution_unpacked_as_computed_equals_lane_result_then_unpack(kind, channels_last, threads):
+    # the fused result (each band unpacked from the thread's band memory) against the lane buffer and
+    # the separate unpack, bitwise: partial lane blocks (21 samples), channels not a multiple of 16,
+    # maps cut from whole 4x4 and 2x2 tiles, a bias, and two threads writing their own bands
+    g = torch.Generator().manual_seed(16)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for cin, cout, hw in ((20, 36, (9, 11)), (16, 24, (2, 2)), (40, 17, (6, 5))):
+            conv = nn.Conv2d(cin, cout, 3, padding=1)
+            mask = _ck_mask(conv.weight.shape, 0.4, g) if kind == "ck" else _window_mask(conv.weight.shape, 2, g)
+            fast = _masked_conv(conv, mask)
+            x = torch.randn(21, cin, *hw, generator=g)
+            with torch.no_grad():
+                fast(x)
+            geo, lane, vals = fast._lane_geometry(*hw), fast._lane, fast._lane_values
+            assert lane.fwd_kernels == (kind == "ck")
+            xb = _native.lane_pack(x, geo.ph, geo.pw, geo.hb, geo.wb)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            result = torch.full((21, cout, geo.ho, geo.wo), float("nan")).contiguous(memory_format=fmt)
+            band = torch.empty(threads, cout, 4, geo.wo4, 16)
+            if kind == "ck":
+                args = (xb, lane.k_ptr, lane.k_chan, vals.get(fast, "k"), cout, geo.ho4, geo.wo4)
+                ob, got = _native.lane_conv3(*args), _native.lane_conv3(*args, band, result=result, bias=conv.bias)
+            else:
+                args = (xb, lane.t_ptr, geo.t_off, vals.get(fast, "t"), cout, geo.ho4, geo.wo4)
+                ob, got = _native.lane_conv_taps(*args), _native.lane_conv_taps(*args, band, result=result, bias=conv.bias)
+            assert got is result
+            assert (geo.ho4, geo.wo4) != (geo.ho, geo.wo) or hw == (2, 2)  # the tiles' extra rows are cut
+            want = _native.lane_unpack(ob, 21, geo.ho, geo.wo, conv.bias, channels_last=channels_last)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            torch.testing.assert_close(got, conv(x), rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+@needs_native
+def test_fused_convolution_rejects_a_result_that_does_not_fit():
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    fast = _masked_conv(conv, _ck_mask(conv.weight.shape, 0.5, torch.Generator().manual_seed(0)))
+    x = torch.randn(16, 16, 8, 8)
+    with torch.no_grad():
+        fast(x)
+    lane, geo = fast._lane, fast._lane_geometry(8, 8)
+    xb = _native.lane_pack(x, 1, 1, geo.hb, geo.wb)
+    args = (xb, lane.k_ptr, lane.k_chan, fast._lane_values.get(fast, "k"), 16, 8, 8, torch.empty(1, 16, 4, 8, 16))
+    for bad in (torch.empty(17, 16, 8, 8), torch.empty(16, 16, 9, 8), torch.empty(16, 8, 8, 8),
+                torch.empty(16, 16, 8, 8, dtype=torch.float64), torch.empty(16, 16, 8, 16)[..., ::2]):
+        with pytest.raises(ValueError, match="lane_conv3: result must be"):
+            _native.lane_conv3(*args, result=bad)
+    with pytest.raises(ValueError, match="bias is added only when the result is unpacked"):
+        _native.lane_conv3(*args[:-1], bias=conv.bias)
+
+
 @pytest.fixture
 def buffer_limit():
     from sparselearn.speed import release_buffers, set_buffer_limit

@@ -250,6 +250,29 @@ void b16_pack_cl(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, int
         }
 }
 
+/* o[l * pix + c] = s[c * plane + l] (+ bias[c]) for c < C, l < lanes: one pixel's channels of 16 lanes
+ * back to its samples' channels-last memory. */
+static inline void unpack_pixel_cl(float *o, int64_t pix, const float *s, int64_t plane, int64_t C, int64_t lanes,
+                                   const float *bias)
+{
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t cn = C - c0 < 16 ? C - c0 : 16;
+#if defined(__AVX512F__)
+        const __mmask16 m = first_n(cn);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
+        __m512 r[16];
+        #pragma GCC unroll 16
+        for (int64_t j = 0; j < 16; j++) r[j] = j < cn ? _mm512_loadu_ps(s + (c0 + j) * plane) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t l = 0; l < lanes; l++) store_result(o + l * pix + c0, m, cn == 16, _mm512_add_ps(r[l], b));
+#else
+        for (int64_t l = 0; l < lanes; l++)
+            for (int64_t j = 0; j < cn; j++)
+                o[l * pix + c0 + j] = s[(c0 + j) * plane + l] + (bias ? bias[c0 + j] : 0.0f);
+#endif
+    }
+}
+
 /* out[n, y, x, c] (channels-last memory) = src[n / 16, c, y, x, n % 16] (+ bias[c]) for y < H, x < W. */
 void b16_unpack_cl(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *out, int64_t N, int64_t H, int64_t W,
                    const float *bias, int threads)
@@ -259,29 +282,49 @@ void b16_unpack_cl(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *o
     for (int64_t nb = 0; nb < NB; nb++)
         for (int64_t y = 0; y < H; y++) {
             const int64_t lanes = N - nb * 16 < 16 ? N - nb * 16 : 16, pix = H * W * C;
-            for (int64_t xx = 0; xx < W; xx++) {
-                const float *s = src + (nb * C * Hs + y) * Ws * 16 + xx * 16;
-                float *o = out + ((nb * 16 * H + y) * W + xx) * C;
-                for (int64_t c0 = 0; c0 < C; c0 += 16) {
-                    const int64_t cn = C - c0 < 16 ? C - c0 : 16;
-#if defined(__AVX512F__)
-                    const __mmask16 m = first_n(cn);
-                    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c0) : _mm512_setzero_ps();
-                    __m512 r[16];
-                    #pragma GCC unroll 16
-                    for (int64_t j = 0; j < 16; j++) r[j] = j < cn ? _mm512_loadu_ps(s + (c0 + j) * plane) : _mm512_setzero_ps();
-                    transpose16(r);
-                    for (int64_t l = 0; l < lanes; l++) store_result(o + l * pix + c0, m, cn == 16, _mm512_add_ps(r[l], b));
-#else
-                    for (int64_t l = 0; l < lanes; l++)
-                        for (int64_t j = 0; j < cn; j++)
-                            o[l * pix + c0 + j] = s[(c0 + j) * plane + l] + (bias ? bias[c0 + j] : 0.0f);
-#endif
-                }
-            }
+            for (int64_t xx = 0; xx < W; xx++)
+                unpack_pixel_cl(out + ((nb * 16 * H + y) * W + xx) * C, pix, src + (nb * C * Hs + y) * Ws * 16 + xx * 16,
+                                plane, C, lanes, bias);
             fence_results();
         }
 }
+
+/* Where a convolution's result goes when it is unpacked as it is computed (fused): the (N, Cd, H, W)
+ * result ``out``, in channels-last memory when ``cl``, plus ``bias`` per channel. */
+typedef struct {
+    float *out;
+    const float *bias;
+    int64_t N, H, W;
+    int cl;
+} result_to;
+
+/* Unpacks one band of a fused convolution: scr holds rows y0 .. y0 + TR of lane block nb as (Cd, TR,
+ * Wo, 16); the rows and columns past the result's H x W (whole tiles) are dropped. */
+static void unpack_band(const float *scr, int64_t Cd, int64_t TR, int64_t Wo, int64_t nb, int64_t y0,
+                        const result_to *r)
+{
+    const int64_t lanes = r->N - nb * 16 < 16 ? r->N - nb * 16 : 16, H = r->H, W = r->W;
+    const int64_t rows = H - y0 < TR ? H - y0 : TR, pix = H * W * Cd;
+    if (r->cl) {
+        for (int64_t a = 0; a < rows; a++)
+            for (int64_t xx = 0; xx < W; xx++)
+                unpack_pixel_cl(r->out + ((nb * 16 * H + y0 + a) * W + xx) * Cd, pix, scr + (a * Wo + xx) * 16,
+                                TR * Wo * 16, Cd, lanes, r->bias);
+    } else {
+        for (int64_t o = 0; o < Cd; o++)
+            for (int64_t a = 0; a < rows; a++)
+                unpack_row(r->out + ((nb * 16 * Cd + o) * H + y0 + a) * W, pix, scr + (o * TR + a) * Wo * 16, lanes, W,
+                           r->bias ? r->bias[o] : 0.0f);
+    }
+    fence_results();
+}
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM omp_get_thread_num()
+#else
+#define THREAD_NUM 0
+#endif
 
 /* The tile loop shared by both entry formats. Entries are ordered by (input channel block, output
  * channel): ptr holds nblk row-pointer arrays of Cd + 1 absolute positions. For one output tile the
@@ -289,12 +332,22 @@ void b16_unpack_cl(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *o
  * stay in L1 while every output channel runs over them; without the blocks each entry's lines came
  * from L2 again for every output channel (measured 0.6 multiply-adds per cycle for window masks).
  * The first block writes each tile, later ones add to it. The body adds entry p to acc[TR][TP]
- * reading from b0, the tile's corner in the sample's source. */
+ * reading from b0, the tile's corner in the sample's source.
+ *
+ * Results: with res NULL, into the lane buffer dst (NB, Cd, Ho, Wo, 16); otherwise fused with the
+ * unpack: each band of TR rows of one lane block goes into the calling thread's part of dst, (Cd, TR,
+ * Wo, 16) floats per thread, and from there to res->out while it is still in L2. Why: the separate
+ * unpack read the whole lane result back from memory after the convolution had written it there (a
+ * window-80% 128@16 batch-32 forward: 0.6 of its 7 ms), and the lane result's memory is no longer
+ * kept at all. */
 #define TILE_LOOP(TR, TP, ...)                                                                       \
     const int64_t bands = Ho / TR, tiles = Wo / TP;                                                  \
+    const int64_t ostride = res ? TR * Wo * 16 : Ho * Wo * 16; /* between output channels' tiles */ \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)")                \
     for (int64_t nb = 0; nb < NB; nb++)                                                              \
-        for (int64_t band = 0; band < bands; band++)                                                 \
+        for (int64_t band = 0; band < bands; band++) {                                               \
+            float *base = res ? dst + THREAD_NUM * Cd * ostride                                      \
+                              : dst + (nb * Cd * Ho + band * TR) * Wo * 16;                          \
             for (int64_t t = 0; t < tiles; t++) {                                                    \
                 const float *b0 = src + nb * sstride + (band * TR * Wb + t * TP) * 16;               \
                 for (int64_t bk = 0; bk < nblk; bk++) {                                              \
@@ -302,17 +355,19 @@ void b16_unpack_cl(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *o
                     for (int64_t o = 0; o < Cd; o++) {                                               \
                         const int64_t p0 = pt[o], p1 = pt[o + 1];                                    \
                         if (bk > 0 && p0 == p1) continue;                                            \
-                        float *d = dst + (((nb * Cd + o) * Ho + band * TR) * Wo + t * TP) * 16;      \
+                        float *d = base + o * ostride + t * TP * 16;                                 \
                         v16a acc[TR][TP];                                                            \
                         for (int a = 0; a < TR; a++)                                                 \
                             for (int b = 0; b < TP; b++)                                             \
                                 acc[a][b] = bk ? *(const v16a *)(d + (a * Wo + b) * 16) : (v16a){0}; \
-                        for (int64_t p = p0; p < p1; p++) { __VA_ARGS__ }                                 \
+                        for (int64_t p = p0; p < p1; p++) { __VA_ARGS__ }                            \
                         for (int a = 0; a < TR; a++)                                                 \
                             for (int b = 0; b < TP; b++) *(v16a *)(d + (a * Wo + b) * 16) = acc[a][b]; \
                     }                                                                                \
                 }                                                                                    \
-            }
+            }                                                                                        \
+            if (res) unpack_band(base, Cd, TR, Wo, nb, band * TR, res);                              \
+        }
 
 /* dst[nb, o, y, x] = sum_{k in row o} sum_{r, s < 3} kval[9k + 3r + s] * src[nb, kchan[k], y + r, x + s]
  * for y < Ho, x < Wo (multiples of the tile); src is (NB, Cs, Hb, Wb, 16) with Hb >= Ho + 2, Wb >= Wo + 2.
@@ -320,7 +375,7 @@ void b16_unpack_cl(const float *src, int64_t C, int64_t Hs, int64_t Ws, float *o
 #define DEFINE_CONV3(NAME, TR, TP)                                                                             \
 static void NAME(const float *src, int64_t NB, int64_t Cs, int64_t Hb, int64_t Wb, int64_t nblk,                 \
                  const int64_t *ptr, const int32_t *kchan, const float *kval, float *dst, int64_t Cd,          \
-                 int64_t Ho, int64_t Wo, int threads)                                                          \
+                 int64_t Ho, int64_t Wo, const result_to *res, int threads)                                    \
 {                                                                                                              \
     const int64_t plane = Hb * Wb * 16, sstride = Cs * plane;                                                  \
     TILE_LOOP(TR, TP,                                                                                          \
@@ -350,11 +405,16 @@ DEFINE_CONV3(conv3_4x4, 4, 4)
 DEFINE_CONV3(conv3_2x2, 2, 2)
 
 /* 4x4 output tiles, or 2x2 where the output is 2 wide or high (512-channel VGG layers at 2x2 on
- * CIFAR: a 4x4 tile there computed 4 times the output) */
+ * CIFAR: a 4x4 tile there computed 4 times the output). With out NULL the result is the lane buffer
+ * dst; otherwise it is unpacked into out (N, Cd, H, W) as it is computed, channels-last when cl, plus
+ * bias (may be NULL), and dst is the threads' band memory, threads x (Cd, 4, Wo, 16) floats. */
 void b16_conv3(const float *src, int64_t NB, int64_t Cs, int64_t Hb, int64_t Wb, int64_t nblk, const int64_t *ptr,
-               const int32_t *kchan, const float *kval, float *dst, int64_t Cd, int64_t Ho, int64_t Wo, int threads)
+               const int32_t *kchan, const float *kval, float *dst, int64_t Cd, int64_t Ho, int64_t Wo,
+               float *out, const float *bias, int64_t N, int64_t H, int64_t W, int cl, int threads)
 {
-    (Ho % 4 || Wo % 4 ? conv3_2x2 : conv3_4x4)(src, NB, Cs, Hb, Wb, nblk, ptr, kchan, kval, dst, Cd, Ho, Wo, threads);
+    const result_to r = {out, bias, N, H, W, cl};
+    (Ho % 4 || Wo % 4 ? conv3_2x2 : conv3_4x4)(src, NB, Cs, Hb, Wb, nblk, ptr, kchan, kval, dst, Cd, Ho, Wo,
+                                               out ? &r : NULL, threads);
 }
 
 /* dst[nb, o, y, x] = sum_{p in row o} val[p] * src[nb * sstride + off[p] + (y * Wb + x) * 16] for y < Ho,
@@ -365,7 +425,7 @@ void b16_conv3(const float *src, int64_t NB, int64_t Cs, int64_t Hb, int64_t Wb,
 #define DEFINE_CONV_TAPS(NAME, TR, TP)                                                                         \
 static void NAME(const float *src, int64_t NB, int64_t sstride, int64_t Wb, int64_t nblk, const int64_t *ptr,    \
                  const int64_t *off, const float *val, float *dst, int64_t Cd, int64_t Ho, int64_t Wo,         \
-                 int threads)                                                                                  \
+                 const result_to *res, int threads)                                                            \
 {                                                                                                              \
     TILE_LOOP(TR, TP,                                                                                          \
         const v16a w = (v16a){0} + val[p];                                                                     \
@@ -382,11 +442,14 @@ static void NAME(const float *src, int64_t NB, int64_t sstride, int64_t Wb, int6
 DEFINE_CONV_TAPS(conv_taps_4x4, 4, 4)
 DEFINE_CONV_TAPS(conv_taps_2x2, 2, 2)
 
+/* The results as for b16_conv3. */
 void b16_conv_taps(const float *src, int64_t NB, int64_t sstride, int64_t Wb, int64_t nblk, const int64_t *ptr,
-                   const int64_t *off, const float *val, float *dst, int64_t Cd, int64_t Ho, int64_t Wo, int threads)
+                   const int64_t *off, const float *val, float *dst, int64_t Cd, int64_t Ho, int64_t Wo,
+                   float *out, const float *bias, int64_t N, int64_t H, int64_t W, int cl, int threads)
 {
+    const result_to r = {out, bias, N, H, W, cl};
     (Ho % 4 || Wo % 4 ? conv_taps_2x2 : conv_taps_4x4)(src, NB, sstride, Wb, nblk, ptr, off, val, dst, Cd, Ho, Wo,
-                                                         threads);
+                                                         out ? &r : NULL, threads);
 }
 
 /* The weight gradients run band by band (WB output rows of one sample at a time): a band's output

@@ -86,8 +86,9 @@ def _declare_lane_kernels(lib: ctypes.CDLL) -> None:
     lib.b16_unpack.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i32]
     lib.b16_pack_cl.argtypes = [p, i64, i64, i64, i64, i64, i64, p, i64, i64, i32]
     lib.b16_unpack_cl.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i32]
-    lib.b16_conv3.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
-    lib.b16_conv_taps.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32]
+    fused = [p, p, i64, i64, i64, i32]  # the result unpacked as it is computed: out, bias, N, H, W, channels-last
+    lib.b16_conv3.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, *fused, i32]
+    lib.b16_conv_taps.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, *fused, i32]
     lib.b16_wgrad3.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i32]
     lib.b16_wgrad_taps.argtypes = [p, i64, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, p, p, p,
                                    p, p, i32]
@@ -346,34 +347,58 @@ def lane_unpack(src: Tensor, n: int, h: int, w: int, bias: Optional[Tensor] = No
     return out
 
 
+def _result_args(result: Optional[Tensor], bias: Optional[Tensor], rows: int, ho: int, wo: int, nb: int,
+                 out: Optional[Tensor], name: str) -> tuple[Tensor, tuple]:
+    """The destination and the trailing arguments of a lane convolution: the lane buffer (NB, rows, ho,
+    wo, 16) when ``result`` is None; else the per-thread band memory (threads, rows, 4, wo, 16) and the
+    (N, rows, H, W) ``result`` it is unpacked into, contiguous or channels-last, plus ``bias``."""
+    if result is None:
+        if bias is not None:
+            raise ValueError(f"{name}: bias is added only when the result is unpacked (result=...)")
+        return _lane_out(out, nb, rows, ho, wo), (None, None, 0, 0, 0, 0)
+    n, c, h, w = result.shape
+    cl = not result.is_contiguous() and result.is_contiguous(memory_format=torch.channels_last)
+    if (result.dtype != torch.float32 or result.device.type != "cpu" or c != rows or h > ho or w > wo
+            or -(-n // LANES) != nb or not (cl or result.is_contiguous())):
+        raise ValueError(f"{name}: result must be a contiguous or channels-last CPU float32 (N, {rows}, H, W) "
+                         f"tensor with ceil(N / 16) = {nb}, H <= {ho}, W <= {wo}; got {result.dtype} "
+                         f"{tuple(result.shape)} with strides {result.stride()}")
+    scratch = _lane_out(out, torch.get_num_threads(), rows, 4, wo)
+    return scratch, (result.data_ptr(), None if bias is None else _check(bias, torch.float32), n, h, w, int(cl))
+
+
 def lane_conv3(src: Tensor, ptr: Tensor, chan: Tensor, kval: Tensor, rows: int, ho: int, wo: int,
-               out: Optional[Tensor] = None) -> Tensor:
+               out: Optional[Tensor] = None, result: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """Whole-kernel 3x3 convolution of a lane buffer (see ``b16_conv3``): ``ptr`` (blocks, rows + 1),
     ``chan`` int32 source channel and ``kval`` (kernels, 9) weights per kernel; returns
     (NB, rows, ho, wo, 16) (into ``out`` when given); 4x4 output tiles where ``ho`` and ``wo`` are
-    multiples of 4, else 2x2 (both even)."""
+    multiples of 4, else 2x2 (both even). With ``result`` (N, rows, H, W), H <= ho, W <= wo, the
+    output is unpacked into it as it is computed (plus ``bias``), ``out`` is the threads' band memory
+    (torch.get_num_threads(), rows, 4, wo, 16), and ``result`` is returned."""
     nb, c, hb, wb, _ = src.shape
     if ho % 2 or wo % 2 or hb < ho + 2 or wb < wo + 2:
         raise ValueError(f"lane_conv3: output {ho}x{wo} does not suit a {hb}x{wb} source")
-    dst = _lane_out(out, nb, rows, ho, wo)
+    dst, tail = _result_args(result, bias, rows, ho, wo, nb, out, "lane_conv3")
     library().b16_conv3(_check(src, torch.float32), nb, c, hb, wb, ptr.shape[0], _check(ptr, torch.int64),
                         _check(chan, torch.int32), _check(kval, torch.float32), dst.data_ptr(), rows, ho, wo,
-                        torch.get_num_threads())
-    return dst
+                        *tail, torch.get_num_threads())
+    return dst if result is None else result
 
 
 def lane_conv_taps(src: Tensor, ptr: Tensor, off: Tensor, val: Tensor, rows: int, ho: int, wo: int,
-                   out: Optional[Tensor] = None) -> Tensor:
+                   out: Optional[Tensor] = None, result: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None) -> Tensor:
     """Tap-list convolution of a lane buffer (see ``b16_conv_taps``): ``off`` int64 float offsets of
-    each entry's first read inside one sample's block; returns (NB, rows, ho, wo, 16)."""
+    each entry's first read inside one sample's block; returns (NB, rows, ho, wo, 16), or with
+    ``result`` unpacks into it as :func:`lane_conv3` does."""
     nb, c, hb, wb, _ = src.shape
     if ho % 2 or wo % 2:
         raise ValueError(f"lane_conv_taps: output {ho}x{wo} is not in whole 2x2 or 4x4 tiles")
-    dst = _lane_out(out, nb, rows, ho, wo)
+    dst, tail = _result_args(result, bias, rows, ho, wo, nb, out, "lane_conv_taps")
     library().b16_conv_taps(_check(src, torch.float32), nb, c * hb * wb * LANES, wb, ptr.shape[0],
                             _check(ptr, torch.int64), _check(off, torch.int64), _check(val, torch.float32),
-                            dst.data_ptr(), rows, ho, wo, torch.get_num_threads())
-    return dst
+                            dst.data_ptr(), rows, ho, wo, *tail, torch.get_num_threads())
+    return dst if result is None else result
 
 
 def lane_wgrad3(g: Tensor, gy: int, gx: int, xs: Tensor, ho: int, wo: int, row: Tensor, chan: Tensor,

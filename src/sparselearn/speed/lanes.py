@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -328,16 +328,22 @@ class _LaneConvFn(torch.autograd.Function):
     :class:`_SparseConvFn`, on (N / 16, C, H, W, 16) blocks."""
 
     @staticmethod
-    def _convolve(layer: "SparseConv2d", geo: _LaneGeometry, src: Tensor, transposed: bool, out: Tensor) -> Tensor:
-        """The layer's convolution of a lane buffer into ``out`` (whole kernels or taps); ``transposed``:
-        the input-gradient convolution (mirrored kernels over the output gradient)."""
+    def _convolve(layer: "SparseConv2d", geo: _LaneGeometry, src: Tensor, transposed: bool, result: Tensor,
+                  bias: Optional[Tensor] = None) -> Tensor:
+        """The layer's convolution of a lane buffer (whole kernels or taps), unpacked into ``result``
+        (N, C, H, W) as it is computed (plus ``bias``); ``transposed``: the input-gradient convolution
+        (mirrored kernels over the output gradient)."""
         lane, values = layer._lane, layer._lane_values
-        rows, ho, wo = out.shape[1:4]
+        rows = result.shape[1]
+        ho, wo = (geo.h4, geo.w4) if transposed else (geo.ho4, geo.wo4)
+        band = _BUFFERS.get("band", torch.get_num_threads(), rows, 4, wo)  # free again once the call returns
         if lane.fwd_kernels:
             ptr, chan = (lane.kt_ptr, lane.kt_chan) if transposed else (lane.k_ptr, lane.k_chan)
-            return _native.lane_conv3(src, ptr, chan, values.get(layer, "kt" if transposed else "k"), rows, ho, wo, out)
+            return _native.lane_conv3(src, ptr, chan, values.get(layer, "kt" if transposed else "k"), rows, ho, wo,
+                                      band, result=result, bias=bias)
         ptr, off = (lane.tt_ptr, geo.tt_off) if transposed else (lane.t_ptr, geo.t_off)
-        return _native.lane_conv_taps(src, ptr, off, values.get(layer, "tt" if transposed else "t"), rows, ho, wo, out)
+        return _native.lane_conv_taps(src, ptr, off, values.get(layer, "tt" if transposed else "t"), rows, ho, wo,
+                                      band, result=result, bias=bias)
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
@@ -346,10 +352,9 @@ class _LaneConvFn(torch.autograd.Function):
         bufs, rows = _BUFFERS, weight.shape[0]
         xf = _as_packable(x.detach().float())
         xb = _native.lane_pack(xf, geo.ph, geo.pw, geo.hb, geo.wb, bufs.get("x", nb, x.shape[1], geo.hb, geo.wb))
-        ob = _LaneConvFn._convolve(layer, geo, xb, False, bufs.get("y", nb, rows, geo.ho4, geo.wo4))
-        out = _native.lane_unpack(ob, n, geo.ho, geo.wo, None if bias is None else bias.detach().contiguous(),
-                                  channels_last=layer.channels_last,
-                                  out=bufs.result("y", (n, rows, geo.ho, geo.wo), layer.channels_last))
+        out = _LaneConvFn._convolve(layer, geo, xb, False,
+                                    bufs.result("y", (n, rows, geo.ho, geo.wo), layer.channels_last),
+                                    None if bias is None else bias.detach().contiguous())
         ctx.x_channels_last = not xf.is_contiguous()  # the input gradient in the input's format
         ctx.dense = _wants_dense(layer.dense_weight_grad) if ctx.needs_input_grad[1] else False
         # the packed input serves the sparse weight gradient; the dense one (Sparse Momentum) reads x
@@ -368,9 +373,8 @@ class _LaneConvFn(torch.autograd.Function):
             gb = _native.lane_pack(grad, geo.gy, geo.gx, geo.hg, geo.wg,
                                    bufs.get("g", nb, ctx.w_shape[0], geo.hg, geo.wg))
         if ctx.needs_input_grad[0]:
-            dxb = _LaneConvFn._convolve(layer, geo, gb, True, bufs.get("gx", nb, ctx.w_shape[1], geo.h4, geo.w4))
-            gx = _native.lane_unpack(dxb, ctx.n, geo.h, geo.w, channels_last=ctx.x_channels_last,
-                                     out=bufs.result("gx", (ctx.n, ctx.w_shape[1], geo.h, geo.w), ctx.x_channels_last))
+            gx = _LaneConvFn._convolve(layer, geo, gb, True,
+                                       bufs.result("gx", (ctx.n, ctx.w_shape[1], geo.h, geo.w), ctx.x_channels_last))
         if ctx.needs_input_grad[1]:
             if ctx.dense:
                 gw = torch.nn.grad.conv2d_weight(saved, ctx.w_shape, grad, padding=(geo.ph, geo.pw))
