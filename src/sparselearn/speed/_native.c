@@ -331,33 +331,46 @@ void sgd_masked_f32(float *p, const float *g, float *buf, const uint64_t *bits, 
  * column blocks): row c is the union of its segments in every block, summed in one pass.
  * With AVX-512 the loads are explicit 16-lane gathers of x (which sits in L1) with the row tail as
  * one masked gather: the compiler's scalar-gather loop ran at ~10 GB/s, a third of what the dense
- * matrix-vector product streams. */
+ * matrix-vector product streams. Four accumulators over 64 entries, and the values and indices
+ * prefetched 1024 entries ahead (4 KB and 2 KB). Each row alternates between the column blocks'
+ * arrays (a 90%-sparse 4096-wide layer: two segments of ~200 entries a row); why the explicit
+ * prefetch helps that much was not profiled. Side by side on that layer, one thread: 0.88-0.99 ->
+ * 0.58-0.70 ms against two accumulators without prefetch (256 entries ahead: 0.63-0.71 ms). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#define MATVEC_AHEAD 1024
 void sparse_matvec_u16(const float *x, const int64_t *rowptr, int64_t nblocks, const uint16_t *col,
                        const float *val, const float *bias, float *y, int64_t rows, int threads)
 {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < rows; c++) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
         for (int64_t b = 0; b < nblocks; b++) {
             const int64_t *ptr = rowptr + b * (rows + 1);
             int64_t p = ptr[c];
             const int64_t p1 = ptr[c + 1];
-            for (; p + 32 <= p1; p += 32) {
+            for (; p + 64 <= p1; p += 64) {
+                /* a prefetch past the arrays' end is harmless: it never faults */
+                for (int j = 0; j < 64; j += 16) _mm_prefetch((const char *)(val + p + MATVEC_AHEAD + j), _MM_HINT_T0);
+                _mm_prefetch((const char *)(col + p + MATVEC_AHEAD), _MM_HINT_T0);
+                _mm_prefetch((const char *)(col + p + MATVEC_AHEAD + 32), _MM_HINT_T0);
                 const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(col + p)));
                 const __m512i i1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(col + p + 16)));
+                const __m512i i2 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(col + p + 32)));
+                const __m512i i3 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(col + p + 48)));
                 a0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + p), _mm512_i32gather_ps(i0, x, 4), a0);
                 a1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + p + 16), _mm512_i32gather_ps(i1, x, 4), a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(val + p + 32), _mm512_i32gather_ps(i2, x, 4), a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(val + p + 48), _mm512_i32gather_ps(i3, x, 4), a3);
             }
             for (; p < p1; p += 16) {
                 const __mmask16 k = p + 16 <= p1 ? (__mmask16)0xFFFF : (__mmask16)((1u << (p1 - p)) - 1);
                 const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, col + p));
                 const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, i0, x, 4);
-                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, val + p), xv, a0);
+                a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, val + p), xv, a1);
             }
         }
-        const float a = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        const float a = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
         y[c] = bias ? bias[c] + a : a;
     }
 }
