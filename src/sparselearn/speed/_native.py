@@ -331,7 +331,9 @@ def lane_unpack(src: Tensor, n: int, h: int, w: int, bias: Optional[Tensor] = No
                 channels_last: bool = False, out: Optional[Tensor] = None) -> Tensor:
     """The (n, C, h, w) top-left corner of a lane buffer (+ ``bias`` per channel): inverse of
     :func:`lane_pack`; in ``torch.channels_last`` memory when ``channels_last``; written into ``out``
-    when given (float32, that shape, in that memory format)."""
+    when given (float32, that shape, in that memory format). The layers no longer call it (their
+    convolutions unpack each band as they compute it, ``result=``): it is the exact reference the
+    tests compare that fused unpack with."""
     nb, c, hs, ws, _ = src.shape
     if h > hs or w > ws or -(-n // LANES) != nb:
         raise ValueError(f"lane_unpack: ({n}, {h}, {w}) does not fit a buffer of shape {tuple(src.shape)}")
