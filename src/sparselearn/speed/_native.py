@@ -70,6 +70,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.masked_zero_bits_f32.argtypes = [p, p, i64]
     f32 = ctypes.c_float
     lib.sgd_masked_f32.argtypes = [p, p, p, p, i64, f32, f32, f32, f32, i32, i32, i32]
+    lib.sgd_masked_f32_many.argtypes = [p, i64, f32, f32, f32, f32, i32, i32]
     lib.sparse_matvec_u16.argtypes = [p, p, i64, p, p, p, p, i64, i32]
     lib.csr_csc_count.argtypes = [p, i64, i64, i64, i64, i64, p, p]
     lib.csr_csc_count.restype = i64

@@ -18,6 +18,7 @@ compiler is available.
 """
 from __future__ import annotations
 
+import array
 import weakref
 
 import torch
@@ -150,7 +151,7 @@ class MaskedSGD(torch.optim.SGD):
             if lib is None or not self._fusable(group):
                 self._torch_step(group, group["params"])
                 continue
-            momentum, rest = group["momentum"], []
+            momentum, rest, desc = group["momentum"], [], []
             neg_lr, wd = -float(group["lr"]), float(group["weight_decay"])
             one_minus_damp = 1.0 - group["dampening"]
             for p in group["params"]:
@@ -170,12 +171,10 @@ class MaskedSGD(torch.optim.SGD):
                     continue
                 mask = sparsifier.mask_of(p) if sparsifier is not None else None
                 bits = None
-                if mask is not None and mask.device.type == "cpu" and mask.is_contiguous() and mask.numel() == p.numel():
+                if mask is not None and mask.is_cpu and mask.is_contiguous() and mask.numel() == p.numel():
                     bits = packed.bits(mask)
-                lib.sgd_masked_f32(p.data_ptr(), g.data_ptr(), None if buf is None else buf.data_ptr(),
-                                   None if bits is None else bits.data_ptr(), p.numel(), neg_lr, wd,
-                                   float(momentum), one_minus_damp, int(group["nesterov"]),
-                                   int(group["maximize"]), int(first))
+                desc += (p.data_ptr(), g.data_ptr(), 0 if buf is None else buf.data_ptr(),
+                         0 if bits is None else bits.data_ptr(), p.numel(), int(first))
                 written.append(p)
                 if first:
                     state["momentum_buffer"] = buf
@@ -183,6 +182,13 @@ class MaskedSGD(torch.optim.SGD):
                     written.append(buf)
                 if bits is not None:
                     zeroed.add(id(p))
+            if desc:
+                # one call for the group (6 int64 per parameter, as sgd_masked_f32_many reads them): a
+                # ctypes call per parameter cost more than a small layer's update; the tensors stay
+                # referenced by the group and the state until it returns
+                arr = array.array("q", desc)
+                lib.sgd_masked_f32_many(arr.buffer_info()[0], len(desc) // 6, neg_lr, wd, float(momentum),
+                                        one_minus_damp, int(group["nesterov"]), int(group["maximize"]))
             if rest:
                 self._torch_step(group, rest)
         # the kernel wrote through raw pointers: move the version counters as an in-place op would,
