@@ -582,7 +582,9 @@ class Sparsifier:
     def _after_step(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
         try:
-            if not _step_skipped(optimizer):
+            # the common case (no loss scaler's flag) without a call: inside a training step the hook's
+            # code and objects are out of the cache, and each call costs ~1 us there
+            if getattr(optimizer, "found_inf", None) is None or not _step_skipped(optimizer):
                 self._step_hook()
         finally:
             # the sparsifier's own cost (Sparse Momentum Sec. 5.1 reports it as a 0.973x slowdown);
@@ -595,7 +597,9 @@ class Sparsifier:
         weights (one pass instead of two, e.g. :class:`sparselearn.speed.MaskedSGD`) and say so with
         ``sparselearn_zeroed() -> set of id(param)``."""
         ask = getattr(self.optimizer, "sparselearn_zeroed", None)
-        done = frozenset(ask()) if ask is not None else frozenset()
+        done = ask() if ask is not None else frozenset()
+        if type(done) is not frozenset:
+            done = frozenset(done)
         if not done:
             self.apply_masks()
             return
