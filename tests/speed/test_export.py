@@ -69,7 +69,7 @@ def test_bench_quick_writes_a_report(tmp_path):
     assert cli.main(["bench", "--quick", "--rounds", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Machine:" in text and "Sparse linear 64x64" in text
-    for title in ("Engine overhead", "Kernel-sparse 3x3 convolution", "Whole model: Starfire CK masks",
+    for title in ("Engine overhead", "Kernel-sparse 3x3 convolution", "Whole model: Starfire CK and window masks",
                   "sparse convolution, measured and estimated", "compaction of its empty channels",
                   "Peak memory"):
         assert title in text, title

@@ -30,7 +30,8 @@ from sparselearn.speed import MaskedSGD, SparseConv2d, SparseLinear, _native, ac
 from sparselearn.speed.timing import round_robin, summary
 
 from sparselearn.experiments.bench_util import (_MEMORY_PROBE, _MODELS, _QUICK_MODELS, Table, _infer_case,
-                                                _macs, _ms, _no_grad, _sgd_step, _sm_wrn, _src_path, _train_case, _x,
+                                                _macs, _ms, _no_grad, _sgd_step, _sm_wrn, _src_path, _starfire_mask,
+                                                _train_case, _x,
                                                 report_markdown)
 
 
@@ -203,12 +204,7 @@ class Suite:
             conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
             x = torch.randn(batch, c, hw, hw, generator=g)
             for label, kind, d in dens:
-                if kind == "ck":
-                    mask = (torch.rand(c, c, 1, 1, generator=g) < d).expand(c, c, 3, 3).contiguous()
-                else:
-                    mask = torch.zeros(c * c, 9, dtype=torch.bool)
-                    mask.scatter_(1, torch.rand(c * c, 9, generator=g).topk(d, 1).indices, True)
-                    mask = mask.view(c, c, 3, 3)
+                mask = _starfire_mask(c, c, kind, d, g)
                 with torch.no_grad():
                     conv.weight.mul_(mask)
                 if not _native.available():
@@ -331,23 +327,24 @@ class Suite:
         self.log(f"fan-in RigL step: {r:.2f}x")
         self.tables.append(t)
 
-    # ------------------------------------------------------------------ whole models: Starfire CK on VGG16
+    # ------------------------------------------------------------------ whole models: Starfire CK and window on VGG16
     def vgg_starfire(self) -> None:
         name, shape, batch = ("vgg16-d", (3, 32, 32), 32) if not self.quick else ("small-cnn", (3, 8, 8), 2)
-        t = Table(f"Whole model: Starfire CK masks on {name}, auto vs masked",
-                  f"{name} at batch {batch}, every conv after the first with CK masks (whole kernels kept at random "
-                  "per input channel at the given density, the post-era mask), FC layers dense. `auto` = "
+        t = Table(f"Whole model: Starfire CK and window masks on {name}, auto vs masked",
+                  f"{name} at batch {batch}, every conv after the first with a post-era Starfire mask drawn at "
+                  "random (CK: whole kernels kept per input channel at the given density; window 80%: 2 of the 9 "
+                  "taps kept in every kernel), FC layers dense. `auto` = "
                   "`sparselearn.speed.accelerate(mode='auto')` (each conv on the faster of dense and sparse, "
                   "measured), training step (SGD) and inference; an epoch is this step times the steps per epoch. "
                   "`auto` also times the whole model (training: forward and backward) with the sparse "
                   "convolutions' outputs in contiguous and in channels-last memory and keeps the faster "
                   "(`format`, train / infer); the masked model's inference is timed both ways too (model and "
                   "input in `torch.channels_last`), and the inference ratio is against the faster of the two.",
-                  ["CK sparsity", "layers on sparse path (train / infer)", "masked train [ms]", "auto train [ms]", "train ratio",
+                  ["mask", "layers on sparse path (train / infer)", "masked train [ms]", "auto train [ms]", "train ratio",
                    "masked infer [ms]", "masked infer, channels-last [ms]", "auto infer [ms]", "format", "infer ratio"])
         if not _native.available():
             return
-        for sparsity in (0.8, 0.6):
+        for label, kind, d in (("CK 80%", "ck", 0.2), ("CK 60%", "ck", 0.4), ("window 80% (2 of 9)", "window", 2)):
             g = torch.Generator().manual_seed(3)
             model = create_model(name, input_shape=shape)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -355,8 +352,7 @@ class Suite:
             convs = [n for n in sp.names if sp.parameters()[n].dim() == 4][1:]
             for n_ in convs:
                 w = sp.parameters()[n_]
-                keep = torch.rand(w.shape[0], w.shape[1], 1, 1, generator=g) < 1 - sparsity
-                sp.set_mask(n_, keep.expand(w.shape).contiguous())
+                sp.set_mask(n_, _starfire_mask(w.shape[0], w.shape[1], kind, d, g))
             for n_ in sp.names:
                 if n_ not in convs:
                     sp.set_mask(n_, torch.ones_like(sp.masks[n_]))
@@ -384,17 +380,18 @@ class Suite:
             rt = res["masked train"][0] / res["auto train"][0]
             masked_inf = min(res["masked infer"][0], res["masked infer cl"][0])
             ri = masked_inf / res["auto infer"][0]
-            t.rows.append([f"{int(sparsity * 100)}%", f"{on_sparse} / {on_sparse_inf} of {len(sp.names)}",
+            t.rows.append([label, f"{on_sparse} / {on_sparse_inf} of {len(sp.names)}",
                            _ms(res["masked train"][0]), _ms(res["auto train"][0]), _x(rt),
                            _ms(res["masked infer"][0]), _ms(res["masked infer cl"][0]), _ms(res["auto infer"][0]),
                            f"{acc_train.memory_format} / {acc_inf.memory_format}".replace("_", "-"), _x(ri)])
-            t.data.append({"sparsity": sparsity, "times": res, "train_report": acc_train.format(),
+            t.data.append({"mask": label, "times": res, "train_report": acc_train.format(),
                            "infer_report": acc_inf.format()})
-            if sparsity == 0.8:
-                self.target(f"{name} Starfire CK 80%, whole-model training step (auto)", rt, ">=", 2.0)
-                self.target(f"{name} Starfire CK 80%, whole-model inference (auto)", ri, ">=", 2.5)
-            self.target(f"{name} Starfire CK {int(sparsity * 100)}%: auto never slower than masked (train)", rt, ">=", 0.97)
-            self.log(f"vgg starfire CK {sparsity}: train {rt:.2f}x infer {ri:.2f}x ({on_sparse} sparse layers)")
+            short = label.split(" (")[0]
+            if "80%" in label:
+                self.target(f"{name} Starfire {short}, whole-model training step (auto)", rt, ">=", 2.0)
+                self.target(f"{name} Starfire {short}, whole-model inference (auto)", ri, ">=", 2.5)
+            self.target(f"{name} Starfire {short}: auto never slower than masked (train)", rt, ">=", 0.97)
+            self.log(f"vgg starfire {label}: train {rt:.2f}x infer {ri:.2f}x ({on_sparse} sparse layers)")
         self.tables.append(t)
 
     # ------------------------------------------------------------------ Sparse Momentum + sparse kernels

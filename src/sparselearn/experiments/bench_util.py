@@ -31,6 +31,17 @@ class Table:
         return "\n".join(out) + "\n"
 
 
+def _starfire_mask(out_c: int, in_c: int, kind: str, d, g: torch.Generator) -> torch.Tensor:
+    """A post-era Starfire mask for an (out_c, in_c, 3, 3) weight, at random: ``"ck"`` keeps whole 3x3
+    kernels with probability ``d`` (CK pruning, Sec. 2.1.1); ``"window"`` keeps ``d`` of the 9 taps of
+    every kernel (window pruning, Sec. 2.1: the 9 - d smallest of each 3x3 window removed)."""
+    if kind == "ck":
+        return (torch.rand(out_c, in_c, 1, 1, generator=g) < d).expand(out_c, in_c, 3, 3).contiguous()
+    mask = torch.zeros(out_c * in_c, 9, dtype=torch.bool)
+    mask.scatter_(1, torch.rand(out_c * in_c, 9, generator=g).topk(d, 1).indices, True)
+    return mask.view(out_c, in_c, 3, 3)
+
+
 def _ms(t: float) -> str:
     return f"{t * 1e3:.2f}"
 
