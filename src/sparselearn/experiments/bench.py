@@ -68,21 +68,23 @@ class Suite:
                   "same optimizer on the dense model (`dense, MaskedSGD`), so that it counts the sparsity's cost, "
                   "not the faster optimizer, and `fused / torch dense` against torch.optim.SGD. `hook`: the "
                   "sparsifier's own time per step (`Sparsifier.hook_seconds`), timed inside the run it names, and its "
-                  "share of that run's dense step. Ratios of the minimum over as many interleaved rounds as fit "
+                  "share of that run's dense step. `A/A`: a second copy of the dense model with MaskedSGD, timed "
+                  "in the same rounds, against the first: the same computation twice, so its distance from 1 is the "
+                  "noise of this row's ratios. Ratios of the minimum over as many interleaved rounds as fit "
                   "in ~10 s (11 to 400: 400 for LeNet-300-100, 11 for VGG16-D). "
                   "Target <= 1.01.",
                   ["model", "batch", "dense [ms] min / med", "multiply", "select", "dense, MaskedSGD [ms] min / med",
-                   "fused", "fused / torch dense", "hook, select (share)", "hook, fused (share)", "update [ms]",
+                   "fused", "A/A", "fused / torch dense", "hook, select (share)", "hook, fused (share)", "update [ms]",
                    "fused incl. update / 469"])
         for name, shape, batch in cfgs:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(batch, *shape, generator=g)
             y = torch.randint(0, 10, (batch,), generator=g)
             dense = create_model(name, input_shape=shape)
-            kinds = ["dense", "multiply"] + (["select", "dense_fused", "fused"] if native else [])
+            kinds = ["dense", "multiply"] + (["select", "dense_fused", "fused", "dense_fused_aa"] if native else [])
             models = {k: copy.deepcopy(dense) for k in kinds}
             sgd = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
-            opts = {k: (MaskedSGD if k in ("dense_fused", "fused") else torch.optim.SGD)(m.parameters(), **sgd)
+            opts = {k: (MaskedSGD if k in ("dense_fused", "fused", "dense_fused_aa") else torch.optim.SGD)(m.parameters(), **sgd)
                     for k, m in models.items()}
             sps = {k: sparselearn.sparse_momentum(models[k], opts[k], density=0.05, steps_per_epoch=10 ** 7, epochs=2)
                    for k in ("multiply", "select", "fused") if k in models}
@@ -112,7 +114,8 @@ class Suite:
             hook = lambda k, b: f"{_ms(hooks[k])} ({hooks[k] / res[b][0]:.2%})" if k in hooks else "-"
             mm = lambda k: f"{_ms(res[k][0])} / {_ms(res[k][1])}" if k in res else "-"
             t.rows.append([name, str(batch), mm("dense"), cell("multiply"), cell("select"), mm("dense_fused"),
-                           cell("fused", "dense_fused") if native else "-", cell("fused"), hook("select", "dense"),
+                           cell("fused", "dense_fused") if native else "-",
+                           cell("dense_fused_aa", "dense_fused") if native else "-", cell("fused"), hook("select", "dense"),
                            hook("fused", "dense_fused"), _ms(update), f"{r_upd:.3f}"])
             t.data.append({"model": name, **{k: res[k] for k in res}, "hook_s": hooks, "update_s": update, "rounds": rounds})
             self.target(f"engine overhead {name} (sparse step / dense step, {best})", r_best, "<=", 1.01)
