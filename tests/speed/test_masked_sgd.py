@@ -261,3 +261,26 @@ def test_each_mask_is_packed_once_and_counted_in_mask_bytes():
     _train(other, opt2, _batches(2))
     assert opt2.mask_nbytes == words(sp2)
     assert sp2.mask_bytes == 5 * n + words(sp2)
+
+
+def test_a_step_that_fails_before_its_kernel_leaves_no_uninitialised_momentum(monkeypatch):
+    # the group's parameters are gathered first and updated in one call: a new momentum buffer may
+    # enter the state only once that call has written it, or the next step would read garbage
+    model = _net()
+    opt = MaskedSGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = sparselearn.static_sparse(model, opt, density=0.5)
+    (x, y), = _batches(1)
+    nn.functional.mse_loss(model(x), y).backward()
+    last = list(model.parameters())[-2]  # a masked weight after the first parameters of the group
+
+    def broken(p, real=sp.mask_of):
+        if p is last:
+            raise RuntimeError("mask lookup failed")
+        return real(p)
+
+    monkeypatch.setattr(sp, "mask_of", broken)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="mask lookup failed"):
+        opt.step()
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # nothing was updated

@@ -151,7 +151,7 @@ class MaskedSGD(torch.optim.SGD):
             if lib is None or not self._fusable(group):
                 self._torch_step(group, group["params"])
                 continue
-            momentum, rest, desc = group["momentum"], [], []
+            momentum, rest, desc, fresh = group["momentum"], [], [], []
             neg_lr, wd = -float(group["lr"]), float(group["weight_decay"])
             one_minus_damp = 1.0 - group["dampening"]
             for p in group["params"]:
@@ -177,18 +177,22 @@ class MaskedSGD(torch.optim.SGD):
                          0 if bits is None else bits.data_ptr(), p.numel(), int(first))
                 written.append(p)
                 if first:
-                    state["momentum_buffer"] = buf
+                    fresh.append((state, buf))
                 elif buf is not None:
                     written.append(buf)
                 if bits is not None:
                     zeroed.add(id(p))
             if desc:
                 # one call for the group (6 int64 per parameter, as sgd_masked_f32_many reads them): a
-                # ctypes call per parameter cost more than a small layer's update; the tensors stay
-                # referenced by the group and the state until it returns
+                # ctypes call per parameter cost more than a small layer's update. The tensors stay
+                # referenced until it returns (the group, the state, the packed masks, `fresh`); a new
+                # momentum buffer enters the state only once the kernel has written it, so an error
+                # before the call leaves no uninitialised buffer behind
                 arr = array.array("q", desc)
                 lib.sgd_masked_f32_many(arr.buffer_info()[0], len(desc) // 6, neg_lr, wd, float(momentum),
                                         one_minus_damp, int(group["nesterov"]), int(group["maximize"]))
+                for state, buf in fresh:
+                    state["momentum_buffer"] = buf
             if rest:
                 self._torch_step(group, rest)
         # the kernel wrote through raw pointers: move the version counters as an in-place op would,
