@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional, TextIO
 
 from sparselearn.experiments import runs
 from sparselearn.experiments.checkpoint import json_line, save_checkpoint, write_json, write_text
+from sparselearn.experiments.evaluation import format_epoch
 
 
 class Callback:
@@ -112,14 +113,12 @@ def write_scalars(writer, row: Mapping[str, Any]) -> None:
 
 
 class EpochLines(Callback):
-    """One line per epoch through ``log`` (see :func:`sparselearn.experiments.train.format_epoch`)."""
+    """One line per epoch through ``log`` (see :func:`sparselearn.experiments.evaluation.format_epoch`)."""
 
     def __init__(self, log: Callable[[str], None]):
         self.log = log
 
     def on_epoch_end(self, run, row: dict) -> None:
-        from sparselearn.experiments.train import format_epoch
-
         self.log(format_epoch(row, run.epochs))
 
 

@@ -97,7 +97,7 @@ def sweep_configs(
         ConfigError: a bad key or value in any run's config (the message names it).
     """
     from sparselearn.experiments.config import resolve_config
-    from sparselearn.experiments.train import check_option_types
+    from sparselearn.experiments.builders import check_option_types
 
     configs = {}
     for r in runs:

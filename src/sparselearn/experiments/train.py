@@ -27,24 +27,17 @@ Run it from the command line with ``sparselearn train``.
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
-import inspect
-import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparselearn.analysis.flops import FlopCounter
 from sparselearn.analysis.topology import TopologyTracker
-from sparselearn.core.algorithms import algorithms
-from sparselearn.core.sparsifier import Sparsifier
 from sparselearn.experiments import launch, runs
 from sparselearn.experiments.callbacks import (
     Accelerate, Callback, CheckpointWriter, EpochCallback, EpochLines, MetricsFile, TensorBoardLog,
@@ -52,14 +45,21 @@ from sparselearn.experiments.callbacks import (
 from sparselearn.experiments.checkpoint import CHECKPOINT, load_checkpoint, remove_stale_temporaries, write_json, write_text
 from sparselearn.experiments.compaction import Compact, check_compactable, compaction_state, restore_compacted
 from sparselearn.experiments.config import (
-    ConfigError, changed_keys, config_hash, model_options, sparsity_options, to_yaml, validate,
+    ConfigError, changed_keys, config_hash, model_options, to_yaml, validate,
 )
 from sparselearn.experiments.data import load_dataset, make_loader
 from sparselearn.experiments.data.text import bits_per_byte
 from sparselearn.experiments.errors import Diverged, UserError
 from sparselearn.experiments.models import create_model
 from sparselearn.experiments.precision import Precision
-from sparselearn.speed import MaskedSGD, use_native_masks
+# re-exported: the run's building blocks and its evaluation live in their own modules
+from sparselearn.experiments.builders import (  # noqa: F401
+    TokenCrossEntropy, _option_error, build_optimizer, build_sparsifier, check_option_types, checked_options,
+    make_criterion, make_lr_schedule, resolve_device,
+)
+from sparselearn.experiments.evaluation import (  # noqa: F401
+    _describe_sparsity, density_metrics, density_report, evaluate, format_epoch, format_report,
+)
 
 CONFIG_FILE, METRICS_FILE, RESULT_FILE = runs.CONFIG_FILE, runs.METRICS_FILE, runs.RESULT_FILE
 DIVERGED_FILE, TENSORBOARD_DIR = runs.DIVERGED_FILE, runs.TENSORBOARD_DIR
@@ -487,276 +487,6 @@ def make_result(run: Run) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error (one process;
-    see :func:`sparselearn.experiments.launch.resolve_device` for torchrun's ranks)."""
-    return launch.resolve_device(name, launch.Ranks())
-
-
-def build_optimizer(params: Iterable[nn.Parameter], optim: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """SGD (Sparse Momentum Sec. 4: Nesterov momentum 0.9, weight decay 5e-4; as
-    :class:`sparselearn.speed.MaskedSGD`, the same values in fewer passes), Adam (Starfire
-    App. 7.2.1: lr 0.001, "momentum" 0.9 = beta1, weight decay 1e-4) or AdamW."""
-    name, lr, wd = optim["name"], optim["lr"], optim["weight_decay"]
-    if name == "sgd":
-        if optim["nesterov"] and optim["momentum"] <= 0:
-            raise ConfigError("config key 'optim.nesterov' needs optim.momentum > 0")
-        # torch's SGD, bitwise, that zeroes the masked CPU fp32 weights in its own pass over them (one
-        # pass instead of two: LeNet-300-100's sparse step no longer costs more than its dense step)
-        return MaskedSGD(params, lr=lr, momentum=optim["momentum"], nesterov=optim["nesterov"], weight_decay=wd)
-    betas = (optim["momentum"], optim["beta2"])
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=betas, weight_decay=wd)
-
-
-def make_lr_schedule(base_lr: float, schedule: Mapping[str, Any], steps_per_epoch: int, epochs: int
-                     ) -> Callable[[int], float]:
-    """The learning rate at optimizer step ``t`` (0-based), a pure function of ``t``.
-
-    * ``constant``: ``base_lr``.
-    * ``step``: ``base_lr * gamma ** (t // step_size)`` -- Sparse Momentum Sec. 4, "decay the learning
-      rate by a factor of 0.1 every 25000 mini-batches" (MNIST; 30000 for CIFAR-10).
-    * ``multistep``: ``base_lr * gamma ** (number of milestones <= epoch)`` -- Starfire App. 7.2,
-      drops at epochs 30/60(/90 or 80).
-    * ``cosine``: from ``base_lr`` after the warm-up to ``min_lr`` at the end of training --
-      Sparse Momentum App. C.1 (tuned ResNet-50).
-
-    ``warmup_epochs`` > 0 scales the first steps linearly from ``1/warmup_steps`` to 1 (App. C.1).
-    """
-    kind, gamma = schedule["kind"], schedule["gamma"]
-    total = steps_per_epoch * epochs
-    warmup = int(round(schedule["warmup_epochs"] * steps_per_epoch))
-    milestones = list(schedule["milestones"])
-    step_size, min_lr = schedule["step_size"], schedule["min_lr"]
-
-    def lr_at(t: int) -> float:
-        if kind == "step":
-            lr = base_lr * gamma ** (t // step_size)
-        elif kind == "multistep":
-            lr = base_lr * gamma ** bisect.bisect_right(milestones, t // steps_per_epoch)
-        elif kind == "cosine":
-            u = min(max(t - warmup, 0) / max(total - warmup, 1), 1.0)
-            lr = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * u))
-        else:
-            lr = base_lr
-        if t < warmup:
-            lr *= (t + 1) / warmup
-        return lr
-
-    return lr_at
-
-
-def build_sparsifier(model, optimizer, sparsity: Mapping[str, Any], seed: int, steps_per_epoch: int, epochs: int,
-                     criterion, train_set, batch_size: int, device: torch.device, check_ranks: bool = False):
-    """The algorithm's sparsifier, or ``None`` for ``dense``.
-
-    Calls ``algorithms.get(name)(model, optimizer, density=, steps_per_epoch=, epochs=, seed=,
-    **options)``; a factory with ``needs_batch = True`` (e.g. SNIP) also gets ``batch=(x, y)``, one
-    shuffled training batch drawn from its own generator (so the run's data order is unchanged), and
-    ``loss_fn``. ``check_ranks`` (``train.check_ranks``) is passed on only when true, so factories
-    that do not build a :class:`~sparselearn.core.sparsifier.Sparsifier` need not know it.
-    """
-    name = sparsity["algorithm"]
-    if name == "dense":
-        return None
-    factory = algorithms.get(name, argument="sparsity.algorithm")
-    kwargs = dict(density=sparsity["density"], steps_per_epoch=steps_per_epoch, epochs=epochs, seed=seed,
-                  **checked_options(factory, sparsity_options({"sparsity": sparsity}), "sparsity"))
-    if check_ranks:
-        kwargs["check_ranks"] = True
-    if getattr(factory, "needs_batch", False):
-        gen = torch.Generator().manual_seed(seed + 1)
-        x, y = next(iter(make_loader(train_set, batch_size, True, gen)))
-        kwargs.update(batch=(x.to(device), y.to(device)), loss_fn=criterion)
-    try:
-        sparsifier = factory(model, optimizer, **kwargs)
-    except TypeError as e:
-        raise _option_error("sparsity", name, e) from None
-    except ValueError as e:
-        raise ConfigError(f"sparsity (algorithm {name!r}): {e}") from None
-    if isinstance(sparsifier, Sparsifier):
-        # the compiled select where a C compiler exists: the same values as the multiply (masked
-        # entries exactly 0), 1 byte of mask state per CPU fp32 weight instead of 5, and faster
-        use_native_masks(sparsifier)
-    return sparsifier
-
-
-#: Option names that count steps or items, whatever default the factory declares.
-_COUNT_OPTION = re.compile(r".*(_every|_step|_steps|_count)$")
-
-
-def checked_options(factory: Callable, options: Mapping[str, Any], section: str) -> dict[str, Any]:
-    """``options`` with integer options checked: an option whose default in ``factory``'s signature
-    is an ``int`` (or whose name ends in ``_every``, ``_step(s)``, ``_count``) must be a whole
-    number -- ``update_every=2.5`` is an error, not a silent 2 (a float like ``50.0`` becomes 50).
-
-    Raises:
-        ConfigError: a non-integer value for such an option; the message names the key.
-    """
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    out = dict(options)
-    for name, value in options.items():
-        default = params[name].default if name in params else None
-        wants_int = (isinstance(default, int) and not isinstance(default, bool)) or bool(_COUNT_OPTION.match(name))
-        if not wants_int or value is None or isinstance(value, bool):
-            continue
-        if isinstance(value, float) and value.is_integer():
-            out[name] = int(value)
-        elif not isinstance(value, int):
-            raise ConfigError(f"config key '{section}.{name}' must be an integer, got {value!r}")
-    return out
-
-
-def check_option_types(cfg: Mapping[str, Any]) -> None:
-    """:func:`checked_options` for a config's model and algorithm options, without building anything
-    (a sweep checks all its runs' configs before the first run starts)."""
-    from sparselearn.experiments.models.registry import MODELS
-
-    checked_options(MODELS.get(cfg["model"]["name"]), model_options(cfg), "model")
-    if cfg["sparsity"]["algorithm"] != "dense":
-        checked_options(algorithms.get(cfg["sparsity"]["algorithm"]), sparsity_options(cfg), "sparsity")
-
-
-def _option_error(section: str, name: str, err: TypeError) -> Exception:
-    m = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-    if m is None:
-        return err
-    return ConfigError(f"config key '{section}.{m.group(1)}': {section} {name!r} has no option {m.group(1)!r}")
-
-
-def make_criterion(task: str, label_smoothing: float) -> nn.Module:
-    """Cross-entropy over classes, or over every position of a language model's ``(B, T, vocab)``
-    logits (the mean per token)."""
-    if task == "lm":
-        return TokenCrossEntropy(label_smoothing)
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-
-class TokenCrossEntropy(nn.Module):
-    """Mean next-token cross-entropy of ``(B, T, vocab)`` logits against ``(B, T)`` targets."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), label_smoothing=self.label_smoothing)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, prefix: str = "", task: str = "classification",
-             ranks: launch.Ranks = launch.Ranks()) -> dict[str, float]:
-    """Mean cross-entropy (without label smoothing) and accuracy over a loader, in eval mode; top-5
-    accuracy too when there are 100 classes or more (ImageNet, Tiny-ImageNet). For a language model
-    (``task="lm"``): the mean loss per token (nats), bits per byte and perplexity, no accuracy.
-
-    On several ranks each evaluates every N-th batch and the sums are all-reduced, so every rank
-    returns the metrics of the whole split (the counts exactly; the loss up to float64 rounding)."""
-    if ranks.distributed:
-        loader = launch.EvalShard(loader, ranks)
-    if task == "lm":
-        return _evaluate_lm(model, loader, device, prefix, ranks)
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    correct5 = torch.zeros((), dtype=torch.long, device=device)
-    n, top5 = 0, False
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-        if logits.size(1) >= 100:
-            top5 = True
-            correct5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-        n += y.size(0)
-    model.train()
-    if ranks.distributed:
-        loss_sum, correct, correct5, n, top5 = ranks.all_sum(loss_sum, correct, correct5, torch.tensor(n),
-                                                             torch.tensor(int(top5)))
-        n, top5 = int(n), bool(top5)
-    out = {f"{prefix}loss": float(loss_sum) / max(n, 1), f"{prefix}acc": float(correct) / max(n, 1)}
-    if top5:
-        out[f"{prefix}top5"] = float(correct5) / max(n, 1)
-    return out
-
-
-def _evaluate_lm(model: nn.Module, loader, device: torch.device, prefix: str,
-                 ranks: launch.Ranks = launch.Ranks()) -> dict[str, float]:
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss_sum += F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum").double()
-        n += y.numel()
-    model.train()
-    loss_sum, n = ranks.all_sum(loss_sum, torch.tensor(n))  # every rank: the whole split's loss
-    loss = float(loss_sum) / max(int(n), 1)
-    return {f"{prefix}loss": loss, f"{prefix}bpb": bits_per_byte(loss), f"{prefix}ppl": math.exp(min(loss, 700.0))}
-
-
-def density_report(sparsifier, model: nn.Module) -> dict[str, Any]:
-    """The sparsifier's density report; for a dense run, density 1.0 and no sparse layers."""
-    if sparsifier is not None:
-        return sparsifier.density_report()
-    total = sum(p.numel() for p in model.parameters())
-    return {"layers": [], "active": total, "total": total, "density": 1.0,
-            "model_active": total, "model_total": total, "model_density": 1.0}
-
-
-def format_report(sparsifier, model: nn.Module) -> str:
-    """The printable density report (the sparsifier's table, or one line for a dense run)."""
-    if sparsifier is not None:
-        return sparsifier.format_report()
-    total = sum(p.numel() for p in model.parameters())
-    return f"dense model: all {total:,} parameters active (density 1.0)"
-
-
-def density_metrics(sparsifier, model: nn.Module, step: int, steps_per_epoch: int) -> dict[str, Any]:
-    """Global and per-layer density, and the prune rate / number of weights removed by a topology
-    update during the last epoch (``None`` when there was none)."""
-    rep = density_report(sparsifier, model)
-    update = {} if sparsifier is None else sparsifier.last_update
-    recent = bool(update) and update.get("step", -1) > step - steps_per_epoch
-    return {
-        "density": rep["density"],
-        "model_density": rep["model_density"],
-        "layer_density": {r["name"]: r["density"] for r in rep["layers"]},
-        "prune_rate": update.get("prune_rate") if recent else None,
-        "removed": update.get("removed") if recent else None,
-    }
-
-
-def format_epoch(row: Mapping[str, Any], epochs: int) -> str:
-    """One console line per epoch."""
-    width = len(str(epochs))
-    # accuracy for a classifier, bits per byte for a language model
-    second = lambda split: (f"acc {row[split + '_acc']:.4f}" if split + "_acc" in row else f"bpb {row[split + '_bpb']:.3f}")
-    parts = [f"epoch {row['epoch']:>{width}}/{epochs}", f"train loss {row['train_loss']:.4f} {second('train')}"]
-    for split in ("val", "test"):
-        if f"{split}_loss" in row:
-            parts.append(f"{split} loss {row[split + '_loss']:.4f} {second(split)}")
-    parts.append(f"lr {row['lr']:.4g}")
-    parts.append(f"density {row['density']:.4f}")
-    if row.get("prune_rate") is not None:
-        parts.append(f"prune rate {row['prune_rate']:.3f}")
-    parts.append(f"{row['epoch_time']:.1f}s")
-    return " | ".join(parts)
-
-
-def _describe_sparsity(sparsity: Mapping[str, Any]) -> str:
-    if sparsity["algorithm"] == "dense":
-        return "dense"
-    return f"{sparsity['algorithm']} at density {sparsity['density']:g}"
-
-
 if __name__ == "__main__":  # python -m sparselearn.experiments.train [train options]
     import sys
 
