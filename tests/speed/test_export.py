@@ -48,6 +48,30 @@ def test_export_run_formats_are_smaller_and_equal(run_dir, tmp_path, capsys, fmt
             assert abs(got - ref.numpy()).max() < 1e-4
 
 
+def test_export_of_a_folder_of_runs_writes_each_runs_file(run_dir, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "seeds"
+    for name in ("seed0", "seed1"):
+        shutil.copytree(run_dir, root / name)
+    (root / "notes").mkdir()  # a folder below that is no run is passed over
+    assert cli.main(["export", str(root), "--format", "sparse"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"wrote {root / n / 'model.sparse.pt'}" for n in ("seed0", "seed1")]
+    for name in ("seed0", "seed1"):
+        state = torch.load(root / name / "model.sparse.pt", weights_only=True)
+        assert any(v.layout != torch.strided for v in state.values())
+    # one --out for several runs would overwrite itself: refused in one line, nothing written
+    assert cli.main(["export", str(root), "--format", "compact", "--out", str(tmp_path / "m.pt2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out names one file" in err and "2 runs" in err
+    assert not (tmp_path / "m.pt2").exists()
+    # a folder with no run below it: one line naming it
+    assert cli.main(["export", str(root / "notes")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no run folder" in err and "notes" in err
+
+
 def test_export_rejects_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="format must be one of"):
         export(torch.nn.Linear(2, 2), "zip", tmp_path / "x", example_input=torch.zeros(1, 2))

@@ -36,6 +36,22 @@ def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict[str, torc
     return model, masks, torch.zeros(2, *splits.input_shape)
 
 
+def run_folders(path: str | Path) -> list[Path]:
+    """The run folders (``config.yaml`` + ``checkpoint.pt``) that ``path`` names: ``path`` itself, or
+    the runs one or two levels below it (the ``seedN`` folders of ``train --seeds``, a sweep's runs),
+    sorted; raises ``FileNotFoundError`` naming ``path`` when there is none."""
+    path = Path(path)
+    if (path / CHECKPOINT).exists() and (path / "config.yaml").exists():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder")
+    found = sorted({c.parent for pattern in (f"*/{CHECKPOINT}", f"*/*/{CHECKPOINT}") for c in path.glob(pattern)
+                    if (c.parent / "config.yaml").exists()})
+    if not found:
+        raise FileNotFoundError(f"{path} holds no run folder ({CHECKPOINT} and config.yaml, in it or below it)")
+    return found
+
+
 def export_run(run_dir: str | Path, format: str, path: str | Path | None = None) -> dict[str, Any]:
     """Exports a run folder with :func:`sparselearn.speed.export.export` (default path in the run folder)."""
     from sparselearn.speed.export import export

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sparselearn.cli import add_subcommand, echo
+from sparselearn.cli import UserError, add_subcommand, echo
 
 
 def configure_bench(parser: argparse.ArgumentParser) -> None:
@@ -53,21 +53,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (config.yaml + checkpoint.pt)")
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a finished run folder (config.yaml + checkpoint.pt), or a folder of runs "
+                             "(the seed folders of `train --seeds`, a sweep): each run below it is exported")
     parser.add_argument("--format", choices=("compact", "sparse", "onnx"), default="compact",
                         help="compact: smaller dense model (torch.export .pt2); sparse: torch.sparse "
                              "state dict; onnx: the compact model, checked against onnxruntime (default compact)")
-    parser.add_argument("--out", default=None, help="output file (default RUN_DIR/model.<format>...)")
+    parser.add_argument("--out", default=None,
+                        help="output file, for a single run (default RUN_DIR/model.<format>..., in each run folder)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Exports a trained run and prints the file size against the dense state dict."""
-    from sparselearn.experiments.export import export_run
+    """Exports a trained run, or every run below a folder, and prints each file's size against the
+    dense state dict."""
+    from sparselearn.experiments.export import export_run, run_folders
 
-    info = export_run(args.run_dir, args.format, args.out)
-    extra = f", onnxruntime max |diff| {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
-    echo(f"wrote {info['path']}: {info['bytes'] / 1e6:.3f} MB, {100 * info['ratio']:.1f}% of the dense state dict "
-         f"({info['dense_bytes'] / 1e6:.3f} MB){extra}")
+    runs = run_folders(args.run_dir)  # a folder with no run: one error line (cli.main)
+    if args.out is not None and len(runs) > 1:
+        raise UserError(f"--out names one file, but {args.run_dir} holds {len(runs)} runs "
+                        f"({', '.join(str(r) for r in runs[:3])}{', ...' if len(runs) > 3 else ''}): leave --out "
+                        "out to write each run's file into its folder, or name one run")
+    for run in runs:
+        info = export_run(run, args.format, args.out)
+        extra = f", onnxruntime max |diff| {info['max_abs_diff']:.2e}" if "max_abs_diff" in info else ""
+        echo(f"wrote {info['path']}: {info['bytes'] / 1e6:.3f} MB, {100 * info['ratio']:.1f}% of the dense state "
+             f"dict ({info['dense_bytes'] / 1e6:.3f} MB){extra}")
     return 0
 
 
