@@ -20,13 +20,15 @@ class Net(nn.Module):
         self.input_shape = (3, 8, 8)
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # stride 2: stays dense
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # stride 2: on its input's phases
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise: stays dense
         self.fc = nn.Linear(8 * 4 * 4, 10)
 
     def forward(self, x):
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         x = F.relu(self.down(x))
+        x = F.relu(self.dw(x))
         return self.fc(x.flatten(1))
 
 
@@ -61,8 +63,8 @@ def test_kernels_mode_trains_like_the_masked_model(algo):
     acc = accelerate(mb, sb, mode="kernels", rounds=1)
     assert dict(mb.named_parameters()) == params_before  # the same Parameter objects, same names
     swapped = {c.name: c.path for c in acc.layers}
-    assert swapped["conv1"].startswith("sparse-native") and swapped["conv2"].startswith("sparse-native")
-    assert swapped["down"] == "dense"  # stride 2: no sparse kernel
+    assert all(swapped[n].startswith("sparse-native") for n in ("conv1", "conv2", "down"))
+    assert swapped["dw"] == "dense"  # grouped: no sparse kernel
     assert isinstance(mb.conv2, SparseConv2d) and isinstance(mb.fc, SparseLinear)
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)) for _ in range(8)]

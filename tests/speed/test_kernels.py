@@ -56,16 +56,36 @@ CONVS = [
     dict(cin=4, cout=5, k=3, pad=1, hw=(5, 2), bias=False),
     # several blocks of 16 input channels (forward: 3, input gradient: 2): later blocks add to the lane output
     dict(cin=40, cout=20, k=3, pad=1, hw=(6, 9), bias=True),
+    # strided, dilated and over-padded layers run on their input's phases (speed/polyphase.py)
+    dict(cin=5, cout=7, k=3, pad=1, hw=(9, 11), bias=True, stride=2),  # a ResNet / WRN down-sampling conv
+    dict(cin=6, cout=4, k=1, pad=0, hw=(8, 7), bias=False, stride=2),  # its 1x1 shortcut: one phase read
+    dict(cin=3, cout=8, k=7, pad=3, hw=(15, 13), bias=False, stride=2),  # the ImageNet stem
+    dict(cin=40, cout=20, k=3, pad=1, hw=(12, 10), bias=True, stride=2),  # 160 phase channels: 10 blocks
+    dict(cin=4, cout=5, k=3, pad=2, hw=(11, 9), bias=True, dilation=2),
+    dict(cin=4, cout=5, k=(3, 5), pad=(1, 0), hw=(12, 13), bias=True, stride=(2, 1), dilation=(1, 2)),
+    dict(cin=3, cout=4, k=5, pad=4, hw=(13, 14), bias=True, stride=3),  # padding past kernel - 1
+    dict(cin=3, cout=4, k=2, pad=0, hw=(10, 11), bias=True, stride=3),  # the last rows and columns unread
+    dict(cin=4, cout=6, k=3, pad=3, hw=(5, 6), bias=True),  # the same at stride 1
 ]
 
 
+def _conv(cfg):
+    return nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=cfg["bias"],
+                     stride=cfg.get("stride", 1), dilation=cfg.get("dilation", 1))
+
+
+def _conv_id(c):
+    return (f"{c['cin']}-{c['cout']}-k{c['k']}-p{c['pad']}" + (f"-s{c['stride']}" if "stride" in c else "")
+            + (f"-d{c['dilation']}" if "dilation" in c else ""))
+
+
 @needs_native
-@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"{c['cin']}-{c['cout']}-k{c['k']}-p{c['pad']}")
+@pytest.mark.parametrize("cfg", CONVS, ids=_conv_id)
 @pytest.mark.parametrize("kind", ["ck", "window", "unstructured", "empty", "full"])
 @pytest.mark.parametrize("batch", [3, 17], ids=["rows", "lanes"])  # the row kernel / the batch-lane kernel
 def test_sparse_conv_matches_masked_dense(cfg, kind, batch):
     g = torch.Generator().manual_seed(3)
-    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=cfg["bias"])
+    conv = _conv(cfg)
     shape = conv.weight.shape
     if kind == "window" and shape[2] * shape[3] < 2:
         pytest.skip("a 1x1 kernel has no window")
@@ -89,14 +109,14 @@ def test_sparse_conv_matches_masked_dense(cfg, kind, batch):
 
 
 @needs_native
-@pytest.mark.parametrize("cfg", [CONVS[0], CONVS[2], CONVS[6], CONVS[8]], ids=lambda c: f"{c['cin']}-{c['cout']}-k{c['k']}")
+@pytest.mark.parametrize("cfg", [CONVS[0], CONVS[2], CONVS[6], CONVS[8], CONVS[9]], ids=_conv_id)
 @pytest.mark.parametrize("kind", ["ck", "window", "unstructured"])
 @pytest.mark.parametrize("x_cl,out_cl", [(True, False), (False, True), (True, True)])
 def test_lane_path_in_channels_last_memory_computes_the_same(cfg, kind, x_cl, out_cl):
     # input read in channels-last memory as it lies, output (and the input gradient) written there:
     # the same values and gradients as the masked dense layer, and the formats as asked
     g = torch.Generator().manual_seed(5)
-    conv = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=cfg["bias"])
+    conv = _conv(cfg)
     mask = _masks(conv.weight.shape, g)[kind]
     fast = _masked_conv(conv, mask, channels_last=out_cl)
     x = torch.randn(19, cfg["cin"], *cfg["hw"], generator=g)
@@ -161,9 +181,28 @@ def test_sparse_conv_rebuild_and_weight_updates(batch):
 
 
 def test_sparse_conv_rejects_unsupported():
-    conv = nn.Conv2d(4, 4, 3, stride=2)
-    with pytest.raises(ValueError, match="stride"):
+    conv = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="grouped"):
         SparseConv2d(conv, torch.ones_like(conv.weight, dtype=torch.bool))
+    conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding mode"):
+        SparseConv2d(conv, torch.ones_like(conv.weight, dtype=torch.bool))
+
+
+@needs_native
+def test_strided_conv_keeps_one_place_per_weight_and_its_multiply_adds():
+    # the polyphase form moves every tap to exactly one place: no entry is added or lost
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+    mask = torch.rand(conv.weight.shape, generator=g) < 0.3
+    fast = _masked_conv(conv, mask)
+    assert fast._vshape == (5, 24, 2, 2)  # 4 phases of each channel, 2x2 taps
+    assert fast._index.nnz == int(mask.sum())
+    assert sorted(fast._index.flat.tolist()) == mask.reshape(-1).nonzero().squeeze(1).tolist()
+    shortcut = _masked_conv(nn.Conv2d(6, 5, 1, stride=2), torch.rand(5, 6, 1, 1, generator=g) < 0.5)
+    assert shortcut._vshape == (5, 6, 1, 1)  # a 1x1 stride-2 layer reads one phase only
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        fast(torch.randn(2, 6, 1, 0))
 
 
 def _assert_linear_matches(fast, lin, mask, x, gy):
@@ -941,3 +980,12 @@ def test_lane_buffers_forget_the_least_recently_used_shape_first():
     kept = {key[1:] for key in store.store}
     assert kept == {("x", (100, 16)), ("y", (100, 16)), ("z", (100, 16))}
     assert store.nbytes() == 3 * 4 * 16 * 100
+
+
+def test_tap_lists_take_wider_blocks_at_low_density():
+    from sparselearn.speed.lanes import _tap_block
+
+    assert _tap_block(128 * 128 * 2, 128, 128) == 16  # window 80%: 32 entries per row and block of 16
+    assert _tap_block(int(0.05 * 128 * 128 * 9), 128, 128) == 32  # 5%: 7 per block of 16, 14 per 32
+    assert _tap_block(int(0.02 * 128 * 128 * 9), 128, 128) == 128  # 2%: one block of all channels
+    assert _tap_block(0, 4, 40) == 64  # an empty list: one block (the pointers still cover every row)

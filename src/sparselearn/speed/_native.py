@@ -76,6 +76,8 @@ def _build() -> Optional[ctypes.CDLL]:
     lib.csr_csc_count.restype = i64
     lib.csr_csc_index.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
     lib.sparse_dots_dense.argtypes = [p, p, i64, p, i64, i64, p, p, i64, i64, i32, i32]
+    lib.poly_split.argtypes = [p, *[i64] * 8, p, p, i64, p, i64, i64, i32]
+    lib.poly_merge.argtypes = [p, *[i64] * 8, p, p, i64, p, i64, i64, i32]
     _declare_lane_kernels(lib)
     return lib
 
@@ -172,6 +174,32 @@ def linear_rows(src: Tensor, rowptrs: Tensor, chan: Tensor, rows: int, val: Opti
         lib.linear_rows_w(*args, _check(weight, torch.float32), weight.shape[1], dst.data_ptr(), rows,
                           torch.get_num_threads())
     return dst
+
+
+def poly_split(x: Tensor, stride: tuple[int, int], padding: tuple[int, int], pa: Tensor, pb: Tensor,
+               u: int, v: int, out: Tensor) -> Tensor:
+    """The polyphase form of ``x`` (N, C, H, W) contiguous float32 into ``out`` (N, C * P, u, v):
+    ``out[n, c * P + i, y, q] = x[n, c, sh * y + pa[i] - ph, sw * q + pb[i] - pw]``, zero outside ``x``
+    (:class:`~sparselearn.speed.polyphase.Polyphase`; ``pa``, ``pb`` int64 of the P phases)."""
+    n, c, h, w = x.shape
+    if tuple(out.shape) != (n, c * pa.numel(), u, v):
+        raise ValueError(f"poly_split: out must be ({n}, {c * pa.numel()}, {u}, {v}), got {tuple(out.shape)}")
+    library().poly_split(_check(x, torch.float32), n, c, h, w, *stride, *padding, _check(pa, torch.int64),
+                         _check(pb, torch.int64), pa.numel(), _check(out, torch.float32), u, v, torch.get_num_threads())
+    return out
+
+
+def poly_merge(g: Tensor, stride: tuple[int, int], padding: tuple[int, int], pa: Tensor, pb: Tensor,
+               h: int, w: int, out: Tensor) -> Tensor:
+    """The transpose of :func:`poly_split`: ``out`` (N, C, h, w) from ``g`` (N, C * P, u, v), zero where
+    no phase reads."""
+    n, cp, u, v = g.shape
+    if tuple(out.shape) != (n, cp // pa.numel(), h, w) or cp % pa.numel():
+        raise ValueError(f"poly_merge: out must be ({n}, {cp // pa.numel()}, {h}, {w}), got {tuple(out.shape)}")
+    library().poly_merge(_check(g, torch.float32), n, cp // pa.numel(), h, w, *stride, *padding,
+                         _check(pa, torch.int64), _check(pb, torch.int64), pa.numel(), _check(out, torch.float32),
+                         u, v, torch.get_num_threads())
+    return out
 
 
 def gather(src: Tensor, idx: Tensor, out: Optional[Tensor] = None) -> Tensor:

@@ -7,8 +7,8 @@ from the mask (:class:`SparseIndex`); the weight values are gathered from the or
 masks stay the source of truth. The index is rebuilt only when the mask changes (at a topology
 update, :meth:`SparseConv2d.rebuild`), never per step.
 
-* Convolutions (2-D, stride 1, dilation 1, one group, zero padding of at most ``kernel - 1``): the
-  "wide row" direct convolution: with the input zero-padded to width ``Wp``, output position
+* Convolutions (2-D, one group, zero padding; strided and dilated ones run as stride-1 convolutions
+  of their input's phases, :mod:`sparselearn.speed.polyphase`): the "wide row" direct convolution: with the input zero-padded to width ``Wp``, output position
   ``q = h * Wp + w`` reads input position ``q + r * Wp + s`` for tap ``(r, s)``, so every active tap
   is one contiguous multiply-add over a whole feature map (columns ``w >= Wo`` are computed and
   dropped). Whole zero kernels (Starfire CK, Sec. 2.1.1) and zero taps inside kernels (window
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from . import _native
 from ._common import DenseGrad, _GradBuffer, _gather, _scatter, _sparse_grad, _wants_dense
 from .lanes import _LANE_MIN_BATCH, _LaneConvFn, _LaneGeometry, _LaneIndex, _LaneValues
+from .polyphase import Polyphase
 
 
 class _ValueCache:
@@ -248,7 +249,8 @@ def _round16(n: int) -> int:
 
 class _SparseConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, layer, x_real=None):
+        # x_real: a strided layer's own input (x is its polyphase form), read by the dense weight gradient
         idx, geo = layer._index, layer._geometry(x.shape[-2], x.shape[-1])
         n, c = x.shape[:2]
         xpad = geo.pad_input(x)
@@ -260,15 +262,15 @@ class _SparseConvFn(torch.autograd.Function):
             out = out + bias.detach().view(1, -1, 1, 1)
         else:
             out = out.contiguous()
-        ctx.save_for_backward(xpad, vals)
-        ctx.layer, ctx.geo, ctx.has_bias = layer, geo, bias is not None
         ctx.dense = _wants_dense(layer.dense_weight_grad) if ctx.needs_input_grad[1] else False
+        ctx.save_for_backward(xpad, x_real if ctx.dense else None)
+        ctx.layer, ctx.geo, ctx.has_bias = layer, geo, bias is not None
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        xpad, _ = ctx.saved_tensors
+        xpad, x_real = ctx.saved_tensors
         layer, geo = ctx.layer, ctx.geo
         idx = layer._index
         cols = ctx.x_shape[1]
@@ -280,14 +282,14 @@ class _SparseConvFn(torch.autograd.Function):
             gx = geo.unpad_input(gxpad)
         if ctx.needs_input_grad[1]:
             if ctx.dense:
-                gw = torch.nn.grad.conv2d_weight(geo.unpad_input(xpad), ctx.w_shape, grad, padding=(geo.ph, geo.pw))
+                gw = layer._dense_weight_grad(geo.unpad_input(xpad) if x_real is None else x_real, grad)
             else:
                 gwide = geo.wide_grad(grad, 0, geo.lq)
                 g = _native.sparse_dots(gwide, xpad, idx.row32, idx.col32, geo.off, geo.lq)
                 gw = _sparse_grad(layer, ctx.w_shape, g, idx.flat)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum((0, 2, 3))
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 def conv_supported(conv: nn.Module) -> Optional[str]:
@@ -296,12 +298,8 @@ def conv_supported(conv: nn.Module) -> Optional[str]:
         return "not a Conv2d"
     if conv.groups != 1:
         return "grouped convolution"
-    if conv.stride != (1, 1) or conv.dilation != (1, 1):
-        return "stride or dilation != 1"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "padding mode"
-    if any(p > k - 1 for p, k in zip(conv.padding, conv.kernel_size)):
-        return "padding larger than kernel - 1"
     if conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu":
         return "not float32 on CPU"
     if not _native.available():
@@ -341,38 +339,64 @@ class SparseConv2d(_SparseLayer):
         self._share(conv, dense_weight_grad)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.padding = tuple(conv.kernel_size), tuple(conv.padding)
+        self.stride, self.dilation = tuple(conv.stride), tuple(conv.dilation)
+        # What the stride-1 kernels run: the layer itself, or a strided / dilated layer's polyphase form
+        # (also a padding past kernel - 1, which the stride-1 geometry does not take)
+        plain = (self.stride == (1, 1) and self.dilation == (1, 1)
+                 and all(p <= k - 1 for p, k in zip(self.padding, self.kernel_size)))
+        self._poly = None if plain else Polyphase(self.in_channels, self.kernel_size, self.stride, self.dilation,
+                                                  self.padding)
+        self._vkernel = self.kernel_size if plain else self._poly.kernel
+        self._vpadding = self.padding if plain else (0, 0)
+        self._vshape = (self.out_channels, self.in_channels if plain else self._poly.in_channels, *self._vkernel)
         self.rebuild(mask)
+
+    def _make_index(self, mask: Tensor) -> SparseIndex:
+        if self._poly is None:
+            return SparseIndex(mask)
+        vmask, real = self._poly.virtual_mask(mask)
+        index = SparseIndex(vmask)
+        index.flat = real[index.flat]  # the entries' places in the real weight: values and gradients
+        return index
+
+    def _dense_weight_grad(self, x: Tensor, grad: Tensor) -> Tensor:
+        """The dense weight gradient (Sparse Momentum, RigL at updates) from the layer's own input."""
+        return torch.nn.grad.conv2d_weight(x, self.weight.shape, grad, stride=self.stride, padding=self.padding,
+                                           dilation=self.dilation)
 
     def _rebuilt(self) -> None:
         if not hasattr(self, "_wgrad"):
             self._wgrad = _GradBuffer()
         self._wgrad.index_changed()
         self._geometries: dict[tuple[int, int], _ConvGeometry] = {}
-        self._lane = _LaneIndex(self._index, tuple(self.weight.shape))
+        self._lane = _LaneIndex(self._index, self._vshape)
         self._lane_geometries: dict[tuple[int, int], _LaneGeometry] = {}
         self._lane_values = _LaneValues()
 
     def _lane_geometry(self, h: int, w: int) -> _LaneGeometry:
         geo = self._lane_geometries.get((h, w))
         if geo is None:
-            geo = self._lane_geometries[(h, w)] = _LaneGeometry(self._lane, self.kernel_size, self.padding, h, w)
+            geo = self._lane_geometries[(h, w)] = _LaneGeometry(self._lane, self._vkernel, self._vpadding, h, w)
         return geo
 
     def _geometry(self, h: int, w: int) -> _ConvGeometry:
         geo = self._geometries.get((h, w))
         if geo is None:
-            geo = self._geometries[(h, w)] = _ConvGeometry(self._index, self.kernel_size, self.padding, h, w)
+            geo = self._geometries[(h, w)] = _ConvGeometry(self._index, self._vkernel, self._vpadding, h, w)
         return geo
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"SparseConv2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[0] >= _LANE_MIN_BATCH:
-            return _LaneConvFn.apply(x, self.weight, self.bias, self)
-        return _SparseConvFn.apply(x, self.weight, self.bias, self)
+        xv = x if self._poly is None else self._poly.rearrange(x)
+        fn = _LaneConvFn if x.shape[0] >= _LANE_MIN_BATCH else _SparseConvFn
+        return fn.apply(xv, self.weight, self.bias, self, None if self._poly is None else x)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}, "
+        strided = "" if self.stride == (1, 1) else f", stride={self.stride}"
+        strided += "" if self.dilation == (1, 1) else f", dilation={self.dilation}"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, padding={self.padding}"
+                f"{strided}, "
                 f"density={self.density:.3f}" + (", channels_last" if self.channels_last else ""))
 
 
