@@ -140,6 +140,22 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> tuple[
     return shapes, first
 
 
+def _held_dense(conv: nn.Module, dense_grad, training: bool) -> Optional[str]:
+    """Why a convolution the sparse kernels can run is still kept dense, or ``None``.
+
+    A strided or dilated layer that needs the dense weight gradient at every training step (Sparse
+    Momentum): timed alone its polyphase path was 1.1-1.8x faster, but inside WRN-16-4 at 5% the
+    whole step was 0.95x / 0.97x as fast as with those layers dense (two runs side by side,
+    ``docs/scripts/strided_side_by_side.py``): the layer-by-layer timing does not see what the
+    separate dense weight gradient and the phase copies cost among the other layers. With a sparse
+    weight gradient (static masks, SET, RigL between updates, post-era Starfire) the same step was
+    1.06x / 1.10x faster, so only this case is held."""
+    strided = tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1)
+    if training and dense_grad is True and strided:
+        return "strided with a dense weight gradient at every step: dense kept (slower in the whole model, measured)"
+    return None
+
+
 def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> dict[str, Callable[[], nn.Module]]:
     out: dict[str, Callable[[], nn.Module]] = {}
     if module.weight.is_cuda:
@@ -154,7 +170,7 @@ def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> 
             out[f"block-sparse {block}x{block}"] = lambda: gpu.BlockSparseLinear(module, mask, block)
         return out
     if isinstance(module, nn.Conv2d):
-        if conv_supported(module) is None:
+        if conv_supported(module) is None and _held_dense(module, dense_grad, training) is None:
             out["sparse-native"] = lambda g=dense_grad: SparseConv2d(module, mask, g)
     elif type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
         if _native.available():
@@ -292,7 +308,8 @@ def accelerate(
             continue
         makers = _candidates(module, mask, dense_grad, training)
         if not makers:
-            row.reason = conv_supported(module) or "no sparse kernel for this layer type" \
+            row.reason = (conv_supported(module) or _held_dense(module, dense_grad, training)
+                          or "no sparse kernel for this layer type") \
                 if isinstance(module, nn.Conv2d) else "no sparse kernel for this layer type"
             continue
         if name not in shapes:
