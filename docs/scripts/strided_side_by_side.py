@@ -27,7 +27,7 @@ from sparselearn.experiments.bench_util import _sgd_step, _sm_wrn
 from sparselearn.speed import accelerate, kernels
 
 
-def _held_dense(conv):
+def _strided_unsupported(conv):
     """conv_supported as before the polyphase path: strided and dilated layers have no sparse kernel."""
     if getattr(conv, "stride", (1, 1)) != (1, 1) or getattr(conv, "dilation", (1, 1)) != (1, 1):
         return "stride or dilation != 1 (held dense for this comparison)"
@@ -67,8 +67,8 @@ def main() -> None:
                 s.set_mask(name, sp.masks[name].clone())
             if variant != "masked":
                 mod = sys.modules["sparselearn.speed.accelerate"]
-                with mock.patch.object(mod, "conv_supported", _held_dense if variant == "auto, strided dense"
-                                       else _supported), \
+                held = _strided_unsupported if variant == "auto, strided dense" else _supported
+                with mock.patch.object(mod, "conv_supported", held), \
                         mock.patch.object(mod, "_held_dense", lambda *a: None):  # the rule this measures
                     acc = accelerate(m, s, mode="auto", example_input=x, rounds=3)
                 reports[(label, variant)] = acc.format()

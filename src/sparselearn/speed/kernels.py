@@ -8,10 +8,10 @@ masks stay the source of truth. The index is rebuilt only when the mask changes 
 update, :meth:`SparseConv2d.rebuild`), never per step.
 
 * Convolutions (2-D, one group, zero padding; strided and dilated ones run as stride-1 convolutions
-  of their input's phases, :mod:`sparselearn.speed.polyphase`): the "wide row" direct convolution: with the input zero-padded to width ``Wp``, output position
-  ``q = h * Wp + w`` reads input position ``q + r * Wp + s`` for tap ``(r, s)``, so every active tap
-  is one contiguous multiply-add over a whole feature map (columns ``w >= Wo`` are computed and
-  dropped). Whole zero kernels (Starfire CK, Sec. 2.1.1) and zero taps inside kernels (window
+  of their input's phases, :mod:`sparselearn.speed.polyphase`): the "wide row" direct convolution:
+  with the input zero-padded to width ``Wp``, output position ``q = h * Wp + w`` reads input
+  position ``q + r * Wp + s`` for tap ``(r, s)``, so every active tap is one contiguous multiply-add
+  over a whole feature map (columns ``w >= Wo`` are computed and dropped). Whole zero kernels (Starfire CK, Sec. 2.1.1) and zero taps inside kernels (window
   pruning) are skipped alike. The input gradient is the same kernel on the transposed (CSC) entry
   list with mirrored offsets; the weight gradient is one dot product per active tap. That is the
   path below batch 8; from batch 8 on the "batch-lane" kernels of ``_conv.c`` run instead
