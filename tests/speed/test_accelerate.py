@@ -63,12 +63,8 @@ def test_kernels_mode_trains_like_the_masked_model(algo):
     acc = accelerate(mb, sb, mode="kernels", rounds=1)
     assert dict(mb.named_parameters()) == params_before  # the same Parameter objects, same names
     swapped = {c.name: c.path for c in acc.layers}
-    assert swapped["conv1"].startswith("sparse-native") and swapped["conv2"].startswith("sparse-native")
+    assert all(swapped[n].startswith("sparse-native") for n in ("conv1", "conv2", "down"))
     reasons = {c.name: c.reason for c in acc.layers}
-    if algo == "sparse_momentum":  # a dense weight gradient at every step: strided layers held dense
-        assert swapped["down"] == "dense" and "strided with a dense weight gradient" in reasons["down"]
-    else:  # SET; RigL's dense gradient only at update steps
-        assert swapped["down"].startswith("sparse-native")
     assert swapped["dw"] == "dense" and "grouped" in reasons["dw"]  # no sparse kernel
     assert isinstance(mb.conv2, SparseConv2d) and isinstance(mb.fc, SparseLinear)
     g = torch.Generator().manual_seed(5)
@@ -255,3 +251,46 @@ def test_the_training_format_choice_leaves_the_model_as_it_was(monkeypatch):
     masks = [sp.masks["features.0.weight"], sp.masks["fc.weight"]]
     for a, b, m in zip(got, exp, masks):
         torch.testing.assert_close(a * m, b * m, atol=1e-4, rtol=1e-4)  # the active weights' gradients
+
+
+@needs_native
+@pytest.mark.parametrize("fastest", ["contiguous", "channels_last, strided dense", "contiguous, strided dense"])
+def test_format_and_strided_layers_are_chosen_together_on_the_whole_model(monkeypatch, fastest):
+    A = importlib.import_module("sparselearn.speed.accelerate")  # the module (the package exports the function)
+    (_, _, _), (mb, ob, sb) = _pair(sparselearn.static_sparse, density=0.3)
+    down, conv2 = mb.down, mb.conv2
+    result = A.Acceleration(mb, "auto")
+    swapped, replaced = {}, {}
+    for name in ("conv2", "down"):
+        old = mb.get_submodule(name)
+        fast = SparseConv2d(old, sb.masks[f"{name}.weight"])
+        A._swap(mb, name, old, fast, result)
+        swapped[name], replaced[name] = fast, old
+        result.layers.append(A.LayerChoice(name, "Conv2d", tuple(old.weight.shape), 0.3, "sparse-native",
+                                           dense_ms=2.0, fast_ms=1.0))
+    seen = {}
+
+    def fake_round_robin(fns, rounds, warmup):  # runs each setup once, then reports fixed times
+        for k, f in fns.items():
+            f()
+            seen[k] = (type(mb.down).__name__, mb.conv2.channels_last)
+        return {k: [1.0e-3 if k == fastest else 1.5e-3] for k in fns}
+
+    monkeypatch.setattr(A, "round_robin", fake_round_robin)
+    A._choose_model_wide(mb, swapped, replaced, torch.randn(8, 3, 8, 8), 1, result, training=True)
+    assert seen == {"contiguous": ("SparseConv2d", False), "contiguous, strided dense": ("Conv2d", False),
+                    "channels_last": ("SparseConv2d", True), "channels_last, strided dense": ("Conv2d", True)}
+    row = {c.name: c for c in result.layers}["down"]
+    assert mb.conv2 is swapped["conv2"]  # a stride-1 layer stays whatever the choice
+    assert mb.conv2.channels_last == fastest.startswith("channels_last")
+    assert result.memory_format == fastest.split(",")[0]
+    if "strided dense" in fastest:
+        assert mb.down is down and "down" not in swapped and result.strided_dense
+        assert row.path == "dense" and row.fast_ms == row.dense_ms
+        assert "faster with the strided layers dense" in row.reason
+        assert "strided layers dense" in result.format()
+    else:
+        assert isinstance(mb.down, SparseConv2d) and "down" in swapped and row.path == "sparse-native"
+    assert all(p.grad is None for p in mb.parameters())  # the timing leaves no gradients behind
+    result.remove()
+    assert mb.down is down and mb.conv2 is conv2 and not swapped["conv2"].channels_last

@@ -13,8 +13,9 @@ keep working unchanged) and rebuild their entry lists from ``sparsifier.masks`` 
 topology update (``sparsifier.register_update_hook``), never per step.
 
 Once the layers are chosen, ``auto`` also times the whole model with the sparse convolutions'
-outputs in contiguous and in channels-last memory and keeps the faster (one choice for the model:
-it decides which kernels the layers after them run). The timings leave no trace: their inputs come
+outputs in contiguous and in channels-last memory, and with its strided convolutions sparse and
+dense, and keeps the fastest setup (choices for the model, not a layer: the format decides which
+kernels the layers after them run; see :func:`_choose_model_wide`). The timings leave no trace: their inputs come
 from generators of their own, gradients are not accumulated, batch norm statistics are restored.
 """
 from __future__ import annotations
@@ -73,9 +74,11 @@ class Acceleration:
     mode: str
     layers: list[LayerChoice] = field(default_factory=list)
     #: the memory format the sparse convolutions hand their outputs on in, with the whole-model times
-    #: [ms] it was chosen by (``auto`` at inference; see :func:`accelerate`)
+    #: [ms] of every setup it was chosen among (``auto``; see :func:`_choose_model_wide`)
     memory_format: str = "contiguous"
     format_ms: dict[str, float] = field(default_factory=dict)
+    #: whether the whole-model timing put the strided (polyphase) convolutions back on their dense layers
+    strided_dense: bool = False
     _restore: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def remove(self) -> None:
@@ -94,7 +97,9 @@ class Acceleration:
                          f"{f(c.ratio)} | {c.reason} |")
         if self.format_ms:
             times = ", ".join(f"{k} {v:.2f} ms" for k, v in self.format_ms.items())
-            lines += ["", f"Sparse convolutions' outputs in {self.memory_format} memory (whole model: {times})."]
+            strided = ", strided layers dense" if self.strided_dense else ""
+            lines += ["", f"Sparse convolutions' outputs in {self.memory_format} memory{strided} "
+                          f"(whole model: {times})."]
         return "\n".join(lines)
 
 
@@ -140,22 +145,6 @@ def _layer_inputs(model: nn.Module, names: list[str], example: Tensor) -> tuple[
     return shapes, first
 
 
-def _held_dense(conv: nn.Module, dense_grad, training: bool) -> Optional[str]:
-    """Why a convolution the sparse kernels can run is still kept dense, or ``None``.
-
-    A strided or dilated layer that needs the dense weight gradient at every training step (Sparse
-    Momentum): timed alone its polyphase path was 1.1-1.8x faster, but inside WRN-16-4 at 5% the
-    whole step was 0.95x / 0.97x as fast as with those layers dense (two runs side by side,
-    ``docs/scripts/strided_side_by_side.py``): the layer-by-layer timing does not see what the
-    separate dense weight gradient and the phase copies cost among the other layers. With a sparse
-    weight gradient (static masks, SET, RigL between updates, post-era Starfire) the same step was
-    1.06x / 1.10x faster, so only this case is held."""
-    strided = tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1)
-    if training and dense_grad is True and strided:
-        return "strided with a dense weight gradient at every step: dense kept (slower in the whole model, measured)"
-    return None
-
-
 def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> dict[str, Callable[[], nn.Module]]:
     out: dict[str, Callable[[], nn.Module]] = {}
     if module.weight.is_cuda:
@@ -170,7 +159,7 @@ def _candidates(module: nn.Module, mask: Tensor, dense_grad, training: bool) -> 
             out[f"block-sparse {block}x{block}"] = lambda: gpu.BlockSparseLinear(module, mask, block)
         return out
     if isinstance(module, nn.Conv2d):
-        if conv_supported(module) is None and _held_dense(module, dense_grad, training) is None:
+        if conv_supported(module) is None:
             out["sparse-native"] = lambda g=dense_grad: SparseConv2d(module, mask, g)
     elif type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
         if _native.available():
@@ -265,7 +254,8 @@ def accelerate(
 
     Returns:
         :class:`Acceleration` with the per-layer report (path, measured times and ratio) and, for
-        ``auto``, the memory format chosen for the sparse convolutions' outputs.
+        ``auto``, the memory format chosen for the sparse convolutions' outputs and whether the
+        strided ones stayed sparse, both timed on the whole model.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -298,6 +288,7 @@ def accelerate(
     shapes, reads_input = _layer_inputs(model, names, example_input)
     result = Acceleration(model, mode)
     swapped: dict[str, _SparseLayer] = {}
+    replaced: dict[str, nn.Module] = {}  # the layers swapped out, by name
     for name in names:
         module = model.get_submodule(name)
         mask = sparsifier.masks[f"{name}.weight"]
@@ -308,8 +299,7 @@ def accelerate(
             continue
         makers = _candidates(module, mask, dense_grad, training)
         if not makers:
-            row.reason = (conv_supported(module) or _held_dense(module, dense_grad, training)
-                          or "no sparse kernel for this layer type") \
+            row.reason = conv_supported(module) or "no sparse kernel for this layer type" \
                 if isinstance(module, nn.Conv2d) else "no sparse kernel for this layer type"
             continue
         if name not in shapes:
@@ -333,13 +323,12 @@ def accelerate(
         elif mode == "kernels" or dense_ms >= MARGIN * best_ms:
             fast = makers[best]()
             _swap(model, name, module, fast, result)
-            swapped[name] = fast
+            swapped[name], replaced[name] = fast, module
             row.path, row.fast_ms = best, best_ms
         else:
             row.fast_ms, row.reason = dense_ms, f"{best} measured {dense_ms / best_ms:.2f}x: dense kept"
-    convs = [m for m in swapped.values() if isinstance(m, SparseConv2d)]
-    if mode == "auto" and convs and example_input.shape[0] >= _LANE_MIN_BATCH:
-        _choose_memory_format(model, convs, example_input, rounds, result, training)
+    if mode == "auto":
+        _choose_model_wide(model, swapped, replaced, example_input, rounds, result, training)
     if swapped and hasattr(sparsifier, "register_update_hook"):  # fixed masks (a plain holder) need none
         def rebuild(sp, stats) -> None:
             for n, layer in swapped.items():
@@ -361,24 +350,19 @@ def _restored(buffers: list[tuple[Tensor, Tensor]]):
                 b.copy_(saved)
 
 
-def _choose_memory_format(model: nn.Module, convs: list[SparseConv2d], example: Tensor, rounds: int,
-                          result: Acceleration, training: bool) -> None:
-    """Times the whole model with the sparse convolutions' outputs in contiguous and in channels-last
-    memory and keeps the faster (channels-last only if it is at least 2% faster): its inference, or
-    its forward and backward when training.
-
-    A model-wide choice, not a layer's: the format decides which kernels the layers after each
-    convolution run. PyTorch's NCHW max-pooling is ~16x slower on CPU than its channels-last one
-    (a quarter of VGG16-D's accelerated inference), while a dense convolution fed channels-last
-    input may be slower (oneDNN picks its NHWC path); only the whole model tells. The timing leaves
-    the model as it was: gradients are returned, not accumulated into ``.grad``, and batch norm's
-    running statistics and the global random state are restored afterwards."""
+def _whole_model_ms(model: nn.Module, setups: dict[str, Callable[[], None]], example: Tensor, rounds: int,
+                    training: bool) -> Optional[dict[str, float]]:
+    """Times the whole model once per setup (each applied before each of its runs, rounds
+    alternating): its inference, or its forward and backward when training; the best of the rounds
+    in ms, or ``None`` when a training model gives no tensor to differentiate. The model is left in
+    the last setup run: the caller applies its choice. The timing leaves the model's state as it was:
+    gradients are returned, not accumulated into ``.grad``, and batch norm's running statistics and
+    the global random state are restored afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def run(channels_last: bool) -> Callable[[], None]:
+    def run(setup: Callable[[], None]) -> Callable[[], None]:
         def forward() -> None:
-            for c in convs:
-                c.channels_last = channels_last
+            setup()
             if not training:
                 with torch.no_grad():
                     model(example)
@@ -393,22 +377,76 @@ def _choose_memory_format(model: nn.Module, convs: list[SparseConv2d], example: 
             with torch.no_grad():
                 probe = model(example)
             if not isinstance(probe, Tensor) or not params:
-                return  # no tensor output to differentiate: the default stays
-        times = round_robin({"contiguous": run(False), "channels_last": run(True)}, rounds=rounds, warmup=1)
-    ms = {k: min(v) * 1e3 for k, v in times.items()}
-    best = "channels_last" if ms["channels_last"] * 1.02 <= ms["contiguous"] else "contiguous"
-    for c in convs:
-        c.channels_last = best == "channels_last"
-    result.memory_format, result.format_ms = best, ms
+                return None
+        times = round_robin({k: run(f) for k, f in setups.items()}, rounds=rounds, warmup=1)
+    return {k: min(v) * 1e3 for k, v in times.items()}
 
-    def undo() -> None:
-        for c in convs:
-            c.channels_last = False
-    result._restore.append(undo)
+
+def _choose_model_wide(model: nn.Module, swapped: dict[str, _SparseLayer], replaced: dict[str, nn.Module],
+                       example: Tensor, rounds: int, result: Acceleration, training: bool) -> None:
+    """The choices no single layer's timing can make, timed together on the whole model (its
+    inference, or its forward and backward when training); a choice other than the default
+    (contiguous outputs, strided layers on their sparse path) is taken only if at least 2% faster.
+
+    * The memory format of the sparse convolutions' outputs (batch-lane path, batch >= 8): it
+      decides which kernels the layers after each convolution run. PyTorch's NCHW max-pooling is
+      ~16x slower on CPU than its channels-last one (a quarter of VGG16-D's accelerated inference),
+      while a dense convolution fed channels-last input may be slower (oneDNN picks its NHWC path).
+    * Whether the strided and dilated convolutions (run in polyphase form) stay sparse: the phase
+      split of each one's input and the merge of its gradient are copies among the other layers,
+      and they interact with the format. Measured on WRN-16-4 at 5% under Sparse Momentum
+      (``docs/scripts/strided_side_by_side.py``): each stride-2 layer alone 1.4-1.8x faster sparse,
+      yet the whole step 0.95x as fast as with them dense, whose best format was channels-last.
+
+    Both are timed jointly (up to four setups), as each can change the other's best answer."""
+    convs = [m for m in swapped.values() if isinstance(m, SparseConv2d)] \
+        if example.shape[0] >= _LANE_MIN_BATCH else []
+    poly = {n: f for n, f in swapped.items() if isinstance(f, SparseConv2d) and f._poly is not None}
+    combos = [(cl, sp) for cl in ((False, True) if convs else (False,)) for sp in ((True, False) if poly else (True,))]
+    if len(combos) == 1:
+        return
+
+    def label(cl: bool, sp: bool) -> str:
+        return ("channels_last" if cl else "contiguous") + ("" if sp else ", strided dense")
+
+    def setup(cl: bool, sp: bool) -> Callable[[], None]:
+        def apply() -> None:
+            for c in convs:
+                c.channels_last = cl
+            for n, fast in poly.items():
+                _set_child(model, n, fast if sp else replaced[n])
+        return apply
+
+    ms = _whole_model_ms(model, {label(*k): setup(*k) for k in combos}, example, rounds, training)
+    default = (False, True)
+    best = default if ms is None else min(combos, key=lambda k: ms[label(*k)])
+    if ms is not None and ms[label(*best)] * 1.02 > ms[label(*default)]:
+        best = default
+    setup(*best)()
+    if ms is None:
+        return
+    result.format_ms = ms
+    if convs:
+        result.memory_format = "channels_last" if best[0] else "contiguous"
+        result._restore.append(setup(False, True))  # remove() also puts the strided layers back
+    if not best[1]:
+        result.strided_dense = True
+        rows = {c.name: c for c in result.layers}
+        for n in poly:
+            del swapped[n]
+            row = rows[n]
+            row.reason = (f"{row.path} measured {row.dense_ms / row.fast_ms:.2f}x alone; the whole model is faster "
+                          "with the strided layers dense: dense kept")
+            row.path, row.fast_ms = "dense", row.dense_ms
 
 
 def _density(mask: Tensor) -> float:
     return float(mask.sum()) / max(mask.numel(), 1)
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _swap(model: nn.Module, name: str, old: nn.Module, new: nn.Module, result: Acceleration) -> None:
